@@ -1,0 +1,1 @@
+"""TFDS builders of star_jax, importable as `star_jax_datasets.<name>`."""
