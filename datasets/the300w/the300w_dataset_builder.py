@@ -1,0 +1,136 @@
+"""300W: 3,837 faces with 68 landmarks (Sagonas et al., ICCV-W 2013), in the usual split.
+
+Train (3,148) = AFW + HELEN train + LFPW train; test (689) = the common subset (HELEN test + LFPW
+test, 554) and the challenging subset (iBUG, 135).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from star_jax import layouts
+from star_jax.data import crop
+from star_jax_datasets import common
+
+HOMEPAGE = 'https://ibug.doc.ic.ac.uk/resources/300-W/'
+NUM_POINTS = 68
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+
+# (folder, attributes (common, challenge)) per split, in record order.
+FOLDERS = {
+    'train': (('afw', (0, 0)), ('helen/trainset', (0, 0)), ('lfpw/trainset', (0, 0))),
+    'test': (('helen/testset', (1, 0)), ('lfpw/testset', (1, 0)), ('ibug', (0, 1))),
+}
+
+
+def read_pts(path) -> np.ndarray:
+  """Reads an iBUG .pts file: (68, 2) float32 landmarks, converted to 0-based pixels.
+
+  The format: 'version: 1', 'n_points: 68', '{', 68 lines 'x y', '}'. iBUG coordinates are 1-based
+  (MATLAB convention), so 1 is subtracted.
+
+  Raises:
+    ValueError: naming the file and line, for a malformed file.
+  """
+  path = pathlib.Path(path)
+  lines = [(i, line.strip()) for i, line in
+           enumerate(path.read_text(encoding='utf-8', errors='replace').splitlines(), start=1)]
+  lines = [(i, line) for i, line in lines if line]
+  header = {}
+  points = []
+  in_points = False
+  for line_no, line in lines:
+    where = f'{path}:{line_no}'
+    if line == '{':
+      in_points = True
+    elif line == '}':
+      in_points = False
+    elif in_points:
+      values = line.split()
+      try:
+        if len(values) != 2:
+          raise ValueError
+        points.append((float(values[0]), float(values[1])))
+      except ValueError:
+        raise ValueError(f'{where}: expected a point "x y", got {line[:60]!r}') from None
+    elif ':' in line:
+      key, value = line.split(':', 1)
+      header[key.strip()] = (value.strip(), where)
+    else:
+      raise ValueError(f'{where}: unexpected line {line[:60]!r} outside the point list')
+  if 'n_points' in header:
+    value, where = header['n_points']
+    if value != str(NUM_POINTS):
+      raise ValueError(f'{where}: n_points is {value}, expected {NUM_POINTS}')
+  if len(points) != NUM_POINTS:
+    raise ValueError(f'{path}: expected {NUM_POINTS} points between {{ and }}, got {len(points)}')
+  landmarks = np.array(points, np.float32) - 1.0
+  if not np.all(np.isfinite(landmarks)):
+    raise ValueError(f'{path}: coordinates must be finite')
+  return landmarks
+
+
+def _image_of(pts_path: pathlib.Path) -> pathlib.Path | None:
+  for suffix in IMAGE_SUFFIXES:
+    for candidate in (pts_path.with_suffix(suffix), pts_path.with_suffix(suffix.upper())):
+      if candidate.is_file():
+        return candidate
+  return None
+
+
+class Builder(common.FaceLandmarkBuilder):
+  """300W with the record contract of star_jax (see star_jax_datasets/common.py)."""
+
+  LAYOUT = layouts.W300
+  HOMEPAGE = HOMEPAGE
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
+  1. Download the 300W training images with their 68-point annotations (AFW, HELEN, LFPW, iBUG;
+     each image beside its .pts file) from {HOMEPAGE}
+     ("Download" / "Facial point annotations").
+  2. Extract them into the manual folder as `afw/`, `helen/trainset/`, `helen/testset/`,
+     `lfpw/trainset/`, `lfpw/testset/` and `ibug/`.
+  3. Optional, for the crop behind the published STAR numbers: download ADNet's 300W metadata
+     `train.tsv` and `test.tsv` (the STAR README's pick; links in the "Resources" table of
+     {common.STAR_METADATA_URL}) into the same folder.
+     Without them the crop comes from the landmarks' bounding box by the STAR authors' rule.
+  4. Build: python -m star_jax.data.build --dataset the300w --manual_dir <that folder>
+  """
+
+  def _split_generators(self, dl_manager):
+    required = {folder: f'{folder}/ (images with their .pts files), from {HOMEPAGE}'
+                for folders in FOLDERS.values() for folder, _ in folders}
+    manual_dir = self._checked_manual_dir(dl_manager, list(required.values()))
+    missing = [text for folder, text in required.items() if not (manual_dir / folder).is_dir()]
+    if missing:
+      raise FileNotFoundError(common.missing_files_message(
+          self.name, manual_dir, missing, self.MANUAL_DOWNLOAD_INSTRUCTIONS))
+    return {split: self._generate_examples(manual_dir, split) for split in FOLDERS}
+
+  def _generate_examples(self, manual_dir: pathlib.Path, split: str):
+    rule = self._crop_rule(manual_dir, split)
+    index = 0
+    counts = []
+    for folder, attributes in FOLDERS[split]:
+      pts_files = sorted((manual_dir / folder).glob('*.pts'))
+      if not pts_files:
+        raise FileNotFoundError(f'{manual_dir / folder}: no .pts files; each 300W image comes with '
+                                f'one (see {HOMEPAGE})')
+      counts.append(f'{folder} {len(pts_files)}')
+      for pts_path in pts_files:
+        image_path = _image_of(pts_path)
+        if image_path is None:
+          raise FileNotFoundError(f'{pts_path}: no image beside it (looked for '
+                                  f'{pts_path.stem} with suffix {"/".join(IMAGE_SUFFIXES)})')
+        landmarks = read_pts(pts_path)
+        # No face box comes with 300W: the landmarks' bounding box stands in for it.
+        box = crop.landmarks_box(landmarks)
+        image_name = image_path.relative_to(manual_dir).as_posix()
+        scale, center = rule(image_name, landmarks, box)
+        yield index, common.face_record(
+            image=common.record_image(image_path.read_bytes(), str(image_path)),
+            landmarks=landmarks, box=box, scale=scale, center=center, attributes=attributes,
+            image_name=image_name)
+        index += 1
+    self._finish_split(split, rule, index, f' ({", ".join(counts)})')
