@@ -22,6 +22,7 @@ def get_base_config(layout: str, dataset: str) -> ml_collections.ConfigDict:
   c.data.test_split = 'test'        # split to evaluate on
   c.data.num_workers = 0            # Grain worker processes (0: in the main process; best on 2 cores)
   c.data.prefetch = 2               # batches prefetched per worker when num_workers > 0
+  c.data.num_threads = 2            # Grain read threads in the main process
   c.data.image_size = 256           # network input side (px)
   c.data.heatmap_size = 64          # side of the point / edge map targets (px)
   c.data.sigma = 1.5                # Gaussian sigma of the point-map targets, at image_size
@@ -33,9 +34,9 @@ def get_base_config(layout: str, dataset: str) -> ml_collections.ConfigDict:
   c.aug.flip = 0.5                  # horizontal flip probability, with the layout's flip pairs
   c.aug.shift_sigma = 0.05          # centre shift sigma, in units of the crop side (255 px)
   c.aug.rot_sigma_deg = 18.0        # rotation sigma, degrees
-  c.aug.scale_sigma = 0.1           # log-free scale sigma: scale = 1 + N(0, sigma)
-  c.aug.occlusion = 0.4             # probability of a random grey occluding rectangle
-  c.aug.blur = 0.3                  # probability of a Gaussian blur
+  c.aug.scale_sigma = 0.1           # scale sigma: scale = 1 + N(0, sigma)
+  c.aug.occlusion = 0.4             # probability of a random black occluding rectangle
+  c.aug.blur = 0.3                  # probability of a box blur
   c.aug.gamma = 0.2                 # probability of a random gamma
   c.aug.noise = 0.2                 # probability of additive Gaussian noise
   c.aug.gray = 0.2                  # probability of turning the image grey
