@@ -1,0 +1,493 @@
+"""Training losses of STAR: the STAR loss (v2 and v1), Adaptive Wing, coordinate baselines, and the
+multi-stack combination used to train the stacked hourglass.
+
+Conventions (the whole of star_jax):
+  * heatmaps are channels-last, `(batch, height, width, points)`;
+  * landmarks are `(batch, points, 2)` as (x, y), normalised to [-1, 1] on the *align-corners* grid of
+    the heatmap: column 0 is x = -1 and column `width - 1` is x = +1 (the official decoder's grid).
+
+Every function here is pure and jit-able; string / float options (`dist`, `eig_clamp`, `loss_cfg`) are
+static Python values, so wrap calls in `functools.partial` before `jax.jit`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Official SmoothL1Loss switches from quadratic to linear at this distance (lib/loss/smoothL1Loss.py).
+SMOOTH_L1_SCALE = 0.01
+# The official normalisation clamps heatmap sums to at least this before dividing.
+_SUM_FLOOR = 1e-6
+# A 2x2 covariance whose eigenvalue gap is below this fraction of its mean eigenvalue is isotropic up
+# to float32 rounding: its eigenvectors are noise, so `eigh_2x2` pins them (see there).
+_ISOTROPIC_RTOL = 1e-5
+# Fixed x centres of the row moments behind the cross moment sum p (x - mx)(y - my) (`_moments_forward`).
+_ROW_CENTRES = (-0.5, 0.0, 0.5)
+
+DISTANCES = ('smoothl1', 'l1', 'l2')
+LANDMARK_LOSSES = ('star', 'star_v1', 'l2', 'smoothl1', 'none')
+
+
+# ------------------------------------------------------------------------------------------------
+# Heatmap moments
+# ------------------------------------------------------------------------------------------------
+
+def _grid(n: int) -> jnp.ndarray:
+  """(n,) float32 align-corners coordinates in [-1, 1], computed as the official `_make_grid`."""
+  # float32 arithmetic in the official order (arange / (n - 1) * 2 - 1), so the grid is bit-equal.
+  i = np.arange(n, dtype=np.float32)
+  return jnp.asarray(i / np.float32(n - 1) * np.float32(2) - np.float32(1))
+
+
+def _check_heatmaps(heatmaps, name='heatmaps'):
+  if heatmaps.ndim != 4:
+    raise ValueError(f'{name} must be (batch, height, width, points), got shape {heatmaps.shape}')
+  if heatmaps.shape[1] < 2 or heatmaps.shape[2] < 2:
+    raise ValueError(f'{name} need height and width >= 2 for the align-corners grid, got {heatmaps.shape}')
+
+
+def _as_float(x):
+  """Upcasts bfloat16 / float16 maps to float32 (moments of sharp maps need the precision)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def soft_argmax(heatmaps: jnp.ndarray) -> jnp.ndarray:
+  """Expected (x, y) position of each heatmap, the official `decoder_default`.
+
+  Args:
+    heatmaps: (B, H, W, N) non-negative maps (not necessarily normalised).
+  Returns:
+    (B, N, 2) as (x, y) in [-1, 1] on the align-corners grid. An all-zero map decodes to (0, 0)
+    (its sum is clamped to 1e-6, as the official code does).
+  """
+  _check_heatmaps(heatmaps)
+  heatmaps = _as_float(heatmaps)
+  _, h, w, _ = heatmaps.shape
+  total = jnp.maximum(heatmaps.sum(axis=(1, 2)), _SUM_FLOOR)            # (B, N)
+  # The x grid varies along W only and the y grid along H only, so the weighted sums reduce to
+  # 1-D dot products with the marginals; no full-size grid is materialised.
+  x = jnp.einsum('bwn,w->bn', heatmaps.sum(axis=1), _grid(w))
+  y = jnp.einsum('bhn,h->bn', heatmaps.sum(axis=2), _grid(h))
+  return jnp.stack([x, y], axis=-1) / total[..., None]
+
+
+def _refined_mean(marginal, coords, s1):
+  """sum_i marginal_i coords_i, for (B, K, N) marginals and (K,) coordinates, to about 1 ulp.
+
+  Computed as m0 * s1 + sum_i marginal_i (coords_i - m0) around a first estimate m0: the same value
+  in exact arithmetic, but the centred sum's rounding scales with the map's spread, not with |m0|,
+  which keeps the centred moments and the gradient consistent with the mean.
+  """
+  m0 = (marginal * coords[None, :, None]).sum(1)
+  return m0 * s1 + (marginal * (coords[None, :, None] - m0[:, None])).sum(1)
+
+
+def _moments_forward(heatmaps):
+  """Per-map statistics of the normalised maps p = heatmaps / max(sum, 1e-6), without full-size temporaries.
+
+  Returns a dict of (B, N) arrays: mx, my (weighted means), sxx, syy, sxy (centred second moments
+  sum p (c - m)(c' - m')), s1 = sum p, s2 = sum p^2, ex = sum p (x - mx), ey (0 unless s1 != 1),
+  total (the clamped sum) and unclamped (1.0 where the sum was above the clamp, else 0.0).
+  """
+  _, h, w, _ = heatmaps.shape
+  xs, ys = _grid(w).astype(heatmaps.dtype), _grid(h).astype(heatmaps.dtype)
+  # Every full-size reduction below multiplies the maps by a constant at most, so XLA fuses it into a
+  # read-only pass. (A per-map factor such as x - mx would be broadcast to a full-size temporary first:
+  # on CPU writing that is as slow as the whole backward pass.)
+  px_raw = heatmaps.sum(axis=1)                                         # (B, W, N) x marginal
+  py_raw = heatmaps.sum(axis=2)                                         # (B, H, N) y marginal
+  sq_raw = jnp.square(heatmaps).sum(axis=(1, 2))                        # (B, N)
+  # Row first moments about a few fixed centres, for the cross moment (see below).
+  centres = np.asarray(_ROW_CENTRES, np.float32)
+  row_q = [(heatmaps * (xs - c)[None, None, :, None]).sum(axis=2) for c in centres]   # (B, H, N) each
+  raw_sum = px_raw.sum(axis=1)
+  total = jnp.maximum(raw_sum, _SUM_FLOOR)
+  px, py = px_raw / total[:, None], py_raw / total[:, None]
+  s1 = raw_sum / total
+  mx = _refined_mean(px, xs, s1)
+  my = _refined_mean(py, ys, s1)
+  dx = xs[None, :, None] - mx[:, None]                                  # (B, W, N)
+  dy = ys[None, :, None] - my[:, None]                                  # (B, H, N)
+  # Cross moment: sum_h (y - my) sum_w p (x - mx), where sum_w p (x - mx) = sum_w p (x - c) - (mx - c) py
+  # for any c. Its float32 rounding grows with |mx - c| / spread (cancellation), so each map takes the
+  # fixed centre nearest its mean: |mx - c| <= 0.25 inside [-0.75, 0.75]. That keeps the gradient as
+  # accurate as the official code's fully centred float32 sums, without a full-size temporary.
+  nearest = jnp.argmin(jnp.abs(mx[None] - jnp.asarray(centres)[:, None, None]), axis=0)   # (B, N)
+  q, c = row_q[0], jnp.full_like(mx, centres[0])
+  for k in range(1, len(centres)):
+    q = jnp.where((nearest == k)[:, None], row_q[k], q)
+    c = jnp.where(nearest == k, centres[k], c)
+  row_x = q / total[:, None] - py * (mx - c)[:, None]                   # sum_w p (x - mx), (B, H, N)
+  return dict(
+      mx=mx, my=my,
+      sxx=(px * dx * dx).sum(1), syy=(py * dy * dy).sum(1), sxy=(row_x * dy).sum(1),
+      s1=s1, s2=sq_raw / (total * total),
+      ex=(px * dx).sum(1), ey=(py * dy).sum(1),
+      total=total, unclamped=(raw_sum > _SUM_FLOOR).astype(heatmaps.dtype))
+
+
+_MOMENT_KEYS = ('mx', 'my', 'sxx', 'syy', 'sxy', 's1', 's2')
+
+
+@jax.custom_vjp
+def _normalised_moments(heatmaps):
+  """(mx, my, sxx, syy, sxy, s1, s2) of the normalised maps, each (B, N); see `_moments_forward`."""
+  stats = _moments_forward(heatmaps)
+  return tuple(stats[k] for k in _MOMENT_KEYS)
+
+
+def _normalised_moments_fwd(heatmaps):
+  stats = _moments_forward(heatmaps)
+  return tuple(stats[k] for k in _MOMENT_KEYS), (heatmaps, stats)
+
+
+def _normalised_moments_bwd(residuals, cotangents):
+  """Gradient w.r.t. the maps in one elementwise pass (autodiff needs several full-size passes).
+
+  With p = hm / T, a loss F(p) has dF/dhm = (G - k * sum(G p)) / T, G = dF/dp, k = 1 unless the sum
+  was clamped. Each statistic is a polynomial of degree <= 2 in (x - mx, y - my) or p, so
+  G - k sum(G p) is too, with coefficients computed per map from the statistics: the full-size
+  gradient is rebuilt from (B, W, N) and (B, H, N) pieces plus a multiple of hm, all centred on the
+  means (a raw-coordinate polynomial would cancel in float32).
+  """
+  heatmaps, st = residuals
+  g_mx, g_my, g_sxx, g_syy, g_sxy, g_s1, g_s2 = cotangents
+  _, h, w, _ = heatmaps.shape
+  xs, ys = _grid(w).astype(heatmaps.dtype), _grid(h).astype(heatmaps.dtype)
+  mx, my, k, inv_t = st['mx'], st['my'], st['unclamped'], 1.0 / st['total']
+  # dF/dp, taking mx and my as functions of p: d sxx / dp = (x - mx)^2 - 2 ex x, and so on.
+  c_x = g_mx - 2.0 * g_sxx * st['ex'] - g_sxy * st['ey']
+  c_y = g_my - 2.0 * g_syy * st['ey'] - g_sxy * st['ex']
+  # With x = dx + mx: everything constant per map, less k * sum(G p) (the normalisation).
+  c_0 = ((1.0 - k) * (c_x * mx + c_y * my) - k * (g_sxx * st['sxx'] + g_syy * st['syy'] + g_sxy * st['sxy'])
+         + g_s1 * (1.0 - k * st['s1']) - 2.0 * k * g_s2 * st['s2'])
+  dx = xs[None, :, None] - mx[:, None]                                  # (B, W, N)
+  dy = ys[None, :, None] - my[:, None]                                  # (B, H, N)
+  along_x = (c_0[:, None] + c_x[:, None] * dx + g_sxx[:, None] * dx * dx) * inv_t[:, None]
+  along_y = (c_y[:, None] + g_syy[:, None] * dy) * dy * inv_t[:, None]
+  cross = (g_sxy * inv_t)[:, None] * dy                                 # times dx below
+  hm_coef = 2.0 * g_s2 * inv_t * inv_t                                  # d (s2 = sum hm^2 / T^2) / d hm
+  grad = (along_x[:, None] + along_y[:, :, None] + cross[:, :, None] * dx[:, None]
+          + hm_coef[:, None, None] * heatmaps)
+  return (grad,)
+
+
+_normalised_moments.defvjp(_normalised_moments_fwd, _normalised_moments_bwd)
+
+
+def heatmap_moments(heatmaps: jnp.ndarray, eps: float = 1e-5):
+  """Mean and unbiased weighted covariance of each heatmap, as in the official STAR losses.
+
+  Each map is first normalised to sum 1 (sum clamped to >= 1e-6). The covariance is the official
+  "unbiased weighted covariance": sum_p p (c - mean)(c - mean)^T / (V1 - V2 / V1), with
+  V1 = sum p + eps and V2 = sum p^2 + eps. Reverse-mode differentiable (a custom VJP that costs one
+  pass over the maps); not forward-mode.
+
+  Args:
+    heatmaps: (B, H, W, N) non-negative maps (computed in float32 at least).
+    eps: the official EPSILON added to V1 and V2.
+  Returns:
+    means (B, N, 2) as (x, y) in [-1, 1]; covariances (B, N, 2, 2) over (x, y).
+  """
+  _check_heatmaps(heatmaps)
+  mx, my, sxx, syy, sxy, s1, s2 = _normalised_moments(_as_float(heatmaps))
+  v1 = s1 + eps
+  denom = v1 - (s2 + eps) / v1
+  cov = jnp.stack([jnp.stack([sxx, sxy], -1), jnp.stack([sxy, syy], -1)], -2) / denom[..., None, None]
+  return jnp.stack([mx, my], axis=-1), cov
+
+
+# ------------------------------------------------------------------------------------------------
+# Closed-form eigendecomposition of symmetric 2x2 matrices
+# ------------------------------------------------------------------------------------------------
+
+@jax.custom_jvp
+def eigh_2x2(cov: jnp.ndarray):
+  """Eigendecomposition of symmetric 2x2 matrices, closed form and differentiable everywhere.
+
+  For [[a, b], [b, c]] with m = (a + c) / 2, d = (a - c) / 2 and r = sqrt(d^2 + b^2) the eigenvalues
+  are m - r and m + r, and the major eigenvector is (d + r, b) / sqrt(2 r (r + d)) when d >= 0, else
+  (b, r - d) / sqrt(2 r (r - d)): no cancellation in either branch, and only sqrt and division
+  (no trigonometry, which XLA evaluates less accurately inside fused loops).
+
+  Replaces the official per-step copy of every covariance to the CPU for LAPACK `eigh`. Unlike
+  LAPACK-based `eigh` its gradient stays finite for equal eigenvalues: when the gap r is (numerically)
+  zero the eigenvectors are pinned to the coordinate axes with zero derivative (what LAPACK returns for
+  an isotropic matrix too). "Numerically zero" is relative: a gap below 1e-5 of the mean eigenvalue, a
+  few times float32 noise.
+
+  Derivatives are the analytic ones (a custom JVP): r' = (d d' + b b') / r and, for the eigenvector
+  angle t, t' = (d b' - b d') / (2 r^2). Autodiff through the formula above would take the difference
+  of large O(1 / r) terms and lose ~40x more precision for nearly equal eigenvalues.
+
+  Args:
+    cov: (..., 2, 2) symmetric (only cov[..., 0, 1] is read off the diagonal).
+  Returns:
+    evalues (..., 2) in ascending order, as `jnp.linalg.eigh`;
+    evectors (..., 2, 2) whose COLUMNS are the unit eigenvectors: cov @ evectors = evectors * evalues.
+    Their signs are arbitrary; callers must index columns, not rows.
+  """
+  mean, d, b, r, anisotropic = _eigh_2x2_parts(cov)
+  big = r + jnp.abs(d)                      # >= r: the well-conditioned component
+  inv_norm = 1.0 / jnp.where(anisotropic, jnp.sqrt(jnp.where(anisotropic, 2.0 * r * big, 1.0)), 1.0)
+  major_x = jnp.where(anisotropic, jnp.where(d >= 0, big, b) * inv_norm, 1.0)
+  major_y = jnp.where(anisotropic, jnp.where(d >= 0, b, big) * inv_norm, 0.0)
+  evalues = jnp.stack([mean - r, mean + r], axis=-1)
+  minor = jnp.stack([-major_y, major_x], axis=-1)   # eigenvector of mean - r
+  major = jnp.stack([major_x, major_y], axis=-1)    # eigenvector of mean + r
+  evectors = jnp.stack([minor, major], axis=-1)     # columns
+  return evalues, evectors
+
+
+def _eigh_2x2_parts(cov):
+  """(m, d, b, r, anisotropic) of symmetric 2x2 matrices [[m + d, b], [b, m - d]], r = sqrt(d^2 + b^2)."""
+  a, b, c = cov[..., 0, 0], cov[..., 0, 1], cov[..., 1, 1]
+  d = 0.5 * (a - c)
+  mean = 0.5 * (a + c)
+  r = jnp.sqrt(d * d + b * b)
+  # Eigenvectors of a (numerically) isotropic matrix are arbitrary and their derivative ~ 1 / r would
+  # only amplify rounding noise: there they are the axes, with zero derivative. The relative test also
+  # covers the all-zero matrix (r = m = 0).
+  return mean, d, b, r, r > _ISOTROPIC_RTOL * jnp.abs(mean)
+
+
+@eigh_2x2.defjvp
+def _eigh_2x2_jvp(primals, tangents):
+  (cov,), (cov_dot,) = primals, tangents
+  evalues, evectors = eigh_2x2(cov)
+  _, d, b, r, anisotropic = _eigh_2x2_parts(cov)
+  d_dot = 0.5 * (cov_dot[..., 0, 0] - cov_dot[..., 1, 1])
+  m_dot = 0.5 * (cov_dot[..., 0, 0] + cov_dot[..., 1, 1])
+  b_dot = cov_dot[..., 0, 1]       # the primal reads only the upper off-diagonal entry
+  positive = r > 0
+  safe_r = jnp.where(positive, r, 1.0)
+  r_dot = jnp.where(positive, (d * d_dot + b * b_dot) / safe_r, 0.0)
+  angle_dot = jnp.where(anisotropic, (d * b_dot - b * d_dot) / (2.0 * safe_r * safe_r), 0.0)
+  evalues_dot = jnp.stack([m_dot - r_dot, m_dot + r_dot], axis=-1)
+  # Rotating by t': the major column moves along the minor one, the minor column along -major.
+  minor, major = evectors[..., 0], evectors[..., 1]
+  evectors_dot = jnp.stack([-major, minor], axis=-1) * angle_dot[..., None, None]
+  return (evalues, evectors), (evalues_dot, evectors_dot)
+
+
+# ------------------------------------------------------------------------------------------------
+# Distances
+# ------------------------------------------------------------------------------------------------
+
+def smooth_l1(delta2: jnp.ndarray, scale: float = SMOOTH_L1_SCALE) -> jnp.ndarray:
+  """The official SmoothL1Loss of a squared distance `delta2`, elementwise (no reduction).
+
+  0.5 / scale * d^2 for d < scale, else d - 0.5 * scale (d = sqrt(delta2), clamped at 1e-3 as the
+  official code does so the unused branch's derivative stays finite).
+  """
+  delta = jnp.sqrt(jnp.maximum(delta2, 1e-6))
+  return jnp.where(delta2 < scale * scale, 0.5 / scale * delta2, delta - 0.5 * scale)
+
+
+def _scalar_distance(x: jnp.ndarray, dist: str) -> jnp.ndarray:
+  """Distance of scalar errors `x` from 0, elementwise: smooth-L1, |x| or x^2."""
+  if dist == 'smoothl1':
+    return smooth_l1(jnp.square(x))
+  if dist == 'l1':
+    return jnp.abs(x)
+  if dist == 'l2':
+    return jnp.square(x)
+  raise ValueError(f'STAR distance must be one of {DISTANCES}, got {dist!r}')
+
+
+# ------------------------------------------------------------------------------------------------
+# STAR losses
+# ------------------------------------------------------------------------------------------------
+
+def _decompose(heatmaps, targets, eps, eig_clamp):
+  _check_heatmaps(heatmaps)
+  if targets.shape != (heatmaps.shape[0], heatmaps.shape[3], 2):
+    raise ValueError(f'targets must be (batch, points, 2) = {(heatmaps.shape[0], heatmaps.shape[3], 2)} '
+                     f'for heatmaps of shape {heatmaps.shape}, got {targets.shape}')
+  means, cov = heatmap_moments(heatmaps, eps)
+  evalues, evectors = eigh_2x2(cov)
+  if eig_clamp > 0:
+    # Not in the official code. For non-negative maps the covariance is positive semi-definite, but
+    # negative map values (e.g. a head without the final ReLU) can make an eigenvalue < -eps, and then
+    # sqrt(evalue + eps) is NaN; clamping keeps eigenvalues at least `eig_clamp`.
+    evalues = jnp.maximum(evalues, eig_clamp)
+  return targets - means, evalues, evectors
+
+
+def star_terms(error, evalues, evectors, *, w=1.0, dist='smoothl1', eps=1e-5):
+  """Per-point STAR v2 loss from an error and a covariance eigendecomposition.
+
+  Args:
+    error: (..., 2) target minus heatmap mean, (x, y).
+    evalues: (..., 2) covariance eigenvalues.
+    evectors: (..., 2, 2) unit eigenvectors as COLUMNS (evectors[..., :, k] belongs to evalues[..., k]).
+  Returns:
+    (...,) sum_k dist(error . v_k) / sqrt(evalue_k + eps) + w * (|evalue_0| + |evalue_1|).
+  """
+  # Projections on the columns. The official code indexes rows (evectors[:, :, 0]); that is the same
+  # only because LAPACK returns a symmetric reflection matrix for 2x2 inputs. Every distance is even,
+  # so the eigenvectors' signs do not matter.
+  proj = jnp.einsum('...i,...ik->...k', error, evectors)
+  scaled = _scalar_distance(proj, dist) / jnp.sqrt(evalues + eps)
+  return scaled.sum(-1) + w * jnp.abs(evalues).sum(-1)
+
+
+def star_loss(heatmaps, targets, *, w=1.0, dist='smoothl1', eps=1e-5, eig_clamp=0.0):
+  """STAR loss, the official STARLoss_v2 (lib/loss/starLoss_v2.py).
+
+  Each map is normalised to a distribution; its mean is the prediction and its covariance the
+  ambiguity. The error (target - mean) is projected on both covariance eigenvectors, each distance
+  divided by sqrt(eigenvalue + eps) (less weight along the ambiguous direction), plus w times the sum
+  of |eigenvalues| (keeps maps from spreading out).
+
+  Args:
+    heatmaps: (B, H, W, N) non-negative, not normalised (the model's fusion heatmaps).
+    targets: (B, N, 2) ground truth (x, y) in [-1, 1], align-corners grid.
+    w: weight of the eigenvalue restriction.
+    dist: 'smoothl1' (scale 0.01), 'l1' or 'l2' (squared), applied to each projected error.
+    eps: added to the eigenvalues under the square root, and to the covariance's V1 and V2.
+    eig_clamp: > 0 clamps eigenvalues to at least this (not in the official code; off by default).
+  Returns:
+    scalar, the mean over batch and points (float32, also for bfloat16 maps).
+  """
+  error, evalues, evectors = _decompose(heatmaps, targets, eps, eig_clamp)
+  return star_terms(error, evalues, evectors, w=w, dist=dist, eps=eps).mean()
+
+
+def star_loss_v1(heatmaps, targets, *, w=1.0, dist='smoothl1', eps=1e-5, eig_clamp=0.0):
+  """The older STAR loss, the official STARLoss (lib/loss/starLoss.py).
+
+  Differs from `star_loss` in where the distance is taken: the error is rotated into the eigenbasis
+  and each component divided by sqrt(eigenvalue + eps) first; then 'smoothl1' is applied to the norm
+  of that 2-vector per point, 'l1' / 'l2' to each component; everything is averaged (over points, and
+  for 'l1' / 'l2' also over the two components). Plus w times the mean of |evalue_0| + |evalue_1|.
+  Same arguments and shapes as `star_loss`.
+  """
+  error, evalues, evectors = _decompose(heatmaps, targets, eps, eig_clamp)
+  # Columns again (the official code takes rows; equal for LAPACK's symmetric 2x2 eigenvectors).
+  scaled = jnp.einsum('...i,...ik->...k', error, evectors) / jnp.sqrt(evalues + eps)   # (B, N, 2)
+  if dist == 'smoothl1':
+    trans = smooth_l1(jnp.square(scaled).sum(-1)).mean()
+  else:
+    trans = _scalar_distance(scaled, dist).mean()
+  return trans + w * jnp.abs(evalues).sum(-1).mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# Adaptive Wing loss and coordinate baselines
+# ------------------------------------------------------------------------------------------------
+
+def awing_weight_map(target: jnp.ndarray, threshold: float = 0.2, weight: float = 10.0) -> jnp.ndarray:
+  """Official AWing weight map: 1 + weight where the 3x3 max-dilation of `target` >= threshold.
+
+  Args:
+    target: (B, H, W, C) target maps.
+  Returns:
+    (B, H, W, C) of 1 or 1 + weight (11 with the defaults).
+  """
+  dilated = jax.lax.reduce_window(target, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1),
+                                  ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return jnp.where(dilated < threshold, 0.0, 1.0) * weight + 1.0
+
+
+def awing_loss(pred, target, *, omega=14.0, theta=0.5, epsilon=1.0, alpha=2.1, use_weight_map=True):
+  """Adaptive Wing loss (Wang et al. 2019), the official AWingLoss, mean over all elements.
+
+  Args:
+    pred: (B, H, W, C) predicted maps (sigmoid outputs in [0, 1]).
+    target: (B, H, W, C) target maps in [0, 1]; treated as a constant (no gradient flows into it).
+  Returns:
+    scalar: mean of the (weighted) loss.
+  """
+  if pred.shape != target.shape:
+    raise ValueError(f'awing_loss: pred {pred.shape} and target {target.shape} differ in shape')
+  pred, target = _as_float(pred), jax.lax.stop_gradient(_as_float(target))
+  delta = jnp.abs(pred - target)
+  power = alpha - target
+  ratio = theta / epsilon
+  a = omega / (1 + ratio ** power) * power * ratio ** (power - 1) / epsilon
+  c = theta * a - omega * jnp.log1p(ratio ** power)
+  loss = jnp.where(delta < theta, omega * jnp.log1p((delta / epsilon) ** power), a * delta - c)
+  if use_weight_map:
+    loss = loss * awing_weight_map(target)
+  return loss.mean()
+
+
+def smooth_l1_loss(pred, target, scale=SMOOTH_L1_SCALE):
+  """Official SmoothL1Loss on points: smooth-L1 of each Euclidean point error, mean over (B, N).
+
+  Args:
+    pred, target: (B, N, 2) landmarks.
+  """
+  return smooth_l1(jnp.square(pred - target).sum(-1), scale).mean()
+
+
+def mse_loss(pred, target):
+  """F.mse_loss: mean squared error over every coordinate of (B, N, 2) landmarks."""
+  return jnp.square(pred - target).mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-stack combination
+# ------------------------------------------------------------------------------------------------
+
+def _landmark_loss(stack_out: Mapping[str, Any], gt_landmarks, loss_cfg):
+  kind = loss_cfg.kind
+  if kind in ('star', 'star_v1'):
+    # As the official compute_loss: STAR sees the fusion heatmaps (heatmaps x AAM mask).
+    fn = star_loss if kind == 'star' else star_loss_v1
+    return fn(stack_out['fusion_heatmaps'], gt_landmarks, w=loss_cfg.star_w, dist=loss_cfg.star_dist,
+              eps=loss_cfg.star_eps, eig_clamp=loss_cfg.eig_clamp)
+  if kind == 'l2':
+    return mse_loss(stack_out['landmarks'], gt_landmarks)
+  if kind == 'smoothl1':
+    return smooth_l1_loss(stack_out['landmarks'], gt_landmarks)
+  raise ValueError(f'loss.kind must be one of {LANDMARK_LOSSES}, got {kind!r}')
+
+
+def multistack_loss(outputs: Sequence[Mapping[str, Any]], batch: Mapping[str, Any], loss_cfg):
+  """Total training loss of a stacked hourglass, as the official compute_loss.
+
+  Stack i (of S) is weighted 2^i / 2^(S-1) (the last stack counts fully); within a stack:
+  weights[0] x landmark loss + weights[1] x AWing(point maps) + weights[2] x AWing(edge maps),
+  the two AWing terms only when the stack has point / edge maps (AAM on).
+
+  Args:
+    outputs: one dict per stack with 'landmarks' (B, N, 2), 'fusion_heatmaps' (B, h, w, N) and, with
+      AAM, 'pointmaps' (B, h, w, N) and 'edgemaps' (B, h, w, E).
+    batch: 'landmarks' (B, N, 2) in [-1, 1]; 'pointmaps' / 'edgemaps' targets when AAM is on.
+    loss_cfg: configs/base.py's `c.loss` (kind, star_w, star_dist, star_eps, eig_clamp, weights).
+      kind 'none' drops the landmark term (AWing-only baseline).
+  Returns:
+    (total scalar, metrics) with metrics 'loss' (the total) and per stack i the unweighted terms
+    'stack{i}/landmark', 'stack{i}/pointmap', 'stack{i}/edgemap' (those that exist).
+  """
+  if loss_cfg.kind not in LANDMARK_LOSSES:
+    raise ValueError(f'loss.kind must be one of {LANDMARK_LOSSES}, got {loss_cfg.kind!r}')
+  weights = tuple(loss_cfg.weights)
+  if len(weights) != 3:
+    raise ValueError(f'loss.weights must be (landmark, pointmap, edgemap), got {weights}')
+  nstack = len(outputs)
+  if nstack == 0:
+    raise ValueError('multistack_loss: outputs is empty')
+  total = jnp.zeros((), jnp.float32)
+  metrics = {}
+  for i, out in enumerate(outputs):
+    factor = 2.0 ** i / 2.0 ** (nstack - 1)
+    terms = []
+    if loss_cfg.kind != 'none':
+      terms.append(('landmark', weights[0], _landmark_loss(out, batch['landmarks'], loss_cfg)))
+    for key, weight in (('pointmap', weights[1]), ('edgemap', weights[2])):
+      if key + 's' in out:
+        if key + 's' not in batch:
+          raise KeyError(f"stack {i} outputs '{key}s' but the batch has no '{key}s' target")
+        terms.append((key, weight, awing_loss(out[key + 's'], batch[key + 's'])))
+    for name, weight, value in terms:
+      metrics[f'stack{i}/{name}'] = value
+      total = total + factor * weight * value
+  metrics['loss'] = total
+  return total, metrics

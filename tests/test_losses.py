@@ -1,0 +1,423 @@
+"""Tests of star_jax.losses: parity with the official PyTorch losses, the closed-form 2x2 eigensolver,
+gradient safety, invariances and the multi-stack combination.
+
+tests/data/losses_star_reference.npz holds arrays computed by the official code (commit 9b12574,
+float32, NCHW; copied from the shared reference losses.npz):
+  h16/*: the whole `b3_n5_h16` case (3 x 5 maps of 16x16): values and heatmap gradients of
+    STARLoss_v2 (smoothl1, l1, l2, smoothl1 with w=0.5), STARLoss (v1) and AWingLoss.
+  h64/*: two maps of the `b2_n24_h64` case (64x64): map (1, 11), the worst-conditioned one (its
+    eigenvalues differ by 3%), and map (0, 0), as a batch of 1 x 2 maps. Every STAR term depends on its
+    own map only and the loss averages over maps, so their gradients are the official ones x 48 / 2.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from star_jax import losses
+
+RTOL = 1e-5
+
+
+@pytest.fixture
+def ref(data_dir):
+  with np.load(data_dir / 'losses_star_reference.npz') as f:
+    return dict(f)
+
+
+def nhwc(x):
+  return np.ascontiguousarray(np.asarray(x).transpose(0, 2, 3, 1))
+
+
+def assert_grad_close(actual, expected):
+  """Relative 1e-5, with an absolute floor of 1e-5 x the largest gradient entry.
+
+  The floor is needed: the official float32 gradients are themselves ~5e-6 (of the largest entry) away
+  from a float64 evaluation on maps whose covariance is nearly isotropic (eigenvector derivatives scale
+  with 1 / eigenvalue gap), so tiny entries cannot be matched to 1e-5 of their own size.
+  """
+  expected = np.asarray(expected)
+  np.testing.assert_allclose(np.asarray(actual), expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
+
+
+STAR_CASES = {
+    'star_v2_smoothl1': functools.partial(losses.star_loss),
+    'star_v2_l1': functools.partial(losses.star_loss, dist='l1'),
+    'star_v2_l2': functools.partial(losses.star_loss, dist='l2'),
+    'star_v2_smoothl1_w0.5': functools.partial(losses.star_loss, w=0.5),
+    'star_v1_smoothl1': functools.partial(losses.star_loss_v1),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Parity with the official losses
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', sorted(STAR_CASES))
+def test_star_matches_official_16x16(ref, name):
+  fn = jax.jit(jax.value_and_grad(STAR_CASES[name]))
+  value, grad = fn(jnp.asarray(nhwc(ref['h16/heatmap'])), jnp.asarray(ref['h16/target']))
+  np.testing.assert_allclose(float(value), float(ref[f'h16/{name}/value']), rtol=RTOL)
+  assert_grad_close(grad, nhwc(ref[f'h16/{name}/grad_heatmap']))
+
+
+@pytest.mark.parametrize('name', ['star_v2_smoothl1', 'star_v2_l2', 'star_v1_smoothl1'])
+def test_star_gradient_matches_official_64x64(ref, name):
+  grad = jax.jit(jax.grad(STAR_CASES[name]))(jnp.asarray(nhwc(ref['h64/heatmap'])), jnp.asarray(ref['h64/target']))
+  assert_grad_close(grad, nhwc(ref[f'h64/{name}/grad_heatmap']))
+
+
+def test_awing_matches_official(ref):
+  value, grad = jax.jit(jax.value_and_grad(losses.awing_loss))(
+      jnp.asarray(nhwc(ref['h16/awing/pred'])), jnp.asarray(nhwc(ref['h16/awing/target'])))
+  np.testing.assert_allclose(float(value), float(ref['h16/awing/value']), rtol=RTOL)
+  assert_grad_close(grad, nhwc(ref['h16/awing/grad_pred']))
+
+
+def test_awing_gradient_is_finite_where_prediction_equals_target():
+  target = jnp.asarray(np.linspace(0, 1, 2 * 4 * 4 * 3).reshape(2, 4, 4, 3), jnp.float32)
+  value, grad = jax.jit(jax.value_and_grad(losses.awing_loss))(target, target)
+  assert float(value) == 0.0 and np.isfinite(np.asarray(grad)).all()
+
+
+def test_awing_weight_map_is_3x3_dilation_at_0_2():
+  target = np.zeros((1, 6, 7, 2), np.float32)
+  target[0, 0, 0, 0] = 0.2          # exactly the threshold counts (the official test is `< 0.2` -> 1)
+  target[0, 3, 4, 1] = 0.9
+  target[0, 5, 0, 1] = 0.19         # below: no weight
+  weight = np.asarray(losses.awing_weight_map(jnp.asarray(target)))
+  expected = np.ones_like(target)
+  expected[0, 0:2, 0:2, 0] = 11     # clipped at the corner
+  expected[0, 2:5, 3:6, 1] = 11
+  np.testing.assert_array_equal(weight, expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# Closed-form eigendecomposition
+# ------------------------------------------------------------------------------------------------
+
+def _symmetric(a, b, c):
+  return np.array([[a, b], [b, c]], np.float32)
+
+
+EIGH_MATRICES = np.stack([
+    _symmetric(3.0, 1.0, 2.0), _symmetric(2.0, -1.0, 3.0), _symmetric(1e-3, 2e-4, 5e-3),
+    _symmetric(4.0, 0.0, 1.0), _symmetric(1.0, 0.0, 4.0), _symmetric(2.0, 0.0, 2.0),
+    _symmetric(1.0, 1.0, 1.0), _symmetric(0.0, 0.0, 0.0), _symmetric(1.0, 3.0, -2.0),
+])
+
+
+def test_eigh_2x2_matches_lapack_and_returns_column_eigenvectors():
+  evalues, evectors = map(np.asarray, jax.jit(losses.eigh_2x2)(jnp.asarray(EIGH_MATRICES)))
+  expected = np.linalg.eigvalsh(EIGH_MATRICES.astype(np.float64))
+  scale = np.abs(expected).max(-1, keepdims=True) + 1e-30
+  np.testing.assert_allclose(evalues / scale, expected / scale, atol=1e-6)
+  # Columns are unit, orthogonal eigenvectors: A V = V diag(evalues), V^T V = I.
+  np.testing.assert_allclose(EIGH_MATRICES @ evectors / scale[..., None],
+                             evectors * evalues[..., None, :] / scale[..., None], atol=1e-6)
+  np.testing.assert_allclose(np.swapaxes(evectors, -1, -2) @ evectors, np.broadcast_to(np.eye(2), evectors.shape),
+                             atol=1e-6)
+
+
+def test_eigh_2x2_gradient_is_finite_for_equal_eigenvalues():
+  iso = jnp.asarray(np.stack([_symmetric(2.0, 0.0, 2.0), _symmetric(0.0, 0.0, 0.0)]))
+
+  def f(eig):
+    def g(cov):
+      evalues, evectors = eig(cov)
+      # Uses both eigenvalues and both eigenvectors, weighted differently.
+      return (evalues * jnp.array([1.0, 3.0])).sum() + (evectors * jnp.array([[0.3, 2.0], [1.0, -0.7]])).sum()
+    return jax.jit(jax.grad(g))(iso)
+
+  # The precondition of the test: LAPACK-based eigh really does fail here.
+  assert not np.isfinite(np.asarray(f(jnp.linalg.eigh))).all()
+  assert np.isfinite(np.asarray(f(losses.eigh_2x2))).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# STAR loss: invariances and gradient safety
+# ------------------------------------------------------------------------------------------------
+
+def _gaussian_maps(rng, batch, size, points, sigma=(0.04, 0.12)):
+  """(B, H, W, N) correlated Gaussian blobs with random centres, spreads and orientation; targets near."""
+  grid = np.linspace(-1, 1, size)
+  x, y = np.meshgrid(grid, grid)                                  # (H, W)
+  centres = rng.uniform(-0.85, 0.85, (batch, points, 2))
+  sx, sy = rng.uniform(*sigma, (2, batch, points))
+  rho = rng.uniform(-0.7, 0.7, (batch, points))
+  u = (x[None, None] - centres[..., 0, None, None]) / sx[..., None, None]
+  v = (y[None, None] - centres[..., 1, None, None]) / sy[..., None, None]
+  maps = np.exp(-0.5 * (u * u - 2 * rho[..., None, None] * u * v + v * v) / (1 - rho[..., None, None] ** 2))
+  maps *= rng.uniform(0.3, 3.0, (batch, points, 1, 1))
+  targets = centres + rng.normal(0, 0.03, centres.shape)
+  return nhwc(maps).astype(np.float32), targets.astype(np.float32)
+
+
+@pytest.mark.parametrize('dist', losses.DISTANCES)
+def test_star_terms_do_not_depend_on_eigenvector_sign_or_convention(dist):
+  rng = np.random.default_rng(0)
+  maps, targets = _gaussian_maps(rng, 2, 24, 6)
+
+  @jax.jit
+  def all_terms(maps, targets):
+    means, cov = losses.heatmap_moments(maps)
+    evalues, ours = losses.eigh_2x2(cov)
+    terms = functools.partial(losses.star_terms, targets - means, evalues, dist=dist)
+    flips = jnp.array([1.0, -1.0])
+    lapack = jnp.linalg.eigh(cov)[1]                             # LAPACK's own sign convention
+    same = [terms(v) for v in (ours * flips, ours * flips[::-1], -ours, lapack, lapack * flips)]
+    # Negative control: a rotation-form eigenvector matrix (not symmetric) read by rows, as the official
+    # code reads LAPACK's, gives a different loss; so the equalities are not vacuous.
+    rows = terms(jnp.swapaxes(ours * flips, -1, -2))
+    return terms(ours), same, rows
+
+  base, same, rows = all_terms(jnp.asarray(maps), jnp.asarray(targets))
+  for value in same:
+    np.testing.assert_allclose(np.asarray(value), np.asarray(base), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(np.asarray(rows), np.asarray(base), rtol=1e-3)
+
+
+def _isotropic_maps():
+  """Maps whose covariance is isotropic: uniform, and a radially symmetric blob at the grid centre."""
+  size = 17
+  grid = np.linspace(-1, 1, size)
+  x, y = np.meshgrid(grid, grid)
+  blob = np.exp(-(x ** 2 + y ** 2) / (2 * 0.2 ** 2))
+  maps = np.stack([np.ones((size, size)), blob], -1)[None].astype(np.float32)   # (1, H, W, 2)
+  return maps, np.array([[[0.3, -0.2], [-0.1, 0.25]]], np.float32)
+
+
+@pytest.mark.parametrize('dist', losses.DISTANCES)
+def test_star_gradient_is_finite_for_isotropic_maps(dist):
+  maps, targets = _isotropic_maps()
+  cov = np.asarray(jax.jit(losses.heatmap_moments)(jnp.asarray(maps))[1])
+  assert np.allclose(cov[..., 0, 0], cov[..., 1, 1], rtol=1e-6) and np.allclose(cov[..., 0, 1], 0, atol=1e-9)
+  value, grad = jax.jit(jax.value_and_grad(functools.partial(losses.star_loss, dist=dist)))(
+      jnp.asarray(maps), jnp.asarray(targets))
+  assert np.isfinite(float(value)) and np.isfinite(np.asarray(grad)).all()
+
+
+def test_star_loss_of_all_zero_maps_is_finite_with_the_official_value():
+  maps = np.zeros((1, 8, 8, 2), np.float32)
+  targets = np.array([[[0.3, -0.4], [0.0, 0.0]]], np.float32)
+  value, grad = jax.jit(jax.value_and_grad(functools.partial(losses.star_loss, dist='l2')))(
+      jnp.asarray(maps), jnp.asarray(targets))
+  assert np.isfinite(np.asarray(grad)).all()
+  # A zero map (sum clamped to 1e-6) has mean (0, 0) and zero covariance: error^2 / sqrt(eps) per point.
+  np.testing.assert_allclose(float(value), (0.09 + 0.16) / np.sqrt(1e-5) / 2, rtol=1e-6)
+  for fn in (losses.star_loss, losses.star_loss_v1):
+    assert np.isfinite(np.asarray(jax.jit(jax.grad(fn))(jnp.asarray(maps), jnp.asarray(targets)))).all()
+
+
+def _reference_moments(heatmaps, eps=1e-5):
+  """The official moments written plainly (normalise, full grids, centred sums), for autodiff."""
+  _, h, w, _ = heatmaps.shape
+  # The official grid is computed in float32 (arange / (n - 1) * 2 - 1); use exactly those values.
+  grid = lambda n: (np.arange(n, dtype=np.float32) / np.float32(n - 1) * 2 - 1).astype(heatmaps.dtype)
+  y, x = jnp.meshgrid(grid(h), grid(w), indexing='ij')
+  p = heatmaps / jnp.maximum(heatmaps.sum((1, 2), keepdims=True), 1e-6)
+  mx = (p * x[None, :, :, None]).sum((1, 2))
+  my = (p * y[None, :, :, None]).sum((1, 2))
+  dx = x[None, :, :, None] - mx[:, None, None]
+  dy = y[None, :, :, None] - my[:, None, None]
+  sxx, syy, sxy = (p * dx * dx).sum((1, 2)), (p * dy * dy).sum((1, 2)), (p * dx * dy).sum((1, 2))
+  v1 = p.sum((1, 2)) + eps
+  denom = v1 - ((p * p).sum((1, 2)) + eps) / v1
+  cov = jnp.stack([jnp.stack([sxx, sxy], -1), jnp.stack([sxy, syy], -1)], -2) / denom[..., None, None]
+  return jnp.stack([mx, my], -1), cov
+
+
+def test_moments_custom_gradient_matches_autodiff_in_float64():
+  """The hand-written VJP of the moments, against autodiff of the plain formulas (float64, so any
+  mistake shows far above rounding), including a map below the sum clamp and an all-zero map."""
+  rng = np.random.default_rng(1)
+  maps, _ = _gaussian_maps(rng, 2, 12, 4)
+  maps = maps.astype(np.float64)
+  maps[0, ..., 1] = rng.random((12, 12)) * 1e-9      # sum < 1e-6: the clamp is active
+  maps[1, ..., 2] = 0.0                               # all zero
+  maps[1, ..., 3] += rng.random((12, 12))             # a noisy, broad map
+  with jax.enable_x64(True):
+    hm = jnp.asarray(maps)
+    cot_means = jnp.asarray(rng.normal(size=(2, 4, 2)))
+    cot_cov = jnp.asarray(rng.normal(size=(2, 4, 2, 2)))
+    results = []
+    for fn in (losses.heatmap_moments, _reference_moments):
+      out, vjp = jax.vjp(jax.jit(fn), hm)
+      results.append((out, vjp((cot_means, cot_cov))[0]))
+    (ours_out, ours_grad), (ref_out, ref_grad) = results
+    for a, b in zip(ours_out, ref_out):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(ours_grad), np.asarray(ref_grad), rtol=1e-8,
+                               atol=1e-10 * np.abs(np.asarray(ref_grad)).max())
+
+
+def test_star_loss_is_accurate_on_sharp_maps():
+  """Sharp maps far from the centre are where float32 cancellation would hurt: compare the float32
+  gradient with a float64 evaluation of the same loss (the official float32 code is ~2e-6 off)."""
+  rng = np.random.default_rng(2)
+  maps, targets = _gaussian_maps(rng, 2, 64, 8, sigma=(0.03, 0.06))
+  grad32 = np.asarray(jax.jit(jax.grad(losses.star_loss))(jnp.asarray(maps), jnp.asarray(targets)))
+  with jax.enable_x64(True):
+    grad64 = np.asarray(jax.jit(jax.grad(losses.star_loss))(jnp.asarray(maps, jnp.float64),
+                                                             jnp.asarray(targets, jnp.float64)))
+  assert np.abs(grad32 - grad64).max() <= 5e-6 * np.abs(grad64).max()
+
+
+def test_eig_clamp_removes_nan_from_negative_eigenvalues():
+  # Negative weights (e.g. maps without ReLU) can make the weighted covariance indefinite: an
+  # eigenvalue below -eps makes sqrt(evalue + eps) NaN in the official loss.
+  maps = np.zeros((1, 5, 5, 1), np.float32)
+  maps[0, 0, 0, 0] = maps[0, 4, 4, 0] = 1.0
+  maps[0, 0, 4, 0] = maps[0, 4, 0, 0] = -0.6
+  maps, targets = jnp.asarray(maps), jnp.zeros((1, 1, 2), jnp.float32)
+  evalues = jax.jit(lambda m: losses.eigh_2x2(losses.heatmap_moments(m)[1])[0])(maps)
+  assert float(evalues.min()) < -1e-5
+  assert np.isnan(float(jax.jit(losses.star_loss)(maps, targets)))
+  value, grad = jax.jit(jax.value_and_grad(functools.partial(losses.star_loss, eig_clamp=1e-4)))(maps, targets)
+  assert np.isfinite(float(value)) and np.isfinite(np.asarray(grad)).all()
+
+
+def test_star_loss_accepts_bfloat16_maps():
+  rng = np.random.default_rng(3)
+  maps, targets = _gaussian_maps(rng, 1, 16, 3)
+  fn = jax.jit(jax.value_and_grad(losses.star_loss))
+  full, _ = fn(jnp.asarray(maps), jnp.asarray(targets))
+  value, grad = fn(jnp.asarray(maps, jnp.bfloat16), jnp.asarray(targets))
+  assert value.dtype == jnp.float32 and grad.dtype == jnp.bfloat16
+  np.testing.assert_allclose(float(value), float(full), rtol=3e-2)
+
+
+def test_bad_shapes_are_reported():
+  with pytest.raises(ValueError, match='targets must be'):
+    losses.star_loss(jnp.ones((1, 8, 8, 3)), jnp.zeros((1, 4, 2)))
+  with pytest.raises(ValueError, match=r'\(batch, height, width, points\)'):
+    losses.star_loss(jnp.ones((8, 8, 3)), jnp.zeros((1, 3, 2)))
+  with pytest.raises(ValueError, match='distance'):
+    losses.star_loss(jnp.ones((1, 8, 8, 3)), jnp.zeros((1, 3, 2)), dist='wing')
+
+
+# ------------------------------------------------------------------------------------------------
+# Soft-argmax and coordinate losses
+# ------------------------------------------------------------------------------------------------
+
+def test_soft_argmax_matches_the_official_decoder():
+  rng = np.random.default_rng(4)
+  maps = rng.random((2, 9, 13, 3)).astype(np.float32)
+  maps[1, ..., 2] = 0.0
+  ours = np.asarray(jax.jit(losses.soft_argmax)(jnp.asarray(maps)))
+  # The official decoder, in NHWC: grid arange(n) / (n - 1) * 2 - 1, sums clamped at 1e-6.
+  xs = np.arange(13) / 12 * 2 - 1
+  ys = np.arange(9) / 8 * 2 - 1
+  total = np.maximum(maps.sum((1, 2)), 1e-6)
+  expected = np.stack([(maps * xs[None, None, :, None]).sum((1, 2)) / total,
+                       (maps * ys[None, :, None, None]).sum((1, 2)) / total], -1)
+  np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(ours[1, 2], [0.0, 0.0])
+  # A one-hot map decodes to its pixel on the align-corners grid: column 12 -> x = 1, row 2 -> y = -0.5.
+  one_hot = np.zeros((1, 9, 13, 1), np.float32)
+  one_hot[0, 2, 12, 0] = 5.0
+  np.testing.assert_allclose(np.asarray(jax.jit(losses.soft_argmax)(jnp.asarray(one_hot)))[0, 0], [1.0, -0.5],
+                             atol=1e-7)
+  # heatmap_moments' means are the same soft-argmax.
+  np.testing.assert_allclose(np.asarray(jax.jit(losses.heatmap_moments)(jnp.asarray(maps))[0]), ours, atol=1e-6)
+
+
+def test_smooth_l1_is_the_official_piecewise_function():
+  delta = np.array([0.0, 0.005, 0.01, 0.1, 2.0], np.float32)
+  values = np.asarray(losses.smooth_l1(jnp.asarray(delta) ** 2))
+  np.testing.assert_allclose(values, [0.0, 0.5 / 0.01 * 0.005 ** 2, 0.005, 0.095, 1.995], rtol=1e-5, atol=1e-9)
+  pred = jnp.asarray([[[0.003, 0.004], [1.0, 1.0]]])             # distances 0.005 and sqrt(2)
+  np.testing.assert_allclose(float(losses.smooth_l1_loss(pred, jnp.zeros_like(pred))),
+                             (0.00125 + np.sqrt(2) - 0.005) / 2, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-stack loss
+# ------------------------------------------------------------------------------------------------
+
+def _loss_cfg(kind='star', **kw):
+  cfg = ml_collections.ConfigDict(dict(kind=kind, star_w=1.0, star_dist='smoothl1', star_eps=1e-5,
+                                       eig_clamp=0.0, weights=(1.0, 10.0, 10.0)))
+  cfg.update(kw)
+  return cfg
+
+
+def _stack_outputs(nstack=2, aam=True, seed=5):
+  rng = np.random.default_rng(seed)
+  b, n, e, s = 2, 4, 3, 12
+  outputs = []
+  for _ in range(nstack):
+    fusion, _ = _gaussian_maps(rng, b, s, n)
+    out = {'fusion_heatmaps': jnp.asarray(fusion),
+           # Deliberately different from the fusion maps: STAR must not read these.
+           'heatmaps': jnp.asarray(rng.random((b, s, s, n)), jnp.float32),
+           'landmarks': losses.soft_argmax(jnp.asarray(fusion))}
+    if aam:
+      out['pointmaps'] = jnp.asarray(rng.random((b, s, s, n)), jnp.float32)
+      out['edgemaps'] = jnp.asarray(rng.random((b, s, s, e)), jnp.float32)
+    outputs.append(out)
+  batch = {'landmarks': jnp.asarray(rng.uniform(-0.8, 0.8, (b, n, 2)), jnp.float32),
+           'pointmaps': jnp.asarray(rng.random((b, s, s, n)) ** 4, jnp.float32),
+           'edgemaps': jnp.asarray(rng.random((b, s, s, e)) ** 4, jnp.float32)}
+  return outputs, batch
+
+
+@pytest.mark.parametrize('kind', ['star', 'star_v1', 'l2', 'smoothl1', 'none'])
+def test_multistack_loss_weights_stacks_and_terms_as_the_official_code(kind):
+  outputs, batch = _stack_outputs(nstack=3)
+  cfg = _loss_cfg(kind, star_w=0.5, star_dist='l1')
+  total, metrics = jax.jit(lambda o, b: losses.multistack_loss(o, b, cfg))(outputs, batch)
+  landmark = {
+      'star': lambda o: losses.star_loss(o['fusion_heatmaps'], batch['landmarks'], w=0.5, dist='l1'),
+      'star_v1': lambda o: losses.star_loss_v1(o['fusion_heatmaps'], batch['landmarks'], w=0.5, dist='l1'),
+      'l2': lambda o: jnp.mean((o['landmarks'] - batch['landmarks']) ** 2),
+      'smoothl1': lambda o: losses.smooth_l1_loss(o['landmarks'], batch['landmarks']),
+      'none': lambda o: 0.0,
+  }[kind]
+
+  @jax.jit
+  def by_hand(outputs):
+    expected, terms = 0.0, []
+    for out, factor in zip(outputs, (0.25, 0.5, 1.0)):
+      point = losses.awing_loss(out['pointmaps'], batch['pointmaps'])
+      edge = losses.awing_loss(out['edgemaps'], batch['edgemaps'])
+      expected += factor * (1.0 * landmark(out) + 10.0 * point + 10.0 * edge)
+      terms.append((point, edge))
+    return expected, terms
+
+  expected, terms = by_hand(outputs)
+  for i, (point, edge) in enumerate(terms):
+    np.testing.assert_allclose(float(metrics[f'stack{i}/pointmap']), float(point), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics[f'stack{i}/edgemap']), float(edge), rtol=1e-5)
+    assert (f'stack{i}/landmark' in metrics) == (kind != 'none')
+  np.testing.assert_allclose(float(total), float(expected), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics['loss']), float(total), rtol=1e-7)
+
+
+def test_multistack_loss_without_aam_has_landmark_terms_only():
+  outputs, batch = _stack_outputs(nstack=2, aam=False)
+  gt = batch['landmarks']
+  total, metrics = jax.jit(lambda o: losses.multistack_loss(o, {'landmarks': gt}, _loss_cfg()))(outputs)
+  by_hand = jax.jit(lambda o: 0.5 * losses.star_loss(o[0]['fusion_heatmaps'], gt)
+                    + losses.star_loss(o[1]['fusion_heatmaps'], gt))
+  np.testing.assert_allclose(float(total), float(by_hand(outputs)), rtol=1e-5)
+  assert sorted(metrics) == ['loss', 'stack0/landmark', 'stack1/landmark']
+
+
+def test_multistack_loss_gradient_reaches_every_output():
+  outputs, batch = _stack_outputs(nstack=2)
+  grads = jax.jit(jax.grad(lambda o: losses.multistack_loss(o, batch, _loss_cfg())[0]))(outputs)
+  for g in grads:
+    for key in ('fusion_heatmaps', 'pointmaps', 'edgemaps'):
+      assert np.isfinite(np.asarray(g[key])).all() and np.abs(np.asarray(g[key])).max() > 0
+    assert np.abs(np.asarray(g['heatmaps'])).max() == 0      # STAR reads the fusion maps only
+
+
+def test_multistack_loss_rejects_unknown_kind():
+  outputs, batch = _stack_outputs(nstack=1)
+  with pytest.raises(ValueError, match='loss.kind'):
+    losses.multistack_loss(outputs, batch, _loss_cfg('wing'))
