@@ -35,6 +35,9 @@ def get_config(arg=None):
   c.eval_every_epochs = 4
   c.checkpoint_every_epochs = 2
   c.log_every_steps = 25
+  # The official EMA decay 0.5 ** (16 / 10000) has a half-life of ~600 steps at batch 16: longer than
+  # makes sense for a run this short, so the EMA here averages over ~100 steps.
+  c.ema_decay = 0.99
   if args['tiny']:
     c = base.shrink_for_smoke_test(c)
     c.data.config = 'wflw98_tiny' if args['points'] == 98 else c.data.config

@@ -7,6 +7,7 @@ the latest checkpoint in --workdir. For several processes (hosts), start one per
 see scripts/launch_multihost.sh).
 """
 
+import logging as std_logging
 import pathlib
 
 from absl import app
@@ -40,7 +41,7 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   # Our own progress at INFO; libraries (Orbax logs every file it writes) only from WARNING up.
   logging.get_absl_handler().addFilter(
-      lambda record: record.levelno >= logging.WARNING or 'star_jax' in record.pathname)
+      lambda record: record.levelno >= std_logging.WARNING or 'star_jax' in record.pathname)
   trainer.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

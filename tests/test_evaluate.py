@@ -1,0 +1,226 @@
+"""End to end tests of scripts/evaluate.py on the tiny synthetic dataset, and of its report helpers."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = f'--config={REPO / "configs" / "synthetic.py"}:tiny'
+
+
+def _load_script():
+  spec = importlib.util.spec_from_file_location('star_jax_evaluate_script', REPO / 'scripts' / 'evaluate.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+evaluate = _load_script()
+
+
+def _config(name: str, arg: str = 'tiny'):
+  from star_jax import config_lib
+  return config_lib.import_sibling(str(REPO / 'configs' / f'{name}.py'), name).get_config(arg)
+
+
+@pytest.fixture(scope='module')
+def tfds_dir(tmp_path_factory):
+  """The tiny synthetic dataset (wflw98_tiny: 16 test faces), built once for this module."""
+  from star_jax.data import build
+  data_dir = tmp_path_factory.mktemp('tfds')
+  build.build('synthetic_faces', config='wflw98_tiny', data_dir=str(data_dir))
+  return data_dir
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory):
+  """A freshly initialised model of configs/synthetic.py:tiny, saved with 'model' and a different 'ema'."""
+  import jax
+  from flax import nnx
+  from star_jax import checkpointing
+  from star_jax import models
+
+  config = _config('synthetic')
+  model = models.create_model(config, nnx.Rngs(0))
+  ema = models.create_model(config, nnx.Rngs(1))
+  directory = tmp_path_factory.mktemp('ckpt') / 'run'
+  checkpointing.save_model_checkpoint(directory, model=model, config=config, ema=ema, step=7)
+  jax.clear_caches()
+  return directory
+
+
+def _run(*args) -> int:
+  """evaluate.main in this process, on configs/synthetic.py:tiny unless `args` name another --config."""
+  config = [] if any(a.startswith('--config=') for a in args) else [TINY]
+  return evaluate.main(['evaluate.py', *config, *args])
+
+
+def test_evaluate_writes_a_consistent_report(checkpoint, tfds_dir, tmp_path, capsys):
+  out = tmp_path / 'report'
+  assert _run(f'--checkpoint={checkpoint}', f'--config.data.data_dir={tfds_dir}', f'--output={out}',
+              '--noprogress', '--config.eval_batch_size=6') == 0
+  printed = capsys.readouterr().out
+  assert sorted(p.name for p in out.iterdir()) == ['ced.png', 'metrics.json', 'predictions.json', 'report.md']
+  assert (out / 'report.md').read_text() in printed
+  report = json.loads((out / 'metrics.json').read_text())
+  info, rows = report['info'], report['rows']
+  assert (info['step'], info['weights'], info['num_images'], info['norm']) == (7, 'ema', 16, 'ocular')
+  assert info['images_per_second_model'] > 0 and report['published'] == {}  # synthetic: no paper numbers
+  assert [r['subset'] for r in rows] == ['all', 'pose', 'expression', 'illumination', 'makeup', 'occlusion',
+                                         'blur']
+
+  # Per-image predictions, in split order with their names and the original pixel ground truth.
+  from star_jax.data import build
+  import ml_collections
+  source = build.load_source(ml_collections.ConfigDict(
+      {'name': 'synthetic_faces', 'config': 'wflw98_tiny', 'data_dir': str(tfds_dir), 'manual_dir': ''}), 'test')
+  images = json.loads((out / 'predictions.json').read_text())['images']
+  assert [im['image_name'] for im in images] == [source[i]['image_name'].decode() for i in range(16)]
+  gt = np.array([im['ground_truth'] for im in images])
+  np.testing.assert_allclose(gt, np.stack([source[i]['landmarks'] for i in range(16)]), atol=1e-3)
+  pred = np.array([im['landmarks'] for im in images])
+  assert pred.shape == (16, 98, 2) and np.all(np.isfinite(pred))
+
+  # The table agrees with the per-image NMEs: overall and per attribute subset (flag == 1).
+  nmes = np.array([im['nme'] for im in images])
+  flags = np.stack([source[i]['attributes'] for i in range(16)])
+  assert rows[0]['nme'] == pytest.approx(100 * nmes.mean(), rel=1e-6) and rows[0]['num_images'] == 16
+  for k, row in enumerate(rows[1:]):
+    members = flags[:, k] == 1
+    assert row['num_images'] == members.sum()
+    if members.any():
+      assert row['nme'] == pytest.approx(100 * nmes[members].mean(), rel=1e-6)
+  # An untrained network: NME of order 1, every image a failure at 0.1.
+  assert 5 < rows[0]['nme'] < 300 and rows[0]['fr'] == 100.0 and rows[0]['auc'] == 0.0
+
+  # The image-frame NME from the pixel predictions matches the report's.
+  from star_jax import layouts
+  from star_jax import metrics
+  nme_image = metrics.nme_per_image(pred, gt, layouts.WFLW).mean()
+  assert report['summary']['nme_image'] == pytest.approx(nme_image, rel=1e-3)
+
+
+def test_evaluate_predictions_are_the_networks_on_the_official_crop(checkpoint, tfds_dir, tmp_path):
+  # Redo image 3 by hand: the record's crop, the network (EMA weights), and back to image pixels.
+  from star_jax import checkpointing
+  from star_jax import models
+  from star_jax.data import build
+  from star_jax.data import transforms
+  import ml_collections
+
+  out = tmp_path / 'report'
+  assert _run(f'--checkpoint={checkpoint}', f'--config.data.data_dir={tfds_dir}', f'--output={out}',
+              '--noprogress', '--config.data.max_eval_examples=4', '--nouse_ema') == 0
+  images = json.loads((out / 'predictions.json').read_text())['images']
+  assert len(images) == 4 and json.loads((out / 'metrics.json').read_text())['info']['weights'] == 'model'
+  source = build.load_source(ml_collections.ConfigDict(
+      {'name': 'synthetic_faces', 'config': 'wflw98_tiny', 'data_dir': str(tfds_dir), 'manual_dir': ''}), 'test')
+  record = source[3]
+  model, config = checkpointing.load_model(checkpoint, use_ema=False)
+  size = config.data.image_size
+  matrix = transforms.crop_matrix(float(record['scale']), record['center'], size)
+  crop = transforms.warp(record['image'], matrix, size)
+  normalised = np.asarray(model(models.preprocess(crop[None]))[-1]['landmarks'])
+  expected = transforms.map_back(normalised, matrix[None], size)[0]
+  np.testing.assert_allclose(np.array(images[3]['landmarks']), expected, atol=2e-2)
+
+
+def test_evaluate_converts_a_pytorch_checkpoint_on_the_fly(tfds_dir, tmp_path):
+  # The tiny official network (4 stacks, 32 channels, input 64), straight from its .pkl.
+  out = tmp_path / 'report'
+  assert _run(f'--pytorch={REPO / "tests" / "data" / "tiny_wflw_checkpoint.pkl"}',
+              '--config.model.nstack=4', '--config.model.channels=32', f'--config.data.data_dir={tfds_dir}',
+              f'--output={out}', '--noprogress', '--config.data.max_eval_examples=2') == 0
+  info = json.loads((out / 'metrics.json').read_text())['info']
+  assert info['weights'] == 'net' and info['pytorch'].endswith('tiny_wflw_checkpoint.pkl')
+  assert info['num_images'] == 2
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--checkpoint={missing}'], 'does not exist'),
+    (['--checkpoint={empty}'], 'no checkpoint'),
+    ([], 'exactly one of --checkpoint'),
+    (['--checkpoint={ckpt}', f'--config={REPO / "configs" / "cofw.py"}:tiny'], 'COFW layout (29 points)'),
+    (['--checkpoint={ckpt}', '--config.data.image_size=128'], '--config.data.image_size=64'),
+    (['--checkpoint={ckpt}', f'--config={REPO / "configs" / "wflw.py"}:tiny', '--config.data.data_dir={empty}'],
+     'python -m star_jax.data.build --dataset wflw'),
+])
+def test_evaluate_errors(args, message, checkpoint, tmp_path, capsys):
+  (tmp_path / 'empty').mkdir()
+  paths = {'missing': tmp_path / 'missing', 'empty': tmp_path / 'empty', 'ckpt': checkpoint}
+  assert _run(*[a.format(**paths) for a in args]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and message in err
+
+
+def test_command_line_exits_non_zero_with_the_message(tmp_path):
+  proc = subprocess.run([sys.executable, str(REPO / 'scripts' / 'evaluate.py'), TINY,
+                         f'--checkpoint={tmp_path / "nope"}'], capture_output=True, text=True, cwd=REPO,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=120)
+  assert proc.returncode == 1 and f'checkpoint directory {tmp_path / "nope"} does not exist' in proc.stderr
+
+
+def test_published_numbers_and_table():
+  wflw, w300, cofw, synthetic = (_config(n, '') for n in ('wflw', '300w', 'cofw', 'synthetic'))
+  assert evaluate.published_numbers(wflw, 'ocular') == {'all': {'nme': 4.02, 'fr': 2.32, 'auc': 0.605}}
+  assert evaluate.published_numbers(w300, 'ocular') == {
+      'all': {'nme': 2.87}, 'common': {'nme': 2.52}, 'challenge': {'nme': 4.32}}
+  assert evaluate.published_numbers(cofw, 'pupil') == {'all': {'nme': 4.62}}
+  assert evaluate.published_numbers(cofw, 'ocular') == {'all': {'nme': 3.21}}
+  assert evaluate.published_numbers(wflw, 'pupil') == {}
+  assert evaluate.published_numbers(synthetic, 'ocular') == {}  # WFLW layout, but not the WFLW data
+
+  from star_jax import layouts
+  summary = {'nme': 0.0291, 'fr': 0.0036, 'auc': 0.4412, 'count': 689,
+             'common/nme': 0.0255, 'common/fr': 0.0, 'common/auc': 0.5, 'common/count': 554,
+             'challenge/nme': float('nan'), 'challenge/fr': float('nan'), 'challenge/auc': float('nan'),
+             'challenge/count': 0}
+  rows = evaluate.subset_rows(summary, layouts.W300)
+  assert [(r['subset'], r['num_images']) for r in rows] == [('all', 689), ('common', 554), ('challenge', 0)]
+  assert rows[0]['nme'] == pytest.approx(2.91) and rows[0]['fr'] == pytest.approx(0.36)
+  table = evaluate.markdown_table(rows, evaluate.published_numbers(w300, 'ocular'), 0.05)
+  lines = table.splitlines()
+  assert lines[0] == ('| subset | images | NME % | FR@0.05 % | AUC@0.05 | paper NME % | paper FR@0.05 % | '
+                      'paper AUC@0.05 |')
+  assert lines[2] == '| all | 689 | 2.910 | 0.36 | 0.4412 | 2.87 |  |  |'
+  assert lines[4] == '| challenge | 0 | n/a | n/a | n/a | 4.32 |  |  |'
+
+
+# ---- A checkpoint written by the trainer (slow: clearly marked, opt-in) --------------------------
+
+@pytest.mark.skipif(not os.environ.get('STAR_JAX_SLOW_TESTS'),
+                    reason='trains configs/synthetic.py:tiny for 2 steps (about a minute on 2 CPU cores); '
+                           'set STAR_JAX_SLOW_TESTS=1 to run')
+def test_evaluate_and_predict_a_training_workdir(tfds_dir, tmp_path, capsys):
+  from star_jax import predict
+  from star_jax.data import synthetic
+
+  workdir = tmp_path / 'train'
+  proc = subprocess.run([sys.executable, '-m', 'star_jax.train', TINY, f'--workdir={workdir}',
+                         f'--config.data.data_dir={tfds_dir}', '--config.progress=False',
+                         '--config.total_steps=2'], cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # The trainer's checkpoint (with its optimizer state and data iterator) loads by its workdir, and
+  # our evaluation reproduces the trainer's own final evaluation of the EMA weights.
+  out = tmp_path / 'report'
+  assert _run(f'--checkpoint={workdir}', f'--config.data.data_dir={tfds_dir}', f'--output={out}',
+              '--noprogress') == 0
+  rows = json.loads((out / 'metrics.json').read_text())['rows']
+  trainer_metrics = json.loads((workdir / 'final_metrics.json').read_text())
+  assert rows[0]['nme'] == pytest.approx(100 * trainer_metrics['ema/nme'], rel=1e-5)
+  # The predict command runs on it too.
+  face = synthetic.generate(0, 'test', 0)
+  image = tmp_path / 'face.png'
+  import cv2
+  cv2.imwrite(str(image), cv2.cvtColor(face.image, cv2.COLOR_RGB2BGR))
+  assert predict.main(['--checkpoint', str(workdir), str(image), '--output', str(tmp_path / 'pred'),
+                       '--box', ','.join(str(float(v)) for v in face.box)]) == 0
+  record = json.loads((tmp_path / 'pred' / 'face.json').read_text())
+  assert np.array(record['faces'][0]['landmarks']).shape == (98, 2)
