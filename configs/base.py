@@ -25,7 +25,7 @@ def get_base_config(layout: str, dataset: str) -> ml_collections.ConfigDict:
   c.data.num_threads = 2            # Grain read threads in the main process
   c.data.image_size = 256           # network input side (px)
   c.data.heatmap_size = 64          # side of the point / edge map targets (px)
-  c.data.sigma = 1.5                # Gaussian sigma of the point-map targets, at image_size
+  c.data.sigma = 1.5                # Gaussian sigma of the point-map targets, in input pixels (maps are 1/4)
   c.data.max_eval_examples = 0      # 0: the whole test split; >0: only the first N (smoke tests)
 
   # ---- Augmentation (training only; official Augmentation / RandomTexture) -----------------------
@@ -86,7 +86,6 @@ def shrink_for_smoke_test(c: ml_collections.ConfigDict) -> ml_collections.Config
   """The `runlocal` switch: a tiny model and a few steps, to check that everything runs."""
   c.data.image_size = 64
   c.data.heatmap_size = 16
-  c.data.sigma = 1.5 * 64 / 256
   c.data.max_eval_examples = 16
   c.model.nstack = 2
   c.model.channels = 32
