@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+COMPILE_CACHE = pathlib.Path(os.environ.get('STAR_JAX_TEST_CACHE', '/tmp/star_jax_test_jax_cache'))
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = f'--config={REPO / "configs" / "synthetic.py"}:tiny'
 
@@ -192,11 +193,8 @@ def test_published_numbers_and_table():
   assert lines[4] == '| challenge | 0 | n/a | n/a | n/a | 4.32 |  |  |'
 
 
-# ---- A checkpoint written by the trainer (slow: clearly marked, opt-in) --------------------------
+# ---- A checkpoint written by the trainer (about a minute: train, evaluate, predict end to end) ---
 
-@pytest.mark.skipif(not os.environ.get('STAR_JAX_SLOW_TESTS'),
-                    reason='trains configs/synthetic.py:tiny for 2 steps (about a minute on 2 CPU cores); '
-                           'set STAR_JAX_SLOW_TESTS=1 to run')
 def test_evaluate_and_predict_a_training_workdir(tfds_dir, tmp_path, capsys):
   from star_jax import predict
   from star_jax.data import synthetic
@@ -205,7 +203,8 @@ def test_evaluate_and_predict_a_training_workdir(tfds_dir, tmp_path, capsys):
   proc = subprocess.run([sys.executable, '-m', 'star_jax.train', TINY, f'--workdir={workdir}',
                          f'--config.data.data_dir={tfds_dir}', '--config.progress=False',
                          '--config.total_steps=2'], cwd=REPO, capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+                        env=dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(COMPILE_CACHE),
+                                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0'))
   assert proc.returncode == 0, proc.stderr[-3000:]
   # The trainer's checkpoint (with its optimizer state and data iterator) loads by its workdir, and
   # our evaluation reproduces the trainer's own final evaluation of the EMA weights.
@@ -224,3 +223,9 @@ def test_evaluate_and_predict_a_training_workdir(tfds_dir, tmp_path, capsys):
                        '--box', ','.join(str(float(v)) for v in face.box)]) == 0
   record = json.loads((tmp_path / 'pred' / 'face.json').read_text())
   assert np.array(record['faces'][0]['landmarks']).shape == (98, 2)
+  # And on a real photograph, with the face found by the detector.
+  assert predict.main(['--checkpoint', str(workdir), str(REPO / 'tests' / 'data' / 'real_faces' / 'takeo.png'),
+                       '--output', str(tmp_path / 'real'), '--show-ambiguity']) == 0
+  record = json.loads((tmp_path / 'real' / 'takeo.json').read_text())
+  assert len(record['faces']) == 1 and np.array(record['faces'][0]['landmarks']).shape == (98, 2)
+  assert (tmp_path / 'real' / 'takeo_landmarks.jpg').exists()
