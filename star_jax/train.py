@@ -15,7 +15,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / 'configs' / 'synthetic.py'
+_PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+_DEFAULT_CONFIG = _PACKAGE_DIR.parent / 'configs' / 'synthetic.py'
 
 config_flags.DEFINE_config_file('config', str(_DEFAULT_CONFIG), 'Experiment config file.',
                                 lock_config=True)
@@ -41,7 +42,7 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   # Our own progress at INFO; libraries (Orbax logs every file it writes) only from WARNING up.
   logging.get_absl_handler().addFilter(
-      lambda record: record.levelno >= std_logging.WARNING or 'star_jax' in record.pathname)
+      lambda record: record.levelno >= std_logging.WARNING or record.pathname.startswith(str(_PACKAGE_DIR)))
   trainer.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
