@@ -1,0 +1,253 @@
+"""Speed of the full WFLW training step: images per second.
+
+Ours is exactly what the trainer runs: `train_steps.make_train_step` (StackedHGNet 256 x 256, 4 stacks,
+256 channels, AAM; STAR loss + AWing on point and edge maps for every stack; Adam; EMA of weights and
+BatchNorm statistics), `jax.jit`-compiled with the state donated. On a CPU: batch 8, float32. On a GPU:
+the official per-GPU batch 32 (global batch 128 over 4 GPUs) in float32 and bfloat16, with the share of
+the GPU's peak FLOP/s (FLOPs counted by XLA's cost analysis of the compiled step).
+
+With `--official PATH` (a checkout of ZhenglinZhou/STAR) and PyTorch importable, the official training
+step runs side by side on the same batch, timed in turns with ours in the same process (the CPU is
+shared with other jobs; turns make a load change hit both alike): the official StackedHGNetV1 (its own
+initialisation) in train mode, STARLoss_v2 on each stack's fusion heatmaps and AWingLoss on its point
+and edge maps (classes loaded from PATH/lib/loss), weighted as the official config, `zero_grad`,
+`backward`, Adam, then the EMA update of a second network. Timed with autograd anomaly detection off,
+and as the official code ships it (anomaly detection on: `set_detect_anomaly(True)` in
+`set_environment` and `detect_anomaly()` around `backward`).
+
+Rows give images/s by wall time; the notes add seconds per step and this process's CPU seconds per
+step (all threads), which is less sensitive to other jobs than wall time.
+
+  python scripts/benchmark.py train [--official /tmp/star_ref] [--repeats 3]
+
+(run it with a Python that has both star_jax and PyTorch for `--official`, e.g. /work/torchvenv).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+from star_jax import config_lib, layouts, train_steps
+from star_jax.data import targets
+
+LAYOUT = layouts.WFLW
+_CONFIGS = pathlib.Path(__file__).resolve().parents[2] / 'configs'
+IMAGE, MAPS, SIGMA = 256, 64, 1.5
+# Dense peak FLOP/s per device kind (matrix units, no sparsity), for the share of peak on a GPU.
+# float32 matmuls and convolutions run as TF32 on these GPUs under JAX's default precision.
+PEAK_FLOPS = {
+    'H100': {'float32': 494.7e12, 'bfloat16': 989.4e12},   # SXM
+    'H200': {'float32': 494.7e12, 'bfloat16': 989.4e12},
+    'A100': {'float32': 156e12, 'bfloat16': 312e12},
+}
+
+
+def wflw_config(dtype: str):
+  """configs/wflw.py (the official recipe) with the compute dtype set."""
+  config = config_lib.import_sibling(str(_CONFIGS / 'wflw.py'), 'wflw').get_config()
+  config.model.dtype = dtype
+  return config
+
+
+def synthetic_batch(batch: int, seed: int = 0) -> dict:
+  """A WFLW training batch (numpy, channels-last) with targets made as the input pipeline makes them.
+
+  'image' uint8 (B, 256, 256, 3); 'landmarks' (B, 98, 2) in [-1, 1]; 'pointmaps' (B, 64, 64, 98) and
+  'edgemaps' (B, 64, 64, 9) from star_jax.data.targets, for face-like random points (an ellipse of
+  jittered points around the crop centre).
+  """
+  rng = np.random.default_rng(seed)
+  n = LAYOUT.num_points
+  images = rng.integers(0, 256, (batch, IMAGE, IMAGE, 3), dtype=np.uint8)
+  t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+  points, pmaps, emaps = [], [], []
+  for _ in range(batch):
+    radius = np.array([70.0, 90.0]) * (0.5 + 0.5 * rng.random((n, 1)))
+    p = 127.5 + radius * np.stack([np.cos(t), np.sin(t)], -1) + rng.normal(0, 3, (n, 2))
+    points.append(targets.normalize_landmarks(p, IMAGE))
+    pmaps.append(targets.point_maps(p, IMAGE, MAPS, SIGMA))
+    emaps.append(targets.edge_maps(p, LAYOUT.edges, IMAGE, MAPS))
+  return {'image': images, 'landmarks': np.stack(points).astype(np.float32),
+          'pointmaps': np.stack(pmaps).astype(np.float32), 'edgemaps': np.stack(emaps).astype(np.float32)}
+
+
+def our_step(config, batch_np: dict):
+  """Compiles our train step for `batch_np`. Returns (run_one_step, compile seconds, FLOPs per step).
+
+  `run_one_step()` advances the (donated) state by one step and blocks until it is done.
+  """
+  tx = train_steps.make_optimizer(config, steps_per_epoch=1000)
+  graphs, state = train_steps.create_train_state(config, tx, rng_seed=0)
+  batch = jax.device_put(batch_np)
+  step = jax.jit(train_steps.make_train_step(graphs, tx, config), donate_argnums=(0,))
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float((cost or {}).get('flops', float('nan')))
+  holder = {'state': state}
+
+  def run_one_step():
+    holder['state'], metrics = compiled(holder['state'], batch)
+    jax.block_until_ready((holder['state'], metrics))
+    return metrics
+
+  return run_one_step, compile_s, flops
+
+
+def _official_modules(path: str):
+  """(StackedHGNetV1 builder, loss package) from an official checkout, without its lib/__init__."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  from star_jax.benchmarks import model as model_bench  # pylint: disable=import-outside-toplevel
+  loss_dir = pathlib.Path(path) / 'lib' / 'loss'
+  if not (loss_dir / 'starLoss_v2.py').exists():
+    raise FileNotFoundError(f'--official {path}: no lib/loss/starLoss_v2.py there')
+  name = '_star_official_loss'
+  if name not in sys.modules:
+    spec = importlib.util.spec_from_file_location(name, loss_dir / '__init__.py',
+                                                  submodule_search_locations=[str(loss_dir)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+  return (lambda: model_bench._official_network(path)), sys.modules[name]  # pylint: disable=protected-access
+
+
+def official_step(path: str, batch_np: dict, nstack: int = 4):
+  """The official training step on `batch_np`: returns run_one_step(anomaly: bool) -> loss (float).
+
+  Follows the official trainer (utility.forward_backward, compute_loss, accumulate_net) with its
+  config (conf/alignment.py): per stack i the weights 2^i / 2^(nstack - 1) x (1, 10, 10) for
+  STARLoss_v2(w=1, smoothl1) on the fusion heatmaps and AWingLoss on the point and edge maps; Adam
+  (lr 1e-3); EMA decay 0.5 ** (128 / 10000) over parameters and floating-point buffers (integer
+  buffers copied). The labels are moved to float tensors once, outside the timing, as the batch is.
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  build, loss_pkg = _official_modules(path)
+  torch.manual_seed(0)
+  net = build().float().train()
+  net_ema = build().float().eval()
+  net_ema.load_state_dict(net.state_dict())
+  criterions = []
+  for _ in range(nstack):
+    criterions += [loss_pkg.STARLoss_v2(dist='smoothl1', w=1), loss_pkg.AWingLoss(), loss_pkg.AWingLoss()]
+  weights = [2.0 ** i / 2.0 ** (nstack - 1) * w for i in range(nstack) for w in (1.0, 10.0, 10.0)]
+  optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+  decay = 0.5 ** (128 / 10000.0)
+  # Official input: (pixel - 127.5) / 127.5, NCHW. Labels NCHW, one list entry per output.
+  image = torch.from_numpy((batch_np['image'].astype(np.float32) - 127.5) / 127.5).permute(0, 3, 1, 2)
+  image = image.contiguous()
+  per_stack = [torch.from_numpy(batch_np['landmarks']),
+               torch.from_numpy(batch_np['pointmaps']).permute(0, 3, 1, 2).contiguous(),
+               torch.from_numpy(batch_np['edgemaps']).permute(0, 3, 1, 2).contiguous()]
+  labels = nstack * per_stack
+  ema_params = dict(net_ema.named_parameters())
+  ema_buffers = dict(net_ema.named_buffers())
+
+  def run_one_step(anomaly: bool) -> float:
+    with torch.autograd.set_detect_anomaly(anomaly):
+      output, fusion_maps, _ = net(image)
+      total = 0.0
+      for k, criterion in enumerate(criterions):
+        # The official compute_loss: STAR sees the stack's fusion heatmaps, AWing the maps in `output`.
+        pred = fusion_maps[k // 3] if k % 3 == 0 else output[k]
+        loss = criterion(pred, labels[k])
+        total = total + weights[k] * loss
+        float(loss.detach())          # the official logs every term with .item() each step
+      optimizer.zero_grad()
+      total.backward()
+      optimizer.step()
+    with torch.no_grad():             # the official accumulate_net(net_ema, net, decay)
+      for key, p in net.named_parameters():
+        ema_params[key].mul_(decay).add_(p, alpha=1 - decay)
+      for key, b in net.named_buffers():
+        if b.is_floating_point():
+          ema_buffers[key].mul_(decay).add_(b, alpha=1 - decay)
+        else:
+          ema_buffers[key].copy_(b)
+    return float(total.detach())
+
+  note = f'torch {torch.__version__}, {torch.get_num_threads()} threads'
+  return run_one_step, note
+
+
+def _timed(fn):
+  t0, c0 = time.perf_counter(), time.process_time()
+  fn()
+  return time.perf_counter() - t0, time.process_time() - c0
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+  """{name: (median wall s, median CPU s)}: one warm-up call each, then `repeats` rounds in which
+  every function runs once in turn (a load change on the shared machine then hits all alike)."""
+  for fn in fns.values():
+    fn()
+  samples = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      samples[name].append(_timed(fn))
+  return {name: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v))
+          for name, v in samples.items()}
+
+
+def _peak(dtype: str) -> float:
+  kind = jax.devices()[0].device_kind
+  for key, peaks in PEAK_FLOPS.items():
+    if key in kind:
+      return peaks[dtype]
+  return float('nan')
+
+
+def run(args):
+  backend = jax.default_backend()
+  cpu = backend == 'cpu'
+  repeats = max(1, min(args.repeats, 3)) if cpu else args.repeats
+  settings = [(8, 'float32')] if cpu else [(32, 'float32'), (32, 'bfloat16')]
+  official = getattr(args, 'official', '')
+  rows = []
+  for batch, dtype in settings:
+    batch_np = synthetic_batch(batch)
+    ours, compile_s, flops = our_step(wflw_config(dtype), batch_np)
+    fns = {'ours': ours}
+    official_note = ''
+    if official and batch == 8:
+      try:
+        step, official_note = official_step(official, batch_np)
+      except ImportError as e:
+        rows.append({'name': 'official PyTorch train step b8 float32', 'value': float('nan'),
+                     'unit': 'images/s', 'notes': f'skipped: {e}'})
+      else:
+        fns['official'] = lambda: step(False)
+        fns['official_anomaly'] = lambda: step(True)
+    times = interleaved(fns, repeats)
+    wall, cpu_s = times['ours']
+    where = f'{backend}, median of {repeats}' + (', in turns with the official' if len(fns) > 1 else '')
+    note = f'{wall:.2f} s/step wall, {cpu_s:.2f} s CPU; compile {compile_s:.0f} s; {flops / 1e9:.0f} GFLOP/step'
+    if not cpu:
+      note += f'; {flops / wall / _peak(dtype):.1%} of peak {dtype} FLOP/s'
+    rows.append({'name': f'train step WFLW 256px b{batch} {dtype}', 'value': batch / wall,
+                 'unit': 'images/s', 'notes': f'{note}; {where}'})
+    if 'official' in times:
+      o_wall, o_cpu = times['official']
+      a_wall, a_cpu = times['official_anomaly']
+      rows.append({'name': f'official PyTorch train step b{batch} float32', 'value': batch / o_wall,
+                   'unit': 'images/s',
+                   'notes': f'{o_wall:.2f} s/step wall, {o_cpu:.2f} s CPU; anomaly detection off; {official_note}'})
+      rows.append({'name': f'official PyTorch train step b{batch}, as shipped', 'value': batch / a_wall,
+                   'unit': 'images/s',
+                   'notes': f'{a_wall:.2f} s/step wall, {a_cpu:.2f} s CPU; autograd anomaly detection on'})
+      rows.append({'name': 'speed-up of our train step over official', 'value': o_wall / wall, 'unit': 'x',
+                   'notes': f'wall time, anomaly detection off (CPU time: {o_cpu / cpu_s:.2f}x; '
+                            f'as shipped: {a_wall / wall:.2f}x); target >= 1.5'})
+  return rows
+
+
+if __name__ == '__main__':  # quick manual run: python -m star_jax.benchmarks.train
+  import types  # pylint: disable=import-outside-toplevel
+  print(run(types.SimpleNamespace(repeats=1, official='')))
