@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
 import sys
 
@@ -30,7 +31,11 @@ def main(argv=None):
 
   import jax  # after argument parsing, so --help is fast
 
-  device = f'{jax.devices()[0].device_kind} x{jax.device_count()} ({platform.machine()}, {jax.default_backend()})'
+  from star_jax import cpu_tuning  # pylint: disable=import-outside-toplevel
+  tuning = 'on' if cpu_tuning.xla_flags() and 'hugetlb' in os.environ.get('GLIBC_TUNABLES', '') else (
+      'partly on' if cpu_tuning.xla_flags() else 'off')
+  device = (f'{jax.devices()[0].device_kind} x{jax.device_count()} ({platform.machine()}, {jax.default_backend()}; '
+            f'star_jax CPU tuning {tuning})')
   rows = []
   for section in (SECTIONS if args.section == 'all' else (args.section,)):
     module = importlib.import_module(f'star_jax.benchmarks.{section}')
@@ -47,4 +52,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  from star_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
+  cpu_tuning.reexec_with_malloc_tuning()   # as the trainer runs (see star_jax/cpu_tuning.py)
   main()

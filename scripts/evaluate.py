@@ -396,4 +396,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+  from star_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
+  cpu_tuning.reexec_with_malloc_tuning()   # huge pages for XLA's buffers (star_jax/cpu_tuning.py)
   sys.exit(main())

@@ -12,6 +12,8 @@ static Python values, so wrap calls in `functools.partial` before `jax.jit`.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -405,16 +407,57 @@ def awing_loss(pred, target, *, omega=14.0, theta=0.5, epsilon=1.0, alpha=2.1, u
   """
   if pred.shape != target.shape:
     raise ValueError(f'awing_loss: pred {pred.shape} and target {target.shape} differ in shape')
-  pred, target = _as_float(pred), jax.lax.stop_gradient(_as_float(target))
-  delta = jnp.abs(pred - target)
+  params = (float(omega), float(theta), float(epsilon), float(alpha), bool(use_weight_map))
+  return _awing_mean(_as_float(pred), jax.lax.stop_gradient(_as_float(target)), params)
+
+
+def _awing_terms(pred, target, params):
+  """(elementwise loss, d loss / d pred) of AWing, both times the weight map when it is on."""
+  omega, theta, epsilon, alpha, use_weight_map = params
+  diff = pred - target
+  delta = jnp.abs(diff)
   power = alpha - target
   ratio = theta / epsilon
-  a = omega / (1 + ratio ** power) * power * ratio ** (power - 1) / epsilon
-  c = theta * a - omega * jnp.log1p(ratio ** power)
-  loss = jnp.where(delta < theta, omega * jnp.log1p((delta / epsilon) ** power), a * delta - c)
+  ratio_power = jnp.exp(power * math.log(ratio))          # ratio ** power
+  # The linear branch's slope A and offset C, exactly as the official formulas.
+  a = omega / (1 + ratio_power) * power * (ratio_power / ratio) / epsilon
+  c = theta * a - omega * jnp.log1p(ratio_power)
+  u = delta / epsilon
+  positive = u > 0
+  safe_u = jnp.where(positive, u, 1.0)
+  p = jnp.where(positive, jnp.exp(power * jnp.log(safe_u)), 0.0)   # (delta / epsilon) ** power
+  near = delta < theta
+  loss = jnp.where(near, omega * jnp.log1p(p), a * delta - c)
+  # d/d delta of omega * log1p(u ** power) = omega * power * u ** (power - 1) / (1 + u ** power) / eps,
+  # with u ** (power - 1) = p / u; 0 at u = 0 (power > 1 for targets in [0, 1], as autograd gives).
+  slope = jnp.where(near, omega * power * p / (safe_u * (1 + p)) / epsilon, a)
+  grad = jnp.sign(diff) * slope
   if use_weight_map:
-    loss = loss * awing_weight_map(target)
-  return loss.mean()
+    weight = awing_weight_map(target)
+    loss, grad = loss * weight, grad * weight
+  return loss, grad
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _awing_mean(pred, target, params):
+  return _awing_terms(pred, target, params)[0].mean()
+
+
+def _awing_mean_fwd(pred, target, params):
+  # One pass computes the loss and its gradient: the power (an exp and a log per element) is
+  # evaluated once, where autodiff of the formula evaluated it again for the derivative and kept
+  # several full-size intermediates (the AWing terms were ~10% of a CPU training step).
+  loss, grad = _awing_terms(pred, target, params)
+  return loss.mean(), (grad / loss.size, target)
+
+
+def _awing_mean_bwd(params, residuals, g):
+  del params
+  grad, target = residuals
+  return (g * grad).astype(grad.dtype), jnp.zeros_like(target)
+
+
+_awing_mean.defvjp(_awing_mean_fwd, _awing_mean_bwd)
 
 
 def smooth_l1_loss(pred, target, scale=SMOOTH_L1_SCALE):

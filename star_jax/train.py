@@ -47,4 +47,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from star_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
+  cpu_tuning.reexec_with_malloc_tuning()   # huge pages for XLA's per-step buffers (CPU ~20% faster)
   app.run(main)

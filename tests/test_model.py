@@ -208,3 +208,67 @@ def test_jit_gradients_are_finite():
   assert float(jnp.abs(grads['stem']['conv']['kernel'][...]).max()) > 0
   # BatchNorm statistics moved during the train-mode call.
   assert float(jnp.abs(model.stem.bn.mean[...]).max()) > 0
+
+
+# --- Hand-written gradients (layers.py) against JAX's autodiff of the plain formulas ---------------
+
+def _plain_batch_norm(x, scale, bias, eps, relu):
+  mean = x.mean((0, 1, 2))
+  var = jnp.square(x - mean).mean((0, 1, 2))
+  y = (x - mean) / jnp.sqrt(var + eps) * scale + bias
+  return (jax.nn.relu(y) if relu else y), mean, var
+
+
+@pytest.mark.parametrize('relu', [False, True])
+def test_batch_norm_custom_gradient_matches_autodiff(relu):
+  from star_jax.models.layers import _batch_norm_train  # pylint: disable=import-outside-toplevel
+  with jax.enable_x64(True):
+    keys = jax.random.split(jax.random.key(1), 6)
+    x = jax.random.normal(keys[0], (3, 5, 4, 6), jnp.float64) * 2 + 0.5
+    scale = jax.random.normal(keys[1], (6,), jnp.float64)
+    bias = jax.random.normal(keys[2], (6,), jnp.float64)
+    # Cotangents on all three outputs: the running statistics use mean and var, a loss might too.
+    cts = (jax.random.normal(keys[3], x.shape, jnp.float64),
+           jax.random.normal(keys[4], (6,), jnp.float64), jax.random.normal(keys[5], (6,), jnp.float64))
+    ours, vjp_ours = jax.vjp(lambda *a: _batch_norm_train(*a, 1e-5, relu), x, scale, bias)
+    ref, vjp_ref = jax.vjp(lambda *a: _plain_batch_norm(*a, 1e-5, relu), x, scale, bias)
+    for a, b in zip(ours, ref):
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(vjp_ours(cts), vjp_ref(cts)):
+      np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_batch_norm_module_gradient_float32():
+  bn = BatchNorm(4)
+  bn.scale[...] = jnp.array([1.0, -0.5, 2.0, 0.3])
+  x = jax.random.normal(jax.random.key(2), (2, 3, 3, 4)) * 3 + 1
+  w = jax.random.normal(jax.random.key(3), x.shape)
+  ours = nnx.grad(lambda m, v: jnp.sum(m(v, relu=True) * w), argnums=1)(bn, x)
+  ref = jax.grad(lambda v: jnp.sum(_plain_batch_norm(v, bn.scale[...], bn.bias[...], 1e-5, True)[0] * w))(x)
+  np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_max_pool_gradient_goes_to_first_maximum_like_pytorch():
+  x = jnp.array([[1.0, 3.0], [3.0, 0.0]]).reshape(1, 2, 2, 1)   # a tie: positions (0, 1) and (1, 0)
+  g = jax.grad(lambda v: max_pool_2x2(v).sum())(x)
+  np.testing.assert_array_equal(g[0, :, :, 0], [[0, 1], [0, 0]])  # PyTorch: first in row-major order
+  # Without ties it equals autodiff of the plain max, on an odd-sized map (last row / column dropped).
+  x = jax.random.normal(jax.random.key(4), (2, 7, 5, 3))
+  w = jax.random.normal(jax.random.key(5), (2, 3, 2, 3))
+  plain = lambda v: v[:, :6, :4].reshape(2, 3, 2, 2, 2, 3).max(axis=(2, 4))
+  np.testing.assert_array_equal(max_pool_2x2(x), plain(x))
+  np.testing.assert_allclose(jax.grad(lambda v: jnp.sum(max_pool_2x2(v) * w))(x),
+                             jax.grad(lambda v: jnp.sum(plain(v) * w))(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_matmul_weight_gradient_convolution_matches_autodiff(stride):
+  from star_jax.models.layers import _conv, conv_matmul_weight_grad  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.key(6), (2, 9, 8, 5))
+  kernel = jax.random.normal(jax.random.key(7), (3, 3, 5, 4))
+  y, vjp = jax.vjp(lambda a, k: conv_matmul_weight_grad(a, k, stride), x, kernel)
+  y_ref, vjp_ref = jax.vjp(lambda a, k: _conv(a, k, stride), x, kernel)
+  np.testing.assert_array_equal(y, y_ref)
+  ct = jax.random.normal(jax.random.key(8), y.shape)
+  for a, b in zip(vjp(ct), vjp_ref(ct)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -7,16 +7,20 @@ the official per-GPU batch 32 (global batch 128 over 4 GPUs) in float32 and bflo
 the GPU's peak FLOP/s (FLOPs counted by XLA's cost analysis of the compiled step).
 
 With `--official PATH` (a checkout of ZhenglinZhou/STAR) and PyTorch importable, the official training
-step runs side by side on the same batch, timed in turns with ours in the same process (the CPU is
-shared with other jobs; turns make a load change hit both alike): the official StackedHGNetV1 (its own
+step runs side by side on the same batch in a child process, timed in turns with ours (blocks of
+BLOCK consecutive steps, the first of each not counted; turns make a load change on a shared machine
+hit both alike), as the official code ships (XLA flags and huge-page malloc of star_jax/cpu_tuning.py
+are ours only): the official StackedHGNetV1 (its own
 initialisation) in train mode, STARLoss_v2 on each stack's fusion heatmaps and AWingLoss on its point
 and edge maps (classes loaded from PATH/lib/loss), weighted as the official config, `zero_grad`,
 `backward`, Adam, then the EMA update of a second network. Timed with autograd anomaly detection off,
 and as the official code ships it (anomaly detection on: `set_detect_anomaly(True)` in
 `set_environment` and `detect_anomaly()` around `backward`).
 
-Rows give images/s by wall time; the notes add seconds per step and this process's CPU seconds per
-step (all threads), which is less sensitive to other jobs than wall time.
+Rows give images/s by wall time; the notes add seconds per step and each process's CPU seconds per
+step (all threads), which is less sensitive to other jobs than wall time. Our step runs with
+star_jax's CPU tuning (star_jax/cpu_tuning.py) as the trainer does; STAR_JAX_CPU_TUNING=0 times it
+with XLA's and glibc's defaults.
 
   python scripts/benchmark.py train [--official /tmp/star_ref] [--repeats 3]
 
@@ -33,12 +37,13 @@ import time
 import jax
 import numpy as np
 
-from star_jax import config_lib, layouts, train_steps
+from star_jax import config_lib, cpu_tuning, layouts, train_steps
 from star_jax.data import targets
 
 LAYOUT = layouts.WFLW
 _CONFIGS = pathlib.Path(__file__).resolve().parents[2] / 'configs'
 IMAGE, MAPS, SIGMA = 256, 64, 1.5
+BLOCK = 3   # consecutive steps per turn (the first is not counted), see interleaved()
 # Dense peak FLOP/s per device kind (matrix units, no sparsity), for the share of peak on a GPU.
 # float32 matmuls and convolutions run as TF32 on these GPUs under JAX's default precision.
 PEAK_FLOPS = {
@@ -177,23 +182,98 @@ def official_step(path: str, batch_np: dict, nstack: int = 4):
   return run_one_step, note
 
 
-def _timed(fn):
+def _timed(fn) -> tuple[float, float]:
+  """(wall s, this process's CPU s) of one call of `fn`."""
   t0, c0 = time.perf_counter(), time.process_time()
   fn()
   return time.perf_counter() - t0, time.process_time() - c0
 
 
-def interleaved(fns: dict, repeats: int) -> dict:
-  """{name: (median wall s, median CPU s)}: one warm-up call each, then `repeats` rounds in which
-  every function runs once in turn (a load change on the shared machine then hits all alike)."""
-  for fn in fns.values():
-    fn()
+def interleaved(fns: dict, repeats: int, block: int = 3) -> dict:
+  """{name: (median wall s, median CPU s)} of functions that each time one call of themselves and
+  return (wall s, CPU s).
+
+  `repeats` rounds; in each, every function runs `block` times in a row and all but the first call
+  of its block are kept. Rounds in turn make a load change on a shared machine hit all alike; blocks
+  measure each side as training runs it, step after step: the first step after the other process's
+  step pays for the memory that process left fragmented (with transparent huge pages the kernel
+  compacts memory in the page-fault path; measured: 14 s instead of 5.6 s for ours, 8.7 s instead
+  of 6.2 s for the official step when single steps alternate).
+  """
   samples = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
-      samples[name].append(_timed(fn))
+      for i in range(max(block, 2)):
+        sample = fn()
+        if i:
+          samples[name].append(sample)
   return {name: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v))
           for name, v in samples.items()}
+
+
+class OfficialWorker:
+  """The official step in a child process (same Python), driven one step at a time.
+
+  A separate process, not the same one: sharing a process with PyTorch slows our step down by
+  half on this machine (XLA maps and faults in a fresh ~6 GB scratch buffer at every execution,
+  and after PyTorch's step those page faults cost several times more), and the two frameworks'
+  thread pools would share one heap. Each process reports its own wall and CPU time per step.
+  """
+
+  def __init__(self, path: str, batch: int):
+    import subprocess  # pylint: disable=import-outside-toplevel
+    import tempfile  # pylint: disable=import-outside-toplevel
+    self._stderr = tempfile.TemporaryFile(mode='w+')
+    self._proc = subprocess.Popen(
+        [sys.executable, '-m', 'star_jax.benchmarks.train', '--official-worker', path, str(batch)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+        env=cpu_tuning.untuned_environment())   # the official code runs as shipped
+    self.note = self._reply('ready')
+
+  def _reply(self, expected: str) -> str:
+    line = self._proc.stdout.readline().strip()
+    if not line.startswith(expected + ' '):
+      self._stderr.seek(0)
+      tail = (line + ' ' + self._stderr.read()[-2000:]).strip()
+      self.close()
+      raise RuntimeError(f'official worker failed: {tail}')
+    return line[len(expected) + 1:]
+
+  def step(self, anomaly: bool) -> tuple[float, float]:
+    """Runs one official step; returns its (wall s, CPU s) as the worker measured them."""
+    self._proc.stdin.write(f'step {int(anomaly)}\n')
+    self._proc.stdin.flush()
+    wall, cpu, _ = self._reply('done').split()
+    return float(wall), float(cpu)
+
+  def close(self):
+    if self._proc.poll() is None:
+      try:
+        self._proc.stdin.write('quit\n')
+        self._proc.stdin.flush()
+        self._proc.wait(timeout=60)
+      except (OSError, ValueError):
+        self._proc.kill()
+    self._stderr.close()
+
+
+def _worker_main(path: str, batch: int):
+  """The child side of OfficialWorker: 'ready NOTE', then 'done WALL CPU LOSS' per 'step A' line."""
+  import warnings  # pylint: disable=import-outside-toplevel
+  warnings.simplefilter('ignore')
+  try:
+    step, note = official_step(path, synthetic_batch(batch))
+  except Exception as e:  # pylint: disable=broad-except
+    print(f'error {type(e).__name__}: {e}', flush=True)
+    return
+  print(f'ready {note}', flush=True)
+  for line in sys.stdin:
+    command = line.split()
+    if not command or command[0] == 'quit':
+      break
+    t0, c0 = time.perf_counter(), time.process_time()
+    loss = step(bool(int(command[1])))
+    print(f'done {time.perf_counter() - t0} {time.process_time() - c0} {loss}', flush=True)
 
 
 def _peak(dtype: str) -> float:
@@ -214,31 +294,37 @@ def run(args):
   for batch, dtype in settings:
     batch_np = synthetic_batch(batch)
     ours, compile_s, flops = our_step(wflw_config(dtype), batch_np)
-    fns = {'ours': ours}
-    official_note = ''
+    fns = {'ours': lambda ours=ours: _timed(ours)}
+    worker = None
     if official and batch == 8:
       try:
-        step, official_note = official_step(official, batch_np)
-      except ImportError as e:
+        worker = OfficialWorker(official, batch)
+      except RuntimeError as e:
         rows.append({'name': 'official PyTorch train step b8 float32', 'value': float('nan'),
                      'unit': 'images/s', 'notes': f'skipped: {e}'})
       else:
-        fns['official'] = lambda: step(False)
-        fns['official_anomaly'] = lambda: step(True)
-    times = interleaved(fns, repeats)
+        fns['official'] = lambda: worker.step(False)
+        fns['official_anomaly'] = lambda: worker.step(True)
+    try:
+      times = interleaved(fns, repeats, BLOCK)
+    finally:
+      if worker is not None:
+        worker.close()
     wall, cpu_s = times['ours']
-    where = f'{backend}, median of {repeats}' + (', in turns with the official' if len(fns) > 1 else '')
+    where = (f'{backend}, median of {repeats} x {BLOCK - 1} steps' +
+             (f', in blocks of {BLOCK} in turns with the official' if worker else ''))
     note = f'{wall:.2f} s/step wall, {cpu_s:.2f} s CPU; compile {compile_s:.0f} s; {flops / 1e9:.0f} GFLOP/step'
     if not cpu:
       note += f'; {flops / wall / _peak(dtype):.1%} of peak {dtype} FLOP/s'
     rows.append({'name': f'train step WFLW 256px b{batch} {dtype}', 'value': batch / wall,
                  'unit': 'images/s', 'notes': f'{note}; {where}'})
-    if 'official' in times:
+    if worker is not None:
       o_wall, o_cpu = times['official']
       a_wall, a_cpu = times['official_anomaly']
       rows.append({'name': f'official PyTorch train step b{batch} float32', 'value': batch / o_wall,
                    'unit': 'images/s',
-                   'notes': f'{o_wall:.2f} s/step wall, {o_cpu:.2f} s CPU; anomaly detection off; {official_note}'})
+                   'notes': f'{o_wall:.2f} s/step wall, {o_cpu:.2f} s CPU; anomaly detection off; {worker.note}, '
+                            'own process'})
       rows.append({'name': f'official PyTorch train step b{batch}, as shipped', 'value': batch / a_wall,
                    'unit': 'images/s',
                    'notes': f'{a_wall:.2f} s/step wall, {a_cpu:.2f} s CPU; autograd anomaly detection on'})
@@ -248,6 +334,9 @@ def run(args):
   return rows
 
 
-if __name__ == '__main__':  # quick manual run: python -m star_jax.benchmarks.train
-  import types  # pylint: disable=import-outside-toplevel
-  print(run(types.SimpleNamespace(repeats=1, official='')))
+if __name__ == '__main__':
+  if len(sys.argv) == 4 and sys.argv[1] == '--official-worker':
+    _worker_main(sys.argv[2], int(sys.argv[3]))
+  else:  # quick manual run: python -m star_jax.benchmarks.train
+    import types  # pylint: disable=import-outside-toplevel
+    print(run(types.SimpleNamespace(repeats=1, official='')))

@@ -12,6 +12,7 @@ float32.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -68,12 +69,88 @@ class Conv2d(nnx.Module):
       # ~2x and the weight gradient ~6x faster than conv_general_dilated (or a 4-D einsum).
       b, h, w, c = x.shape
       y = (x.reshape(b * h * w, c) @ kernel[0, 0]).reshape(b, h, w, self.out_features)
+    elif matmul_weight_gradients(x.shape, self.stride):
+      y = conv_matmul_weight_grad(x, kernel, self.stride)
     else:
-      pad = (self.kernel_size - 1) // 2
-      y = jax.lax.conv_general_dilated(
-          x, kernel, window_strides=(self.stride, self.stride), padding=((pad, pad), (pad, pad)),
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      y = _conv(x, kernel, self.stride)
     return y + self.bias[...].astype(self.dtype)
+
+
+def matmul_weight_gradients(x_shape: tuple[int, ...], stride: int) -> bool:
+  """Whether a k x k convolution of an input of `x_shape` (B, H, W, I) takes its weight gradient as
+  matmuls (`conv_matmul_weight_grad`) instead of XLA's convolution.
+
+  Decided at trace time. Only on XLA:CPU (GPUs keep cuDNN's convolutions), and only where it was
+  measured to pay (2-core Xeon, batch 8): wide inputs (I >= 128) on maps of at least 32 x 32 output
+  pixels, e.g. the hourglass 3 x 3 convolutions at 64 x 64 and 32 x 32. Against YNNPACK's convolutions
+  (jaxlib 0.10's default) the weight gradient alone was 1.6x faster; against XLA's Eigen convolutions
+  (star_jax/cpu_tuning.py) alone it is slower, yet the whole WFLW training step measured 5.5 s with it
+  and 5.6-5.9 s without (less scratch memory to fault in). Narrower inputs (the 64-channel 3 x 3
+  convolutions, the 6-channel stem) and small maps stay XLA's convolution.
+  """
+  _, h, w, cin = x_shape
+  return jax.default_backend() == 'cpu' and cin >= 128 and (h // stride) * (w // stride) >= 1024
+
+
+def _conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """(B, H, W, I) x (k, k, I, O) -> (B, H', W', O), zero padding (k - 1) // 2 (PyTorch's)."""
+  pad = (kernel.shape[0] - 1) // 2
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_mm(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  return _conv(x, kernel, stride)
+
+
+def _conv_mm_fwd(x, kernel, stride):
+  return _conv(x, kernel, stride), (x, kernel)
+
+
+def _conv_mm_bwd(stride, residuals, dy):
+  x, kernel = residuals
+  k, _, cin, cout = kernel.shape
+  b, h, w, _ = dy.shape
+  # Input gradient: XLA's own transposed convolution (as fast on CPU as the forward pass).
+  _, conv_vjp = jax.vjp(lambda v: _conv(v, kernel, stride), x)
+  (dx,) = conv_vjp(dy)
+  # Weight gradient: dW[i, j] = tap_ij^T @ dy, one matmul per kernel tap (i, j) contracting over all
+  # B * H' * W' output pixels; tap_ij[b, y, x] = padded_x[b, stride * y + i, stride * x + j]. A loop
+  # over the taps, so that only one tap (a shifted copy of x) is alive at a time: unrolled, XLA
+  # materialised all k * k of them at once (+1.6 GB of scratch memory per training step).
+  pad = (k - 1) // 2
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  rows = dy.reshape(b * h * w, cout)
+  window = (b, stride * (h - 1) + 1, stride * (w - 1) + 1, cin)
+
+  def tap_grad(_, offset):
+    tap = jax.lax.dynamic_slice(xp, (0, offset[0], offset[1], 0), window)[:, ::stride, ::stride]
+    return None, jax.lax.dot_general(tap.reshape(b * h * w, cin), rows, (((0,), (0,)), ((), ())),
+                                     preferred_element_type=stat_dtype(dy.dtype))
+
+  offsets = jnp.asarray([(i, j) for i in range(k) for j in range(k)], jnp.int32)
+  _, dk = jax.lax.scan(tap_grad, None, offsets)
+  dk = dk.reshape(k, k, cin, cout)
+  return dx, dk.astype(kernel.dtype)
+
+
+_conv_mm.defvjp(_conv_mm_fwd, _conv_mm_bwd)
+
+
+def conv_matmul_weight_grad(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+  """The convolution of `_conv` (same forward values), whose weight gradient is computed as matmuls.
+
+  XLA:CPU's weight gradient of a k x k convolution (a convolution over the batch and pixel axes) runs
+  at a fraction of its matmul speed and needs transposed copies of both operands; as one
+  (I, B H' W') @ (B H' W', O) matmul per kernel tap it is up to 1.6x faster for wide inputs (see
+  `matmul_weight_gradients`; the 3 x 3 convolutions' weight gradients were the largest single cost of
+  a CPU training step). Forward values and the input gradient are XLA's convolution, unchanged.
+  x (B, H, W, I), kernel (k, k, I, O), k odd; the weight gradient is accumulated in (at least)
+  float32.
+  """
+  return _conv_mm(x, kernel, stride)
 
 
 class BatchNorm(nnx.Module):
@@ -99,29 +176,87 @@ class BatchNorm(nnx.Module):
     self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
     self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    axes = tuple(range(x.ndim - 1))
+  def __call__(self, x: jax.Array, *, relu: bool = False) -> jax.Array:
+    """x (..., C) -> normalised x in x's dtype; `relu=True` applies a ReLU too (fused, see below)."""
     if self.use_running_average:
-      mean, var = self.mean[...], self.var[...]
-    else:
-      xf = x.astype(stat_dtype(x.dtype))
-      mean = xf.mean(axes)
-      # Two-pass variance: E[(x - mean)^2] is as accurate as PyTorch's, E[x^2] - mean^2 is not.
-      var = jnp.square(xf - mean).mean(axes)
-      n = math.prod(x.shape[:-1])
-      unbiased = var * (n / max(n - 1, 1))
-      m = self.momentum
-      self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean)
-      self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1 - m) * unbiased)
-    # Fold the affine transform into one scale and shift: a single fused multiply-add over x.
-    mul = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
-    add = self.bias[...] - mean * mul
-    return (x * mul.astype(x.dtype) + add.astype(x.dtype)).astype(x.dtype)
+      y = _normalize(x, self.scale[...], self.bias[...], self.mean[...], self.var[...], self.epsilon)
+      return jax.nn.relu(y) if relu else y
+    y, mean, var = _batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon, relu)
+    n = math.prod(x.shape[:-1])
+    unbiased = var * (n / max(n - 1, 1))
+    m = self.momentum
+    self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean)
+    self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1 - m) * unbiased)
+    return y
 
   def set_view(self, use_running_average: bool | None = None):
     """Lets `nnx.view(model, use_running_average=...)` switch the mode, as for nnx.BatchNorm."""
     if use_running_average is not None:
       self.use_running_average = use_running_average
+
+
+def _normalize(x, scale, bias, mean, var, epsilon):
+  """scale * (x - mean) / sqrt(var + eps) + bias, folded into one multiply-add over x, in x's dtype."""
+  mul = scale * jax.lax.rsqrt(var + epsilon)
+  add = bias - mean * mul
+  return (x * mul.astype(x.dtype) + add.astype(x.dtype)).astype(x.dtype)
+
+
+def _batch_stats(x):
+  """Per-channel mean and biased variance of x (..., C), in (at least) float32."""
+  axes = tuple(range(x.ndim - 1))
+  xf = x.astype(stat_dtype(x.dtype))
+  mean = xf.mean(axes)
+  # Two-pass variance: E[(x - mean)^2] is as accurate as PyTorch's, E[x^2] - mean^2 is not.
+  return mean, jnp.square(xf - mean).mean(axes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm_train(x, scale, bias, epsilon: float, relu: bool):
+  """Training-mode BatchNorm (+ ReLU when `relu`): returns (y, batch mean, biased batch variance).
+
+  Differentiable in x, scale and bias through all three outputs. The custom VJP is the textbook
+  BatchNorm gradient: it saves only x and per-channel statistics (plus y with the ReLU, which the
+  next convolution keeps anyway), where autodiff also kept x - mean and the ReLU mask, about 40% more
+  activation memory in a residual block; and it takes two passes over the maps (the two channel sums,
+  then dx) instead of autodiff's several.
+  """
+  return _batch_norm_train_fwd(x, scale, bias, epsilon, relu)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon, relu):
+  mean, var = _batch_stats(x)
+  y = _normalize(x, scale, bias, mean, var, epsilon)
+  if relu:
+    y = jax.nn.relu(y)
+  inv_std = jax.lax.rsqrt(var + epsilon)
+  return (y, mean, var), (x, scale, mean, inv_std, y if relu else None)
+
+
+def _batch_norm_train_bwd(epsilon, relu, residuals, cotangents):
+  del epsilon
+  x, scale, mean, inv_std, y = residuals
+  g, g_mean, g_var = cotangents
+  if relu:
+    g = jnp.where(y > 0, g, jnp.zeros_like(g))
+  axes = tuple(range(x.ndim - 1))
+  n = math.prod(x.shape[:-1])
+  stat = stat_dtype(x.dtype)
+  gf, xc = g.astype(stat), x.astype(stat) - mean
+  sum_g = gf.sum(axes)
+  sum_gx = (gf * xc).sum(axes)
+  # With xhat = xc * inv_std and y = scale * xhat + bias:
+  #   dx = scale * inv_std * (g - sum_g / n - xhat * sum(g * xhat) / n)
+  # plus the direct paths through the returned statistics, d mean / dx = 1 / n and
+  # d var / dx = 2 xc / n, so dx = a * g + b * xc + c with per-channel a, b, c.
+  a = scale * inv_std
+  b = (2.0 * g_var - a * inv_std * inv_std * sum_gx) / n
+  c = (g_mean - a * sum_g) / n
+  dx = (a * gf + b * xc + c).astype(x.dtype)
+  return dx, (sum_gx * inv_std).astype(scale.dtype), sum_g.astype(scale.dtype)
+
+
+_batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 class ResBlock(nnx.Module):
@@ -147,9 +282,9 @@ class ResBlock(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
     residual = self.skip(x) if self.skip is not None else x
-    out = self.conv1(jax.nn.relu(self.bn1(x)))
-    out = self.conv2(jax.nn.relu(self.bn2(out)))
-    out = self.conv3(jax.nn.relu(self.bn3(out)))
+    out = self.conv1(self.bn1(x, relu=True))
+    out = self.conv2(self.bn2(out, relu=True))
+    out = self.conv3(self.bn3(out, relu=True))
     return out + residual
 
 
@@ -187,10 +322,46 @@ def add_coords(x: jax.Array, boundary_map: jax.Array | None = None) -> jax.Array
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 max-pool with stride 2 on (B, H, W, C); odd trailing rows / columns are dropped (floor)."""
+  """2x2 max-pool with stride 2 on (B, H, W, C); odd trailing rows / columns are dropped (floor).
+
+  The gradient goes to the first maximum of each window in row-major order, as PyTorch's
+  max_pool2d routes it (JAX's own max gradient splits it among ties).
+  """
   b, h, w, c = x.shape
   x = x[:, :h // 2 * 2, :w // 2 * 2]
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  return _max_pool_windows(x.reshape(b, h // 2, 2, w // 2, 2, c))
+
+
+@jax.custom_vjp
+def _max_pool_windows(windows: jax.Array) -> jax.Array:
+  """(B, H', 2, W', 2, C) -> (B, H', W', C), the max of each 2 x 2 window."""
+  return windows.max(axis=(2, 4))
+
+
+def _max_pool_windows_fwd(windows):
+  y = windows.max(axis=(2, 4))
+  return y, (windows, y)
+
+
+def _max_pool_windows_bwd(residuals, g):
+  # One elementwise pass: each window position takes g if it holds the max and no earlier position
+  # did (NaN counts as the max, as in PyTorch). Autodiff of `max` took several full-size passes
+  # (equality mask, tie counts, division): ~8x slower on XLA:CPU.
+  windows, y = residuals
+  taken = jnp.zeros(y.shape, bool)
+  rows = []
+  for i in range(2):
+    cols = []
+    for j in range(2):
+      v = windows[:, :, i, :, j]
+      hit = ((v == y) | jnp.isnan(v)) & ~taken
+      taken = taken | hit
+      cols.append(jnp.where(hit, g, jnp.zeros_like(g)))
+    rows.append(jnp.stack(cols, axis=3))
+  return (jnp.stack(rows, axis=2),)
+
+
+_max_pool_windows.defvjp(_max_pool_windows_fwd, _max_pool_windows_bwd)
 
 
 def upsample_nearest_2x(x: jax.Array) -> jax.Array:

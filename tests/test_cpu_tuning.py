@@ -1,0 +1,65 @@
+"""star_jax/cpu_tuning.py: the XLA flags and the malloc re-exec do what they say, and can be turned off."""
+
+import os
+import subprocess
+import sys
+
+from star_jax import cpu_tuning
+
+_PRINT_TUNABLES = ('from star_jax import cpu_tuning; cpu_tuning.reexec_with_malloc_tuning(); import os, sys; '
+                   'print(repr(os.environ.get("GLIBC_TUNABLES")), repr(os.environ.get("{orig}")), sys.argv[1:])')
+
+
+def _run(code, env_update, *args):
+  env = dict(os.environ)
+  env.pop('GLIBC_TUNABLES', None)
+  env.pop(cpu_tuning.ORIGINAL_TUNABLES_ENV, None)
+  env.update(env_update)
+  out = subprocess.run([sys.executable, '-c', code.format(orig=cpu_tuning.ORIGINAL_TUNABLES_ENV), *args],
+                       env=env, capture_output=True, text=True, check=True, timeout=120)
+  return out.stdout.strip()
+
+
+def test_xla_flags_keep_the_users_own(monkeypatch):
+  monkeypatch.setenv('STAR_JAX_CPU_TUNING', '1')
+  monkeypatch.setattr(cpu_tuning, '_jaxlib_version', lambda: '0.10.2')
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=4 '
+                     '--xla_cpu_experimental_onednn_fusion_type=eltwise')
+  cpu_tuning.apply_xla_flags()
+  flags = os.environ['XLA_FLAGS'].split()
+  assert flags[:2] == ['--xla_force_host_platform_device_count=4', '--xla_cpu_experimental_onednn_fusion_type=eltwise']
+  assert '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot' in flags
+  assert len(flags) == 3   # the user's oneDNN choice wins, nothing is repeated
+  cpu_tuning.apply_xla_flags()
+  assert os.environ['XLA_FLAGS'].split() == flags
+
+
+def test_xla_flags_only_for_tested_jaxlib_and_when_enabled(monkeypatch):
+  monkeypatch.setattr(cpu_tuning, '_jaxlib_version', lambda: '0.11.0')
+  assert cpu_tuning.xla_flags() == ()
+  monkeypatch.setattr(cpu_tuning, '_jaxlib_version', lambda: '0.10.2')
+  monkeypatch.setenv('STAR_JAX_CPU_TUNING', '0')
+  assert cpu_tuning.xla_flags() == ()
+  monkeypatch.setenv('STAR_JAX_CPU_TUNING', '1')
+  assert len(cpu_tuning.xla_flags()) == 2
+
+
+def test_reexec_sets_huge_pages_once_and_keeps_arguments():
+  out = _run(_PRINT_TUNABLES, {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, 'a b', '--x=1')
+  if not cpu_tuning._glibc_supports_hugetlb():  # pylint: disable=protected-access
+    assert out == "'glibc.malloc.arena_max=2' None ['a b', '--x=1']"
+    return
+  assert out == "'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1' 'glibc.malloc.arena_max=2' ['a b', '--x=1']"
+
+
+def test_reexec_off():
+  assert _run(_PRINT_TUNABLES, {'STAR_JAX_CPU_TUNING': '0'}) == 'None None []'
+
+
+def test_untuned_environment_restores_the_callers(monkeypatch):
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=1')
+  monkeypatch.setenv(cpu_tuning.ORIGINAL_TUNABLES_ENV, '')
+  env = cpu_tuning.untuned_environment()
+  assert 'GLIBC_TUNABLES' not in env and cpu_tuning.ORIGINAL_TUNABLES_ENV not in env
+  monkeypatch.setenv(cpu_tuning.ORIGINAL_TUNABLES_ENV, 'glibc.malloc.arena_max=2')
+  assert cpu_tuning.untuned_environment()['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2'
