@@ -30,8 +30,8 @@ def tfds_dir(tmp_path_factory):
   return data_dir
 
 
-def _env(devices: int = 1) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+def _env(devices: int = 1, **extra) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', **extra)
   # Runs of one shape share compiled programs (the train step takes most of a tiny run to compile).
   env.update(JAX_COMPILATION_CACHE_DIR=str(CACHE), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
@@ -44,8 +44,8 @@ def _cmd(workdir, tfds_dir, *extra):
           f'--config.data.data_dir={tfds_dir}', '--config.progress=False', *extra]
 
 
-def _train(workdir, tfds_dir, *extra, devices=1):
-  proc = subprocess.run(_cmd(workdir, tfds_dir, *extra), env=_env(devices), cwd=REPO, capture_output=True,
+def _train(workdir, tfds_dir, *extra, devices=1, env=None):
+  proc = subprocess.run(_cmd(workdir, tfds_dir, *extra), env=_env(devices, **(env or {})), cwd=REPO, capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc
@@ -166,14 +166,21 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one_process(tfds_dir, tmp_path):
+  # XLA's default CPU kernels (STAR_JAX_CPU_TUNING=0) on both sides. With star_jax's flags the
+  # convolutions are Eigen's, whose summation order depends on the threads per process (1 x 4 devices
+  # vs 2 x 2 devices): measured, the loss still agrees to 1e-4 but this badly conditioned tiny net
+  # amplifies that round-off to 5% in one step's gradient norm. This test is about the collectives
+  # and the global-batch BatchNorm, not the kernels (test_one_device_and_four_devices_agree runs tuned).
+  untuned = {'STAR_JAX_CPU_TUNING': '0'}
   single, multi = tmp_path / 'single', tmp_path / 'multi'
-  _train(single, tfds_dir, '--config.total_steps=3', '--config.lr=0', '--config.model.add_coord=False', devices=4)
+  _train(single, tfds_dir, '--config.total_steps=3', '--config.lr=0', '--config.model.add_coord=False', devices=4,
+         env=untuned)
   port = _free_port()
   procs = [
       subprocess.Popen(
           _cmd(multi, tfds_dir, '--config.total_steps=3', '--config.lr=0', '--config.model.add_coord=False', f'--coordinator=127.0.0.1:{port}', '--num_processes=2',
                f'--process_id={i}', '--cpu_collectives=gloo'),
-          env=_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          env=_env(2, **untuned), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)
   ]
   errs = [p.communicate(timeout=600)[1] for p in procs]
