@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import platform
 import sys
 
@@ -32,10 +31,8 @@ def main(argv=None):
   import jax  # after argument parsing, so --help is fast
 
   from star_jax import cpu_tuning  # pylint: disable=import-outside-toplevel
-  tuning = 'on' if cpu_tuning.xla_flags() and 'hugetlb' in os.environ.get('GLIBC_TUNABLES', '') else (
-      'partly on' if cpu_tuning.xla_flags() else 'off')
   device = (f'{jax.devices()[0].device_kind} x{jax.device_count()} ({platform.machine()}, {jax.default_backend()}; '
-            f'star_jax CPU tuning {tuning})')
+            f'star_jax CPU tuning {cpu_tuning.status()})')
   rows = []
   for section in (SECTIONS if args.section == 'all' else (args.section,)):
     module = importlib.import_module(f'star_jax.benchmarks.{section}')

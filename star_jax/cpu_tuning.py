@@ -74,15 +74,25 @@ def _glibc_supports_hugetlb() -> bool:
     return False
 
 
+def _huge_pages_requested() -> bool:
+  return 'glibc.malloc.hugetlb' in os.environ.get('GLIBC_TUNABLES', '')
+
+
+def status() -> str:
+  """'on', 'partly on' (XLA flags only, or huge pages only) or 'off', for benchmark reports."""
+  parts = (bool(xla_flags()), enabled() and _huge_pages_requested())
+  return 'on' if all(parts) else 'partly on' if any(parts) else 'off'
+
+
 def reexec_with_malloc_tuning():
   """Re-executes this process's command line once with glibc's malloc using transparent huge pages.
 
   Returns without doing anything when tuning is off, the setting is already there, or the C library
   is not glibc >= 2.35. Call it first thing in an entry point, before any work is done.
   """
-  tunables = os.environ.get('GLIBC_TUNABLES', '')
-  if not enabled() or 'glibc.malloc.hugetlb' in tunables or not _glibc_supports_hugetlb():
+  if not enabled() or _huge_pages_requested() or not _glibc_supports_hugetlb():
     return
+  tunables = os.environ.get('GLIBC_TUNABLES', '')
   env = dict(os.environ)
   env[ORIGINAL_TUNABLES_ENV] = tunables
   env['GLIBC_TUNABLES'] = f'{tunables}:{_HUGETLB}' if tunables else _HUGETLB

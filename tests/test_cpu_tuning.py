@@ -63,3 +63,14 @@ def test_untuned_environment_restores_the_callers(monkeypatch):
   assert 'GLIBC_TUNABLES' not in env and cpu_tuning.ORIGINAL_TUNABLES_ENV not in env
   monkeypatch.setenv(cpu_tuning.ORIGINAL_TUNABLES_ENV, 'glibc.malloc.arena_max=2')
   assert cpu_tuning.untuned_environment()['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2'
+
+
+def test_status_reports_what_is_on(monkeypatch):
+  monkeypatch.setattr(cpu_tuning, '_jaxlib_version', lambda: '0.10.2')
+  monkeypatch.setenv('STAR_JAX_CPU_TUNING', '1')
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=1')
+  assert cpu_tuning.status() == 'on'
+  monkeypatch.delenv('GLIBC_TUNABLES')
+  assert cpu_tuning.status() == 'partly on'
+  monkeypatch.setenv('STAR_JAX_CPU_TUNING', '0')
+  assert cpu_tuning.status() == 'off'

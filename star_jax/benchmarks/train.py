@@ -189,7 +189,7 @@ def _timed(fn) -> tuple[float, float]:
   return time.perf_counter() - t0, time.process_time() - c0
 
 
-def interleaved(fns: dict, repeats: int, block: int = 3) -> dict:
+def interleaved(fns: dict, repeats: int, block: int = BLOCK) -> dict:
   """{name: (median wall s, median CPU s)} of functions that each time one call of themselves and
   return (wall s, CPU s).
 
@@ -215,7 +215,7 @@ class OfficialWorker:
   """The official step in a child process (same Python), driven one step at a time.
 
   A separate process, not the same one: sharing a process with PyTorch slows our step down by
-  half on this machine (XLA maps and faults in a fresh ~6 GB scratch buffer at every execution,
+  half on this machine (XLA maps and faults in a fresh ~4.4 GB scratch buffer at every execution,
   and after PyTorch's step those page faults cost several times more), and the two frameworks'
   thread pools would share one heap. Each process reports its own wall and CPU time per step.
   """
@@ -306,7 +306,7 @@ def run(args):
         fns['official'] = lambda: worker.step(False)
         fns['official_anomaly'] = lambda: worker.step(True)
     try:
-      times = interleaved(fns, repeats, BLOCK)
+      times = interleaved(fns, repeats)
     finally:
       if worker is not None:
         worker.close()

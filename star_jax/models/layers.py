@@ -144,9 +144,9 @@ def conv_matmul_weight_grad(x: jax.Array, kernel: jax.Array, stride: int = 1) ->
 
   XLA:CPU's weight gradient of a k x k convolution (a convolution over the batch and pixel axes) runs
   at a fraction of its matmul speed and needs transposed copies of both operands; as one
-  (I, B H' W') @ (B H' W', O) matmul per kernel tap it is up to 1.6x faster for wide inputs (see
-  `matmul_weight_gradients`; the 3 x 3 convolutions' weight gradients were the largest single cost of
-  a CPU training step). Forward values and the input gradient are XLA's convolution, unchanged.
+  (I, B H' W') @ (B H' W', O) matmul per kernel tap it was up to 1.6x faster than YNNPACK's for wide
+  inputs, and with Eigen's convolutions it still saves scratch memory (see `matmul_weight_gradients`).
+  Forward values and the input gradient are XLA's convolution, unchanged.
   x (B, H, W, I), kernel (k, k, I, O), k odd; the weight gradient is accumulated in (at least)
   float32.
   """
@@ -217,9 +217,9 @@ def _batch_norm_train(x, scale, bias, epsilon: float, relu: bool):
 
   Differentiable in x, scale and bias through all three outputs. The custom VJP is the textbook
   BatchNorm gradient: it saves only x and per-channel statistics (plus y with the ReLU, which the
-  next convolution keeps anyway), where autodiff also kept x - mean and the ReLU mask, about 40% more
-  activation memory in a residual block; and it takes two passes over the maps (the two channel sums,
-  then dx) instead of autodiff's several.
+  next convolution keeps anyway), where autodiff also kept x - mean and the ReLU mask: 160 MB instead
+  of 118 MB of saved residuals for BatchNorm + ReLU + 1x1 convolution of a (8, 64, 64, 256) map; and
+  it takes two passes over the maps (the two channel sums, then dx) instead of autodiff's several.
   """
   return _batch_norm_train_fwd(x, scale, bias, epsilon, relu)[0]
 
@@ -346,7 +346,7 @@ def _max_pool_windows_fwd(windows):
 def _max_pool_windows_bwd(residuals, g):
   # One elementwise pass: each window position takes g if it holds the max and no earlier position
   # did (NaN counts as the max, as in PyTorch). Autodiff of `max` took several full-size passes
-  # (equality mask, tie counts, division): ~8x slower on XLA:CPU.
+  # (equality mask, tie counts, division): 25.6 ms vs 9.3 ms for a (8, 64, 64, 256) map on XLA:CPU.
   windows, y = residuals
   taken = jnp.zeros(y.shape, bool)
   rows = []
