@@ -36,7 +36,11 @@ ORIGINAL_TUNABLES_ENV = 'STAR_JAX_ORIGINAL_GLIBC_TUNABLES'
 
 
 def enabled() -> bool:
-  return os.environ.get('STAR_JAX_CPU_TUNING', '1') != '0'
+  """STAR_JAX_CPU_TUNING: '1' (or unset) on, '0' off; anything else is an error, not a guess."""
+  value = os.environ.get('STAR_JAX_CPU_TUNING', '1').strip()
+  if value not in ('0', '1'):
+    raise ValueError(f'environment variable STAR_JAX_CPU_TUNING must be 0 or 1, got {value!r}')
+  return value == '1'
 
 
 def _jaxlib_version() -> str:

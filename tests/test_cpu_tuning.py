@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from star_jax import cpu_tuning
 
 _PRINT_TUNABLES = ('from star_jax import cpu_tuning; cpu_tuning.reexec_with_malloc_tuning(); import os, sys; '
@@ -74,3 +76,9 @@ def test_status_reports_what_is_on(monkeypatch):
   assert cpu_tuning.status() == 'partly on'
   monkeypatch.setenv('STAR_JAX_CPU_TUNING', '0')
   assert cpu_tuning.status() == 'off'
+
+
+def test_bad_switch_value_names_the_variable(monkeypatch):
+  monkeypatch.setenv('STAR_JAX_CPU_TUNING', 'false')
+  with pytest.raises(ValueError, match="STAR_JAX_CPU_TUNING must be 0 or 1, got 'false'"):
+    cpu_tuning.enabled()
