@@ -25,8 +25,12 @@ def main(argv=None):
   parser.add_argument('section', choices=SECTIONS + ('all',))
   parser.add_argument('--json', default='benchmark.json', help='where to write the rows (JSON)')
   parser.add_argument('--official', default='', help='checkout of the official PyTorch STAR code')
-  parser.add_argument('--repeats', type=int, default=10, help='timed repetitions (the median is reported)')
+  parser.add_argument('--repeats', type=int, default=None,
+                      help='timed repetitions, the median is reported (default: 10, or 3 for the '
+                           'full-network sections on a CPU, where one call takes seconds)')
   args = parser.parse_args(argv)
+  if args.repeats is not None and args.repeats < 1:
+    parser.error(f'--repeats must be at least 1, got {args.repeats}')
 
   import jax  # after argument parsing, so --help is fast
 

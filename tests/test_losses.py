@@ -255,11 +255,14 @@ def test_moments_custom_gradient_matches_autodiff_in_float64():
                                atol=1e-10 * np.abs(np.asarray(ref_grad)).max())
 
 
-def test_star_loss_is_accurate_on_sharp_maps():
+@pytest.mark.parametrize('seed, sigma', [(2, (0.03, 0.06)), (1, (0.03, 0.06)), (1, (0.015, 0.03))])
+def test_star_loss_is_accurate_on_sharp_maps(seed, sigma):
   """Sharp maps far from the centre are where float32 cancellation would hurt: compare the float32
-  gradient with a float64 evaluation of the same loss (the official float32 code is ~2e-6 off)."""
-  rng = np.random.default_rng(2)
-  maps, targets = _gaussian_maps(rng, 2, 64, 8, sigma=(0.03, 0.06))
+  gradient with a float64 evaluation of the same loss (the official float32 code is ~2e-6 off).
+  Seed 1 has maps whose float32 gradient was 1.1e-5 / 1.3e-5 off while the cross moment summed rows
+  about fixed centres; centred on each map's mean it is 2.6e-6 / 3.7e-7."""
+  rng = np.random.default_rng(seed)
+  maps, targets = _gaussian_maps(rng, 2, 64, 8, sigma=sigma)
   grad32 = np.asarray(jax.jit(jax.grad(losses.star_loss))(jnp.asarray(maps), jnp.asarray(targets)))
   with jax.enable_x64(True):
     grad64 = np.asarray(jax.jit(jax.grad(losses.star_loss))(jnp.asarray(maps, jnp.float64),

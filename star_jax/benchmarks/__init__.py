@@ -14,3 +14,22 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
     fn()
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
+
+
+# The full-network sections take seconds per call on a CPU: fewer repetitions there by default.
+DEFAULT_REPEATS = 10
+DEFAULT_REPEATS_FULL_NETWORK_CPU = 3
+
+
+def repeats(args, *, full_network: bool = False) -> int:
+  """How many timed repetitions a section runs: `--repeats` when given (at least 1), else
+  DEFAULT_REPEATS, or DEFAULT_REPEATS_FULL_NETWORK_CPU for a full-network section on a CPU."""
+  given = getattr(args, 'repeats', None)
+  if given is not None:
+    if int(given) < 1:
+      raise ValueError(f'--repeats must be at least 1, got {given}')
+    return int(given)
+  import jax  # pylint: disable=import-outside-toplevel
+  if full_network and jax.default_backend() == 'cpu':
+    return DEFAULT_REPEATS_FULL_NETWORK_CPU
+  return DEFAULT_REPEATS

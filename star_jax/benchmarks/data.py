@@ -26,7 +26,7 @@ import types
 import cv2
 import numpy as np
 
-from star_jax import layouts
+from star_jax import benchmarks, layouts
 
 WIDTH, HEIGHT = 1024, 768
 LAYOUT = layouts.WFLW
@@ -236,7 +236,7 @@ def _official_rows(path: str, record: dict, repeats: int, ours_rate: float) -> t
 
 def run(args) -> list[dict]:
   from star_jax import input_pipeline  # pylint: disable=import-outside-toplevel
-  repeats = max(3, int(getattr(args, 'repeats', 10)))
+  repeats = benchmarks.repeats(args)
   record = synthetic_face_record()
   config = _config()
   spec = input_pipeline.ExampleSpec.from_config(config)
@@ -268,7 +268,7 @@ def run(args) -> list[dict]:
     rows.append({'name': f'ours Grain train_dataset ({config.data.get("num_threads", 2)} threads, wall)',
                  'value': rate, 'unit': 'samples/s',
                  'notes': f'batches of {batch}; {cpu_rate:.0f} samples per CPU-second; {os.cpu_count()} '
-                          'CPU cores on this machine (shared)'})
+                          'CPU cores on this machine'})
 
     if getattr(args, 'official', ''):
       official, why = _official_rows(args.official, record, repeats, ours_rate)

@@ -50,8 +50,7 @@ def run(args) -> list[dict]:
   cases = [('float32', 32)] if on_gpu else [('float32', 8)]
   if on_gpu:
     cases.append(('bfloat16', 32))
-  # The full network takes seconds per batch on a CPU: keep CPU repeats small.
-  repeats = max(1, args.repeats if on_gpu else min(args.repeats, 3))
+  repeats = benchmarks.repeats(args, full_network=True)
   for dtype, batch in cases:
     config.model.dtype = dtype
     model = models.create_model(config, nnx.Rngs(0))
@@ -64,7 +63,6 @@ def run(args) -> list[dict]:
           'name': f'eval {what}, WFLW {size}px nstack {config.model.nstack} C{config.model.channels} '
                   f'{dtype} b{batch}',
           'value': batch / seconds, 'unit': 'images/s',
-          'notes': f'median of {repeats}, {seconds:.3f} s/batch on {jax.default_backend()}'
-                   + ('' if on_gpu else '; CPU shared with other processes'),
+          'notes': f'median of {repeats}, {seconds:.3f} s/batch on {jax.default_backend()}',
       })
   return rows

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from star_jax import benchmarks
 from star_jax.benchmarks import median_time
 
 BATCH, POINTS, SIZE = 32, 98, 64
@@ -84,7 +85,7 @@ def run(args):
   import jax  # pylint: disable=import-outside-toplevel
   from star_jax import losses  # pylint: disable=import-outside-toplevel
 
-  repeats = getattr(args, 'repeats', 10)
+  repeats = benchmarks.repeats(args)
   maps, targets = _inputs()
   fn = jax.jit(jax.value_and_grad(losses.star_loss))
   hm, tg = jax.device_put(maps), jax.device_put(targets)

@@ -1,7 +1,7 @@
 """Speed of the full WFLW network (256x256 input, 4 stacks, 256 channels): images per second.
 
 Forward (eval mode) and forward + backward (train mode, batch statistics, gradient of a loss over
-all stack outputs) at batch 8, jit-compiled, median of `--repeats` runs (at most 3 on a CPU); on a
+all stack outputs) at batch 8, jit-compiled, median of `--repeats` runs (default 3 on a CPU); on a
 GPU also batch 32 in float32 and bfloat16. With `--official PATH` (a checkout of
 ZhenglinZhou/STAR) and PyTorch importable, the official network's batch-8 forward is timed the same
 way, in the same process, for comparison.
@@ -94,10 +94,8 @@ def _time_official(path: str, batch: int, repeats: int):
 
 def run(args):
   backend = jax.default_backend()
-  repeats = max(1, min(args.repeats, 3)) if backend == 'cpu' else args.repeats
+  repeats = benchmarks.repeats(args, full_network=True)
   where = f'{backend}, jit, median of {repeats}'
-  if backend == 'cpu':
-    where += '; CPU shared with other jobs, figures are indicative'
   settings = [(8, 'float32')]
   if backend == 'gpu':
     settings += [(32, 'float32'), (32, 'bfloat16')]
@@ -122,4 +120,4 @@ def run(args):
 
 
 if __name__ == '__main__':  # quick manual run: python -m star_jax.benchmarks.model
-  print(run(types.SimpleNamespace(repeats=3, official='')))
+  print(run(types.SimpleNamespace(repeats=None, official='')))

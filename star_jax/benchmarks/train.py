@@ -287,7 +287,7 @@ def _peak(dtype: str) -> float:
 def run(args):
   backend = jax.default_backend()
   cpu = backend == 'cpu'
-  repeats = max(1, min(args.repeats, 3)) if cpu else args.repeats
+  repeats = benchmarks.repeats(args, full_network=True)
   settings = [(8, 'float32')] if cpu else [(32, 'float32'), (32, 'bfloat16')]
   official = getattr(args, 'official', '')
   rows = []

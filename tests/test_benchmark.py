@@ -1,0 +1,54 @@
+"""scripts/benchmark.py: the command line end to end (on the light loss section) and `--repeats`."""
+
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+
+from conftest import REPO
+from star_jax import benchmarks
+
+
+def test_repeats_given_are_used_as_given():
+  assert benchmarks.repeats(types.SimpleNamespace(repeats=5)) == 5
+  # Explicit values are honoured for the full-network sections too (they used to be capped at 3).
+  assert benchmarks.repeats(types.SimpleNamespace(repeats=7), full_network=True) == 7
+
+
+def test_repeats_default_depends_on_the_section_on_a_cpu():
+  args = types.SimpleNamespace(repeats=None)
+  assert benchmarks.repeats(args) == benchmarks.DEFAULT_REPEATS
+  assert benchmarks.repeats(args, full_network=True) == benchmarks.DEFAULT_REPEATS_FULL_NETWORK_CPU
+  assert benchmarks.repeats(types.SimpleNamespace()) == benchmarks.DEFAULT_REPEATS   # no attribute
+
+
+def test_repeats_below_one_is_an_error():
+  with pytest.raises(ValueError, match='--repeats'):
+    benchmarks.repeats(types.SimpleNamespace(repeats=0))
+
+
+def _benchmark(*args, cwd):
+  return subprocess.run([sys.executable, str(REPO / 'scripts' / 'benchmark.py'), *args], cwd=cwd,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_loss_section_runs_and_writes_its_rows(tmp_path):
+  out = tmp_path / 'rows.json'
+  proc = _benchmark('loss', '--repeats', '2', '--json', str(out), cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  report = json.loads(out.read_text())
+  assert report['jax'] and 'cpu' in report['device']
+  (row,) = report['rows']                       # no --official: our row only
+  assert row['section'] == 'loss' and row['unit'] == 'ms'
+  assert 0 < row['value'] < 60_000
+  assert 'median of 2' in row['notes']
+  assert row['name'] in proc.stdout             # the table on stdout
+
+
+def test_bad_repeats_is_refused_before_any_work(tmp_path):
+  proc = _benchmark('loss', '--repeats', '0', '--json', str(tmp_path / 'rows.json'), cwd=tmp_path)
+  assert proc.returncode == 2
+  assert '--repeats must be at least 1, got 0' in proc.stderr
+  assert not (tmp_path / 'rows.json').exists()
