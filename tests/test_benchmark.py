@@ -1,5 +1,8 @@
 """scripts/benchmark.py: the command line end to end (on the light loss section) and `--repeats`."""
 
+import builtins
+import dis
+import importlib
 import json
 import subprocess
 import sys
@@ -52,3 +55,18 @@ def test_bad_repeats_is_refused_before_any_work(tmp_path):
   assert proc.returncode == 2
   assert '--repeats must be at least 1, got 0' in proc.stderr
   assert not (tmp_path / 'rows.json').exists()
+
+
+@pytest.mark.parametrize('section', ['loss', 'model', 'data', 'train', 'eval'])
+def test_every_section_binds_the_globals_its_run_uses(section):
+  """The heavy sections are not run here (seconds to minutes per call): check instead that every
+  global name `run` (and the functions and lambdas inside it) loads is bound, which catches a missing
+  import before a long benchmark fails on it."""
+  module = importlib.import_module(f'star_jax.benchmarks.{section}')
+  codes, loaded = [module.run.__code__], set()
+  while codes:
+    code = codes.pop()
+    loaded |= {ins.argval for ins in dis.get_instructions(code) if ins.opname == 'LOAD_GLOBAL'}
+    codes += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+  missing = sorted(n for n in loaded if not hasattr(module, n) and not hasattr(builtins, n))
+  assert not missing, f'star_jax/benchmarks/{section}.py run() uses undefined globals: {missing}'

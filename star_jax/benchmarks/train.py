@@ -37,7 +37,7 @@ import time
 import jax
 import numpy as np
 
-from star_jax import config_lib, cpu_tuning, layouts, train_steps
+from star_jax import benchmarks, config_lib, cpu_tuning, layouts, train_steps
 from star_jax.data import targets
 
 LAYOUT = layouts.WFLW
