@@ -7,9 +7,9 @@ Smoke test (seconds):
 Other annotation-ambiguity levels (the ambiguity study):
   python -m star_jax.train --config configs/synthetic.py:ambiguity=4 --workdir runs/synthetic_amb4
 
-Expected: NME 4.6 % (inter-ocular), FR@0.1 1.5 %, AUC@0.1 0.54 on the 500 exact-label test faces
-(measured: final weights 4.58 % / FR 1.4 % / AUC 0.544, EMA 4.58 % / 1.6 % / 0.545); 6.3 min wall
-(dataset build included) and 649 s of CPU time on an idle 2-core CPU.
+Expected: NME 4.6 % (inter-ocular), FR@0.1 about 1 %, AUC@0.1 0.54 on the 500 exact-label test faces
+(measured: final weights 4.59 % / FR 0.8 % / AUC 0.543, EMA 4.58 % / 0.6 % / 0.543); about 6.5 min
+wall (dataset build included) and 650 s of CPU time on an idle 2-core CPU.
 """
 
 from star_jax import config_lib
