@@ -10,6 +10,9 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 TESTS = pathlib.Path(__file__).parent
 DATA = TESTS / 'data'
 REPO = TESTS.parent
+# XLA's persistent compilation cache for the tests that run the real commands in subprocesses (train,
+# evaluate, the study): shared between them and between runs, so each program compiles once.
+COMPILE_CACHE = pathlib.Path(os.environ.get('STAR_JAX_TEST_CACHE', '/tmp/star_jax_test_jax_cache'))
 
 
 @pytest.fixture

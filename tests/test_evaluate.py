@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-COMPILE_CACHE = pathlib.Path(os.environ.get('STAR_JAX_TEST_CACHE', '/tmp/star_jax_test_jax_cache'))
+from conftest import COMPILE_CACHE
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = f'--config={REPO / "configs" / "synthetic.py"}:tiny'
 
