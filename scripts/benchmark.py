@@ -29,8 +29,11 @@ def main(argv=None):
                       help='timed repetitions, the median is reported (default: 10, or 3 for the '
                            'full-network sections on a CPU, where one call takes seconds)')
   args = parser.parse_args(argv)
-  if args.repeats is not None and args.repeats < 1:
-    parser.error(f'--repeats must be at least 1, got {args.repeats}')
+  from star_jax import benchmarks  # pylint: disable=import-outside-toplevel
+  try:
+    benchmarks.check_repeats(args.repeats)   # before any section starts its work
+  except ValueError as e:
+    parser.error(str(e))
 
   import jax  # after argument parsing, so --help is fast
 

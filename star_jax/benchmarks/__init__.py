@@ -21,13 +21,18 @@ DEFAULT_REPEATS = 10
 DEFAULT_REPEATS_FULL_NETWORK_CPU = 3
 
 
+def check_repeats(given) -> None:
+  """Raises ValueError unless `--repeats` is unset (None) or at least 1."""
+  if given is not None and int(given) < 1:
+    raise ValueError(f'--repeats must be at least 1, got {given}')
+
+
 def repeats(args, *, full_network: bool = False) -> int:
   """How many timed repetitions a section runs: `--repeats` when given (at least 1), else
   DEFAULT_REPEATS, or DEFAULT_REPEATS_FULL_NETWORK_CPU for a full-network section on a CPU."""
   given = getattr(args, 'repeats', None)
+  check_repeats(given)
   if given is not None:
-    if int(given) < 1:
-      raise ValueError(f'--repeats must be at least 1, got {given}')
     return int(given)
   import jax  # pylint: disable=import-outside-toplevel
   if full_network and jax.default_backend() == 'cpu':
