@@ -9,7 +9,7 @@ the GPU's peak FLOP/s (FLOPs counted by XLA's cost analysis of the compiled step
 With `--official PATH` (a checkout of ZhenglinZhou/STAR) and PyTorch importable, the official training
 step runs side by side on the same batch in a child process, timed in turns with ours (blocks of
 BLOCK consecutive steps, the first of each not counted; turns make a load change on a shared machine
-hit both alike), as the official code ships (XLA flags and huge-page malloc of star_jax/cpu_tuning.py
+hit both alike), as the official code ships (XLA flag and huge-page malloc of star_jax/cpu_tuning.py
 are ours only): the official StackedHGNetV1 (its own
 initialisation) in train mode, STARLoss_v2 on each stack's fusion heatmaps and AWingLoss on its point
 and edge maps (classes loaded from PATH/lib/loss), weighted as the official config, `zero_grad`,
