@@ -10,7 +10,6 @@ import collections
 import gzip
 import json
 import os
-import pathlib
 import pickle
 import sys
 import types
@@ -23,11 +22,10 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from conftest import DATA, REPO
 from star_jax import checkpointing, config_lib, convert_pytorch, layouts
 from star_jax.models import create_model
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-DATA = REPO / 'tests' / 'data'
 TINY_FLAGS = ['--config.model.channels=32', '--config.model.nstack=4', '--config.data.image_size=64']
 
 

@@ -3,16 +3,14 @@
 import importlib.util
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import COMPILE_CACHE
+from conftest import COMPILE_CACHE_ENV, REPO
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = f'--config={REPO / "configs" / "synthetic.py"}:tiny'
 
 
@@ -204,8 +202,7 @@ def test_evaluate_and_predict_a_training_workdir(tfds_dir, tmp_path, capsys):
   proc = subprocess.run([sys.executable, '-m', 'star_jax.train', TINY, f'--workdir={workdir}',
                          f'--config.data.data_dir={tfds_dir}', '--config.progress=False',
                          '--config.total_steps=2'], cwd=REPO, capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(COMPILE_CACHE),
-                                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0'))
+                        env=dict(os.environ, JAX_PLATFORMS='cpu', **COMPILE_CACHE_ENV))
   assert proc.returncode == 0, proc.stderr[-3000:]
   # The trainer's checkpoint (with its optimizer state and data iterator) loads by its workdir, and
   # our evaluation reproduces the trainer's own final evaluation of the EMA weights.

@@ -14,20 +14,17 @@ float64 run is in tiny_outputs.npz) to 1e-5 on stacks 0-1, which already exercis
 layer, and to 1e-3 on stacks 2-3, which repeat stack 1's code.
 """
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import DATA, REPO
 from star_jax import config_lib, convert_pytorch, layouts
 from star_jax.models import StackedHGNet, create_model, preprocess
 from star_jax.models.layers import BatchNorm, coord_channels, max_pool_2x2, upsample_nearest_2x
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-DATA = REPO / 'tests' / 'data'
 DATASETS = ('WFLW', 'COFW')
 POINT_STEP = {'WFLW': 12, 'COFW': 7}   # channel subsets stored in tiny_outputs.npz
 MAP_KEYS = ('pointmaps', 'edgemaps', 'fusion_heatmaps')

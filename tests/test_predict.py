@@ -9,12 +9,12 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import REPO
 from star_jax import face_detect
 from star_jax import plots
 from star_jax import predict
 from star_jax.data import transforms
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _read_pts(path: pathlib.Path) -> np.ndarray:

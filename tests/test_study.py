@@ -9,7 +9,6 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -20,9 +19,8 @@ from star_jax import layouts
 from star_jax import study
 from star_jax.data import synthetic
 
-from conftest import COMPILE_CACHE
+from conftest import COMPILE_CACHE_ENV, REPO
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = study.Settings(levels=(0.0, 4.0), losses=('star', 'l2'), steps=3, batch_size=4, image_size=32,
                       nlevels=2, channels=16, num_train=16, num_test=8, data_image_size=128,
                       eval_batch_size=8, log_every=1)
@@ -117,8 +115,7 @@ def test_script_end_to_end_at_a_tiny_setting(tfds_dir, tmp_path):
     flags += [f'--{field.name}', ','.join(map(str, value)) if isinstance(value, tuple) else str(value)]
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
              # Compile fast (this is about plumbing, not speed) and share programs between test runs.
-             XLA_FLAGS='--xla_backend_optimization_level=0', JAX_COMPILATION_CACHE_DIR=str(COMPILE_CACHE),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+             XLA_FLAGS='--xla_backend_optimization_level=0', **COMPILE_CACHE_ENV)
   proc = subprocess.run([sys.executable, 'scripts/ambiguity_study.py', *flags, '--output', str(out),
                          '--data_dir', str(tfds_dir)], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=600)

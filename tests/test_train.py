@@ -16,9 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import COMPILE_CACHE
+from conftest import COMPILE_CACHE_ENV, REPO
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = [f'--config={REPO / "configs" / "synthetic.py"}:tiny']
 
 
@@ -34,8 +33,7 @@ def tfds_dir(tmp_path_factory):
 def _env(devices: int = 1, **extra) -> dict:
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', **extra)
   # Runs of one shape share compiled programs (the train step takes most of a tiny run to compile).
-  env.update(JAX_COMPILATION_CACHE_DIR=str(COMPILE_CACHE), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  env.update(COMPILE_CACHE_ENV)
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   return env
 
