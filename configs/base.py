@@ -49,6 +49,9 @@ def get_base_config(layout: str, dataset: str) -> ml_collections.ConfigDict:
   c.model.add_coord = True          # CoordConv on the stem and each hourglass
   c.model.use_aam = True            # anisotropic attention module (point and edge maps)
   c.model.dtype = 'float32'         # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
+  c.model.decode = 'landmarks'      # landmarks read from the last stack's soft-argmax ('landmarks', the
+                                    # official) or its argmax-decoded point maps ('pointmaps': for
+                                    # models trained without a landmark term, loss.kind 'none')
 
   # ---- Loss -------------------------------------------------------------------------------------
   c.loss = ml_collections.ConfigDict()
@@ -69,6 +72,7 @@ def get_base_config(layout: str, dataset: str) -> ml_collections.ConfigDict:
   c.b2 = 0.999                      # Adam beta2
   c.weight_decay = 0.0              # the official config sets 1e-5 but never passes it to Adam
   c.milestones = (200, 350, 450)    # epochs at which the learning rate is multiplied by gamma
+  c.milestone_unit = 'epoch'        # 'epoch' (official) or 'step': the unit of `milestones`
   c.gamma = 0.1                     # step-decay factor
   c.ema = True                      # keep an EMA of weights and BatchNorm statistics
   c.ema_decay = -1.0                # <0: the official 0.5 ** (batch_size / 10000)

@@ -23,6 +23,9 @@ def get_config(arg=None):
   c = base.get_base_config(layout=layout, dataset='synthetic_faces')
   c.data.config = {98: f"wflw98_amb{args['ambiguity']}", 68: '300w68', 29: 'cofw29'}[args['points']]
   c.data.data_dir = ''               # the default TFDS folder; the dataset is built there if missing
+  # >= 0: re-draw the training labels at this ambiguity level from the build's exact points, so that
+  # one build serves every level (the ambiguity study); < 0: the build's own labels.
+  c.data.relabel_ambiguity = -1.0
 
   # A small network and input that train on a 2-core CPU in minutes (64x64 crops, 16x16 maps).
   c.data.image_size = 64

@@ -1,61 +1,73 @@
 """Speed benchmarks of star_jax, one section per part of the system.
 
-  python scripts/benchmark.py loss|model|data|train|eval|all [--json OUT.json] [--official PATH]
+  python scripts/benchmark.py loss|model|data|train|eval|all [--json OUT.json] [--official PATH] [--repeats N]
 
 Prints a table on stdout and writes the rows as JSON. Runs on the default JAX backend (the GPU when
 one is present). `--official PATH` points at a checkout of the official PyTorch code
 (github ZhenglinZhou/STAR) to time it side by side; that needs PyTorch installed, star_jax does not.
-Each section lives in `star_jax/benchmarks/<section>.py` and returns a list of row dicts:
-{'section', 'name', 'value', 'unit', 'notes'}.
+Each section lives in `benchmarks/<section>.py` (a folder of the repository, not of the installed
+library) and returns a list of row dicts: {'section', 'name', 'value', 'unit', 'notes'}; the official
+code is loaded by `benchmarks/official.py`.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
+import pathlib
 import platform
 import sys
+
+from absl import flags
+
+# The benchmarks package is a folder of the checkout, beside this script's folder.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from star_jax import cli  # pylint: disable=wrong-import-position
 
 SECTIONS = ('loss', 'model', 'data', 'train', 'eval')
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('section', choices=SECTIONS + ('all',))
-  parser.add_argument('--json', default='benchmark.json', help='where to write the rows (JSON)')
-  parser.add_argument('--official', default='', help='checkout of the official PyTorch STAR code')
-  parser.add_argument('--repeats', type=int, default=None,
-                      help='timed repetitions, the median is reported (default: 10, or 3 for the '
-                           'full-network sections on a CPU, where one call takes seconds)')
-  args = parser.parse_args(argv)
-  from star_jax import benchmarks  # pylint: disable=import-outside-toplevel
+def _benchmark(argv: list[str]) -> int:
+  command = cli.Command(__doc__, argv)
+  fv = command.fv
+  flags.DEFINE_string('json', 'benchmark.json', 'where to write the rows (JSON)', flag_values=fv)
+  flags.DEFINE_string('official', '', 'checkout of the official PyTorch STAR code', flag_values=fv)
+  flags.DEFINE_integer('repeats', None, 'timed repetitions, the median is reported (default: 10, or 3 for '
+                       'the full-network sections on a CPU, where one call takes seconds)', flag_values=fv)
+  rest = command.parse()
+  if len(rest) != 1 or rest[0] not in SECTIONS + ('all',):
+    raise flags.Error(f'give one section: {", ".join(SECTIONS)} or all')
+  import benchmarks  # pylint: disable=import-outside-toplevel
   try:
-    benchmarks.check_repeats(args.repeats)   # before any section starts its work
+    benchmarks.check_repeats(fv.repeats)   # before any section starts its work
   except ValueError as e:
-    parser.error(str(e))
+    raise flags.Error(str(e)) from None
 
-  import jax  # after argument parsing, so --help is fast
+  import jax  # pylint: disable=import-outside-toplevel  (after argument parsing, so --help is fast)
 
   from star_jax import cpu_tuning  # pylint: disable=import-outside-toplevel
   device = (f'{jax.devices()[0].device_kind} x{jax.device_count()} ({platform.machine()}, {jax.default_backend()}; '
             f'star_jax CPU tuning {cpu_tuning.status()})')
   rows = []
-  for section in (SECTIONS if args.section == 'all' else (args.section,)):
-    module = importlib.import_module(f'star_jax.benchmarks.{section}')
-    for row in module.run(args):
+  for section in (SECTIONS if rest[0] == 'all' else (rest[0],)):
+    module = importlib.import_module(f'benchmarks.{section}')
+    for row in module.run(fv):
       row.setdefault('section', section)
       row.setdefault('notes', '')
       rows.append(row)
       print(f"{row['section']:6s} {row['name']:55s} {row['value']:12.4g} {row['unit']:10s} {row['notes']}",
             flush=True)
-  with open(args.json, 'w') as f:
+  with open(fv.json, 'w') as f:
     json.dump({'device': device, 'python': sys.version.split()[0], 'jax': jax.__version__, 'rows': rows}, f,
               indent=1)
-  print(f'device: {device}; rows written to {args.json}')
+  print(f'device: {device}; rows written to {fv.json}')
+  return 0
+
+
+def main(argv=None) -> int:
+  return cli.guarded(_benchmark, argv, __doc__)
 
 
 if __name__ == '__main__':
-  from star_jax import cpu_tuning  # pylint: disable=g-import-not-at-top
-  cpu_tuning.reexec_with_malloc_tuning()   # as the trainer runs (see star_jax/cpu_tuning.py)
-  main()
+  cli.run(main)   # with the CPU tuning, as the trainer runs (see star_jax/cpu_tuning.py)

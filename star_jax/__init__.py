@@ -1,8 +1,7 @@
-"""star_jax: STAR loss facial landmark detection in JAX / Flax NNX."""
+"""star_jax: STAR loss facial landmark detection in JAX / Flax NNX.
 
-from star_jax import cpu_tuning as _cpu_tuning
-
-# Before JAX starts its CPU backend: XLA:CPU flags measured to be faster (see star_jax/cpu_tuning.py).
-_cpu_tuning.apply_xla_flags()
+Importing star_jax (or any of its modules) changes nothing in the process: the CPU tuning of the
+command-line tools is an explicit call, `star_jax.cpu_tuning.setup_process()`.
+"""
 
 __version__ = '0.1.0'

@@ -28,18 +28,19 @@ from __future__ import annotations
 import collections
 import os
 import pickle
-import sys
 import zipfile
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from star_jax import cli
 from star_jax import layouts
 from star_jax.models import create_model
 from star_jax.models.layers import ResBlock
-from star_jax.models.stacked_hg import StackedHGNet
+from star_jax.models.network import StackedHGNet
 
 # ---------------------------------------------------------------------------------------------
 # Reading torch.save zip archives with numpy.
@@ -316,7 +317,7 @@ def convert_checkpoint(checkpoint: str, config, output: str, weights: str = 'net
 
   Returns a small summary dict (which items were written, the official epoch).
   """
-  from star_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
 
   if weights not in ('net', 'net_ema', 'both'):
     raise ValueError(f"--weights must be 'net', 'net_ema' or 'both', got {weights!r}")
@@ -341,39 +342,34 @@ def convert_checkpoint(checkpoint: str, config, output: str, weights: str = 'net
 
   model = build(wanted[0])
   ema = build('net_ema') if weights == 'both' else None
-  checkpointing.save_model_checkpoint(output, model=model, config=config, ema=ema, step=0)
+  checkpoints.save_model_checkpoint(output, model=model, config=config, ema=ema, step=0)
   return {'model': wanted[0], 'ema': 'net_ema' if ema is not None else None, 'epoch': obj.get('epoch')}
 
 
-def _parse(argv):
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-
-  # Own FlagValues (not absl's global FLAGS), so that importing this module defines no global
-  # flags and `main` can run more than once in one process (tests).
-  fv = flags.FlagValues()
-  config = config_flags.DEFINE_config_file('config', None, 'experiment config (configs/*.py)',
-                                           flag_values=fv, sys_argv=list(argv), lock_config=False)
+def _convert(argv: list[str]) -> int:
+  command = cli.Command(__doc__, argv, config='required')
+  fv = command.fv
   flags.DEFINE_string('checkpoint', None, 'official STAR checkpoint (.pkl)', flag_values=fv)
   flags.DEFINE_string('output', None, 'star_jax checkpoint directory to write', flag_values=fv)
-  flags.DEFINE_enum('weights', 'net', ['net', 'net_ema', 'both'], 'which weights to store',
-                    flag_values=fv)
-  fv(list(argv))
-  for name in ('config', 'checkpoint', 'output'):
-    if fv[name].value is None:
-      raise SystemExit(f'convert_pytorch: --{name} is required\n{__doc__}')
-  return fv, config.value
-
-
-def main(argv=None):
-  """Command line entry point; `argv` includes the program name as sys.argv does."""
-  argv = list(sys.argv if argv is None else argv)
-  fv, config = _parse(argv)
-  summary = convert_checkpoint(fv.checkpoint, config, fv.output, fv.weights)
+  flags.DEFINE_enum('weights', 'net', ['net', 'net_ema', 'both'], 'which weights to store', flag_values=fv)
+  rest = command.parse()
+  if rest:
+    raise flags.Error(f'unexpected arguments: {" ".join(rest)}')
+  command.require('checkpoint', 'output')
+  if not os.path.isfile(fv.checkpoint):
+    raise cli.UserError(f'checkpoint file {fv.checkpoint} does not exist')
+  try:
+    summary = convert_checkpoint(fv.checkpoint, command.config, fv.output, fv.weights)
+  except (ValueError, OSError, KeyError) as e:
+    raise cli.UserError(f'cannot convert {fv.checkpoint}: {e}') from None
   print(f'converted {fv.checkpoint} (official epoch {summary["epoch"]}): model <- {summary["model"]}'
         f'{", ema <- net_ema" if summary["ema"] else ""}; written to {fv.output}')
-  return summary
+  return 0
+
+
+def main(argv=None) -> int:
+  return cli.guarded(_convert, argv, __doc__)
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

@@ -1,10 +1,13 @@
 """Process settings that make XLA:CPU training about 1.5x faster on x86 CPUs (measured, see below).
 
+Nothing here happens on import: the entry points (train, evaluate, predict, the benchmark) call
+`setup_process()` first thing in their `__main__` (through `star_jax.cli.run`), and library users may
+call it themselves. It does nothing where JAX will run on an accelerator (`accelerator_expected`).
+
 Two settings, both only for the CPU and both measured on the project's 2-core Xeon (AVX-512) with
 the full WFLW training step at batch 8 (`scripts/benchmark.py train`):
 
-1. An XLA flag (`xla_flags()`, added to XLA_FLAGS when star_jax is imported, before JAX starts its
-   backend). jaxlib 0.10 hands convolutions and matmuls to YNNPACK by default; YNNPACK's convolution
+1. An XLA flag (`xla_flags()`, added to XLA_FLAGS before JAX starts its backend). jaxlib 0.10 hands convolutions and matmuls to YNNPACK by default; YNNPACK's convolution
    weight gradients run at ~30-60 GFLOP/s where XLA's own (Eigen) convolutions take them at
    110-200, and its matmuls are no faster than XLA's own Eigen contractions for the 1 x 1
    convolutions. So YNNPACK keeps only what it does well (element-wise fusions); convolutions and
@@ -24,6 +27,7 @@ Set STAR_JAX_CPU_TUNING=0 to turn both off (XLA's and glibc's defaults).
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import sys
@@ -44,11 +48,34 @@ def enabled() -> bool:
 
 
 def _jaxlib_version() -> str:
-  from importlib import metadata  # pylint: disable=import-outside-toplevel
   try:
-    return metadata.version('jaxlib')
-  except metadata.PackageNotFoundError:
+    return importlib.metadata.version('jaxlib')
+  except importlib.metadata.PackageNotFoundError:
     return ''
+
+
+# JAX plugins that give it an accelerator backend (CUDA, ROCm, TPU): with one installed, JAX picks the
+# accelerator by default.
+_ACCELERATOR_PLUGINS = ('jax-cuda12-plugin', 'jax-cuda13-plugin', 'jax-rocm60-plugin', 'jax-rocm7-plugin',
+                        'libtpu', 'libtpu-nightly')
+
+
+def _installed(distribution: str) -> bool:
+  try:
+    importlib.metadata.version(distribution)
+    return True
+  except importlib.metadata.PackageNotFoundError:
+    return False
+
+
+def accelerator_expected() -> bool:
+  """Whether JAX will run on an accelerator in this process, decided before JAX starts: JAX_PLATFORMS
+  names one (cuda, gpu, rocm, tpu), or, with JAX_PLATFORMS unset, an accelerator plugin is installed.
+  JAX_PLATFORMS=cpu means the CPU whatever is installed."""
+  platforms = [p.strip().lower() for p in os.environ.get('JAX_PLATFORMS', '').split(',') if p.strip()]
+  if platforms:
+    return platforms[0] != 'cpu'
+  return any(_installed(d) for d in _ACCELERATOR_PLUGINS)
 
 
 def xla_flags() -> tuple[str, ...]:
@@ -84,6 +111,8 @@ def _huge_pages_requested() -> bool:
 
 def status() -> str:
   """'on', 'partly on' (XLA flag only, or huge pages only) or 'off', for benchmark reports."""
+  if accelerator_expected():
+    return 'off'
   parts = (bool(xla_flags()), enabled() and _huge_pages_requested())
   return 'on' if all(parts) else 'partly on' if any(parts) else 'off'
 
@@ -104,6 +133,17 @@ def reexec_with_malloc_tuning():
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable] + argv[1:], env)
+
+
+def setup_process():
+  """The CPU tuning of this process, for entry points to call first thing (before any JAX work):
+  re-executes once with huge-page malloc, and adds the XLA:CPU flag. Does nothing when tuning is off
+  (STAR_JAX_CPU_TUNING=0) or JAX will run on an accelerator (the settings are for XLA:CPU only).
+  Raises ValueError for a bad STAR_JAX_CPU_TUNING value."""
+  if not enabled() or accelerator_expected():
+    return
+  reexec_with_malloc_tuning()
+  apply_xla_flags()
 
 
 def untuned_environment() -> dict:

@@ -166,10 +166,3 @@ def get_layout(name: str) -> Layout:
       return layout
   raise ValueError(f'unknown landmark layout {name!r}; choose one of {sorted(LAYOUTS)}')
 
-
-# Published numbers of the official PyTorch STAR models (paper, Tables 1-3), for side-by-side reports.
-PUBLISHED = {
-    'WFLW': {'ocular': {'nme': 4.02, 'fr': 2.32, 'auc': 0.605}},
-    '300W': {'ocular': {'full': 2.87, 'common': 2.52, 'challenge': 4.32}},
-    'COFW': {'pupil': {'nme': 4.62}, 'ocular': {'nme': 3.21}},
-}

@@ -1,10 +1,8 @@
 """Training losses of STAR: the STAR loss (v2 and v1), Adaptive Wing, coordinate baselines, and the
 multi-stack combination used to train the stacked hourglass.
 
-Conventions (the whole of star_jax):
-  * heatmaps are channels-last, `(batch, height, width, points)`;
-  * landmarks are `(batch, points, 2)` as (x, y), normalised to [-1, 1] on the *align-corners* grid of
-    the heatmap: column 0 is x = -1 and column `width - 1` is x = +1 (the official decoder's grid).
+Conventions: as star_jax/models/decoding.py (channels-last heatmaps (B, H, W, N); landmarks (B, N, 2)
+as (x, y) in [-1, 1] on the align-corners grid of the heatmap).
 
 Every function here is pure and jit-able; string / float options (`dist`, `eig_clamp`, `loss_cfg`) are
 static Python values, so wrap calls in `functools.partial` before `jax.jit`.
@@ -18,184 +16,19 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from star_jax.models.decoding import as_float
+from star_jax.models.decoding import check_heatmaps
+from star_jax.models.decoding import heatmap_moments
 
 # Official SmoothL1Loss switches from quadratic to linear at this distance (lib/loss/smoothL1Loss.py).
 SMOOTH_L1_SCALE = 0.01
-# The official normalisation clamps heatmap sums to at least this before dividing.
-_SUM_FLOOR = 1e-6
 # A 2x2 covariance whose eigenvalue gap is below this fraction of its mean eigenvalue is isotropic up
 # to float32 rounding: its eigenvectors are noise, so `eigh_2x2` pins them (see there).
 _ISOTROPIC_RTOL = 1e-5
 
 DISTANCES = ('smoothl1', 'l1', 'l2')
 LANDMARK_LOSSES = ('star', 'star_v1', 'l2', 'smoothl1', 'none')
-
-
-# ------------------------------------------------------------------------------------------------
-# Heatmap moments
-# ------------------------------------------------------------------------------------------------
-
-def _grid(n: int) -> jnp.ndarray:
-  """(n,) float32 align-corners coordinates in [-1, 1], computed as the official `_make_grid`."""
-  # float32 arithmetic in the official order (arange / (n - 1) * 2 - 1), so the grid is bit-equal.
-  i = np.arange(n, dtype=np.float32)
-  return jnp.asarray(i / np.float32(n - 1) * np.float32(2) - np.float32(1))
-
-
-def _check_heatmaps(heatmaps, name='heatmaps'):
-  if heatmaps.ndim != 4:
-    raise ValueError(f'{name} must be (batch, height, width, points), got shape {heatmaps.shape}')
-  if heatmaps.shape[1] < 2 or heatmaps.shape[2] < 2:
-    raise ValueError(f'{name} need height and width >= 2 for the align-corners grid, got {heatmaps.shape}')
-
-
-def _as_float(x):
-  """Upcasts bfloat16 / float16 maps to float32 (moments of sharp maps need the precision)."""
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def soft_argmax(heatmaps: jnp.ndarray) -> jnp.ndarray:
-  """Expected (x, y) position of each heatmap, the official `decoder_default`.
-
-  Args:
-    heatmaps: (B, H, W, N) non-negative maps (not necessarily normalised).
-  Returns:
-    (B, N, 2) as (x, y) in [-1, 1] on the align-corners grid. An all-zero map decodes to (0, 0)
-    (its sum is clamped to 1e-6, as the official code does).
-  """
-  _check_heatmaps(heatmaps)
-  heatmaps = _as_float(heatmaps)
-  _, h, w, _ = heatmaps.shape
-  total = jnp.maximum(heatmaps.sum(axis=(1, 2)), _SUM_FLOOR)            # (B, N)
-  # The x grid varies along W only and the y grid along H only, so the weighted sums reduce to
-  # 1-D dot products with the marginals; no full-size grid is materialised.
-  x = jnp.einsum('bwn,w->bn', heatmaps.sum(axis=1), _grid(w))
-  y = jnp.einsum('bhn,h->bn', heatmaps.sum(axis=2), _grid(h))
-  return jnp.stack([x, y], axis=-1) / total[..., None]
-
-
-def _refined_mean(marginal, coords, s1):
-  """sum_i marginal_i coords_i, for (B, K, N) marginals and (K,) coordinates, to about 1 ulp.
-
-  Computed as m0 * s1 + sum_i marginal_i (coords_i - m0) around a first estimate m0: the same value
-  in exact arithmetic, but the centred sum's rounding scales with the map's spread, not with |m0|,
-  which keeps the centred moments and the gradient consistent with the mean.
-  """
-  m0 = (marginal * coords[None, :, None]).sum(1)
-  return m0 * s1 + (marginal * (coords[None, :, None] - m0[:, None])).sum(1)
-
-
-def _moments_forward(heatmaps):
-  """Per-map statistics of the normalised maps p = heatmaps / max(sum, 1e-6), in four passes over the maps.
-
-  Returns a dict of (B, N) arrays: mx, my (weighted means), sxx, syy, sxy (centred second moments
-  sum p (c - m)(c' - m')), s1 = sum p, s2 = sum p^2, ex = sum p (x - mx), ey (0 unless s1 != 1),
-  total (the clamped sum) and unclamped (1.0 where the sum was above the clamp, else 0.0).
-  """
-  _, h, w, _ = heatmaps.shape
-  xs, ys = _grid(w).astype(heatmaps.dtype), _grid(h).astype(heatmaps.dtype)
-  # Three read-only passes over the maps (the marginals and the sum of squares), then the cross moment
-  # below.
-  px_raw = heatmaps.sum(axis=1)                                         # (B, W, N) x marginal
-  py_raw = heatmaps.sum(axis=2)                                         # (B, H, N) y marginal
-  sq_raw = jnp.square(heatmaps).sum(axis=(1, 2))                        # (B, N)
-  # The barrier keeps the total below a sum of the small marginal: XLA would otherwise merge the two
-  # reductions into a fifth full-size pass over the maps.
-  px_raw = jax.lax.optimization_barrier(px_raw)
-  raw_sum = px_raw.sum(axis=1)
-  total = jnp.maximum(raw_sum, _SUM_FLOOR)
-  px, py = px_raw / total[:, None], py_raw / total[:, None]
-  s1 = raw_sum / total
-  mx = _refined_mean(px, xs, s1)
-  my = _refined_mean(py, ys, s1)
-  dx = xs[None, :, None] - mx[:, None]                                  # (B, W, N)
-  dy = ys[None, :, None] - my[:, None]                                  # (B, H, N)
-  # Cross moment sum_h (y - my) sum_w p (x - mx), with the rows centred on each map's own mean, as the
-  # official code centres its float32 sums. XLA:CPU writes the broadcast factor x - mx at full size
-  # first (one write and one more read of the maps), yet on the loss benchmark (B32 N98 64x64, 2-core
-  # CPU) this beat the earlier row sums about three fixed centres, each a read-only pass: 23 vs 26 ms
-  # forward + backward in one process, 30 vs 35 ms in `scripts/benchmark.py loss`. It is also more
-  # accurate on sharp maps (see tests/test_losses.py::test_star_loss_is_accurate_on_sharp_maps). One
-  # fixed centre (a single pass) was faster still but failed that test: float32 cancellation.
-  row_x = (heatmaps * dx[:, None]).sum(axis=2) / total[:, None]        # sum_w p (x - mx), (B, H, N)
-  return dict(
-      mx=mx, my=my,
-      sxx=(px * dx * dx).sum(1), syy=(py * dy * dy).sum(1), sxy=(row_x * dy).sum(1),
-      s1=s1, s2=sq_raw / (total * total),
-      ex=(px * dx).sum(1), ey=(py * dy).sum(1),
-      total=total, unclamped=(raw_sum > _SUM_FLOOR).astype(heatmaps.dtype))
-
-
-_MOMENT_KEYS = ('mx', 'my', 'sxx', 'syy', 'sxy', 's1', 's2')
-
-
-@jax.custom_vjp
-def _normalised_moments(heatmaps):
-  """(mx, my, sxx, syy, sxy, s1, s2) of the normalised maps, each (B, N); see `_moments_forward`."""
-  stats = _moments_forward(heatmaps)
-  return tuple(stats[k] for k in _MOMENT_KEYS)
-
-
-def _normalised_moments_fwd(heatmaps):
-  stats = _moments_forward(heatmaps)
-  return tuple(stats[k] for k in _MOMENT_KEYS), (heatmaps, stats)
-
-
-def _normalised_moments_bwd(residuals, cotangents):
-  """Gradient w.r.t. the maps in one elementwise pass (autodiff needs several full-size passes).
-
-  With p = hm / T, a loss F(p) has dF/dhm = (G - k * sum(G p)) / T, G = dF/dp, k = 1 unless the sum
-  was clamped. Each statistic is a polynomial of degree <= 2 in (x - mx, y - my) or p, so
-  G - k sum(G p) is too, with coefficients computed per map from the statistics: the full-size
-  gradient is rebuilt from (B, W, N) and (B, H, N) pieces plus a multiple of hm, all centred on the
-  means (a raw-coordinate polynomial would cancel in float32).
-  """
-  heatmaps, st = residuals
-  g_mx, g_my, g_sxx, g_syy, g_sxy, g_s1, g_s2 = cotangents
-  _, h, w, _ = heatmaps.shape
-  xs, ys = _grid(w).astype(heatmaps.dtype), _grid(h).astype(heatmaps.dtype)
-  mx, my, k, inv_t = st['mx'], st['my'], st['unclamped'], 1.0 / st['total']
-  # dF/dp, taking mx and my as functions of p: d sxx / dp = (x - mx)^2 - 2 ex x, and so on.
-  c_x = g_mx - 2.0 * g_sxx * st['ex'] - g_sxy * st['ey']
-  c_y = g_my - 2.0 * g_syy * st['ey'] - g_sxy * st['ex']
-  # With x = dx + mx: everything constant per map, less k * sum(G p) (the normalisation).
-  c_0 = ((1.0 - k) * (c_x * mx + c_y * my) - k * (g_sxx * st['sxx'] + g_syy * st['syy'] + g_sxy * st['sxy'])
-         + g_s1 * (1.0 - k * st['s1']) - 2.0 * k * g_s2 * st['s2'])
-  dx = xs[None, :, None] - mx[:, None]                                  # (B, W, N)
-  dy = ys[None, :, None] - my[:, None]                                  # (B, H, N)
-  along_x = (c_0[:, None] + c_x[:, None] * dx + g_sxx[:, None] * dx * dx) * inv_t[:, None]
-  along_y = (c_y[:, None] + g_syy[:, None] * dy) * dy * inv_t[:, None]
-  cross = (g_sxy * inv_t)[:, None] * dy                                 # times dx below
-  hm_coef = 2.0 * g_s2 * inv_t * inv_t                                  # d (s2 = sum hm^2 / T^2) / d hm
-  grad = (along_x[:, None] + along_y[:, :, None] + cross[:, :, None] * dx[:, None]
-          + hm_coef[:, None, None] * heatmaps)
-  return (grad,)
-
-
-_normalised_moments.defvjp(_normalised_moments_fwd, _normalised_moments_bwd)
-
-
-def heatmap_moments(heatmaps: jnp.ndarray, eps: float = 1e-5):
-  """Mean and unbiased weighted covariance of each heatmap, as in the official STAR losses.
-
-  Each map is first normalised to sum 1 (sum clamped to >= 1e-6). The covariance is the official
-  "unbiased weighted covariance": sum_p p (c - mean)(c - mean)^T / (V1 - V2 / V1), with
-  V1 = sum p + eps and V2 = sum p^2 + eps. Reverse-mode differentiable (a custom VJP that costs one
-  pass over the maps); not forward-mode.
-
-  Args:
-    heatmaps: (B, H, W, N) non-negative maps (computed in float32 at least).
-    eps: the official EPSILON added to V1 and V2.
-  Returns:
-    means (B, N, 2) as (x, y) in [-1, 1]; covariances (B, N, 2, 2) over (x, y).
-  """
-  _check_heatmaps(heatmaps)
-  mx, my, sxx, syy, sxy, s1, s2 = _normalised_moments(_as_float(heatmaps))
-  v1 = s1 + eps
-  denom = v1 - (s2 + eps) / v1
-  cov = jnp.stack([jnp.stack([sxx, sxy], -1), jnp.stack([sxy, syy], -1)], -2) / denom[..., None, None]
-  return jnp.stack([mx, my], axis=-1), cov
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,7 +134,7 @@ def _scalar_distance(x: jnp.ndarray, dist: str) -> jnp.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 def _decompose(heatmaps, targets, eps, eig_clamp):
-  _check_heatmaps(heatmaps)
+  check_heatmaps(heatmaps)
   if targets.shape != (heatmaps.shape[0], heatmaps.shape[3], 2):
     raise ValueError(f'targets must be (batch, points, 2) = {(heatmaps.shape[0], heatmaps.shape[3], 2)} '
                      f'for heatmaps of shape {heatmaps.shape}, got {targets.shape}')
@@ -403,7 +236,7 @@ def awing_loss(pred, target, *, omega=14.0, theta=0.5, epsilon=1.0, alpha=2.1, u
   if pred.shape != target.shape:
     raise ValueError(f'awing_loss: pred {pred.shape} and target {target.shape} differ in shape')
   params = (float(omega), float(theta), float(epsilon), float(alpha), bool(use_weight_map))
-  return _awing_mean(_as_float(pred), jax.lax.stop_gradient(_as_float(target)), params)
+  return _awing_mean(as_float(pred), jax.lax.stop_gradient(as_float(target)), params)
 
 
 def _awing_terms(pred, target, params):

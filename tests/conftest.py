@@ -1,7 +1,9 @@
-"""Shared test fixtures: paths to the golden data committed under tests/data."""
+"""Shared test fixtures: paths to the golden data committed under tests/data, the tiny synthetic
+dataset, and the environment of subprocesses that run the real commands."""
 
 import os
 import pathlib
+import sys
 
 import pytest
 
@@ -10,6 +12,10 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 TESTS = pathlib.Path(__file__).resolve().parent
 DATA = TESTS / 'data'
 REPO = TESTS.parent
+# The repository's own tools (benchmarks/, the official-code harness) are not installed: import them
+# from the checkout.
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
 # XLA's persistent compilation cache for the tests that run the real commands in subprocesses (train,
 # evaluate, the study): shared between them and between runs, so each program compiles once.
 COMPILE_CACHE = pathlib.Path(os.environ.get('STAR_JAX_TEST_CACHE', '/tmp/star_jax_test_jax_cache'))
@@ -17,9 +23,27 @@ COMPILE_CACHE = pathlib.Path(os.environ.get('STAR_JAX_TEST_CACHE', '/tmp/star_ja
 # or quick to compile.
 COMPILE_CACHE_ENV = {'JAX_COMPILATION_CACHE_DIR': str(COMPILE_CACHE), 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
                      'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+# configs/synthetic.py:tiny as a --config flag.
+TINY_CONFIG = f'--config={REPO / "configs" / "synthetic.py"}:tiny'
 
 
 @pytest.fixture
 def data_dir() -> pathlib.Path:
   """tests/data: small golden arrays copied from ../shared/reference and real photos."""
   return DATA
+
+
+@pytest.fixture(scope='session')
+def tiny_tfds_dir(tmp_path_factory) -> pathlib.Path:
+  """A TFDS data dir holding the tiny synthetic dataset (synthetic_faces/wflw98_tiny: 32 train and
+  16 test faces), built once per test session."""
+  from star_jax.data import build
+  directory = tmp_path_factory.mktemp('tfds')
+  build.build('synthetic_faces', config='wflw98_tiny', data_dir=str(directory))
+  return directory
+
+
+def load_config(name: str, arg: str = ''):
+  """configs/<name>.py's get_config(arg)."""
+  from star_jax import config_lib
+  return config_lib.load_config(str(REPO / 'configs' / f'{name}.py') + (f':{arg}' if arg else ''))

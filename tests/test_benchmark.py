@@ -10,8 +10,8 @@ import types
 
 import pytest
 
+import benchmarks
 from conftest import REPO
-from star_jax import benchmarks
 
 
 def test_repeats_given_are_used_as_given():
@@ -62,11 +62,11 @@ def test_every_section_binds_the_globals_its_run_uses(section):
   """The heavy sections are not run here (seconds to minutes per call): check instead that every
   global name `run` (and the functions and lambdas inside it) loads is bound, which catches a missing
   import before a long benchmark fails on it."""
-  module = importlib.import_module(f'star_jax.benchmarks.{section}')
+  module = importlib.import_module(f'benchmarks.{section}')
   codes, loaded = [module.run.__code__], set()
   while codes:
     code = codes.pop()
     loaded |= {ins.argval for ins in dis.get_instructions(code) if ins.opname == 'LOAD_GLOBAL'}
     codes += [c for c in code.co_consts if isinstance(c, types.CodeType)]
   missing = sorted(n for n in loaded if not hasattr(module, n) and not hasattr(builtins, n))
-  assert not missing, f'star_jax/benchmarks/{section}.py run() uses undefined globals: {missing}'
+  assert not missing, f'benchmarks/{section}.py run() uses undefined globals: {missing}'

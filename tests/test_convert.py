@@ -22,15 +22,16 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from conftest import DATA, REPO
-from star_jax import checkpointing, config_lib, convert_pytorch, layouts
+from conftest import DATA, REPO, load_config
+from star_jax import convert_pytorch, layouts
+from star_jax.training import checkpoints
 from star_jax.models import create_model
 
 TINY_FLAGS = ['--config.model.channels=32', '--config.model.nstack=4', '--config.data.image_size=64']
 
 
-def config_for(name, arg=None):
-  return config_lib.import_sibling(str(REPO / 'configs' / f'{name}.py'), name).get_config(arg)
+def config_for(name, arg=''):
+  return load_config(name, arg)
 
 
 def tiny_config(name='wflw'):
@@ -219,13 +220,13 @@ def test_converter_names_missing_unexpected_and_misshapen_keys(wflw_checkpoint):
 # ---- Command line and checkpoints ------------------------------------------------------------
 
 
-def test_command_line_converts_tiny_checkpoint(tmp_path, wflw_checkpoint):
+def test_command_line_converts_tiny_checkpoint(tmp_path, wflw_checkpoint, capsys):
   out = tmp_path / 'converted'
-  summary = convert_pytorch.main(['convert_pytorch', f'--checkpoint={DATA / "tiny_wflw_checkpoint.pkl"}',
-                                  f'--config={REPO / "configs" / "wflw.py"}', f'--output={out}',
-                                  *TINY_FLAGS])
-  assert summary == {'model': 'net', 'ema': None, 'epoch': 7}
-  model, config = checkpointing.load_model(out)
+  assert convert_pytorch.main(['convert_pytorch', f'--checkpoint={DATA / "tiny_wflw_checkpoint.pkl"}',
+                               f'--config={REPO / "configs" / "wflw.py"}', f'--output={out}', *TINY_FLAGS]) == 0
+  assert '(official epoch 7): model <- net; written to' in capsys.readouterr().out   # no EMA item
+  loaded = checkpoints.load_model(out)
+  model, config = loaded.model, loaded.config
   assert config.model.channels == 32 and config.model.nstack == 4 and config.layout == 'WFLW'
   assert model.stem.bn.use_running_average  # eval mode
   # The stored weights are the converted official ones (test_model.py checks those give the
@@ -233,14 +234,15 @@ def test_command_line_converts_tiny_checkpoint(tmp_path, wflw_checkpoint):
   want = convert_pytorch.convert_state_dict(wflw_checkpoint['net'], create_model(config, nnx.Rngs(0)))
   jax.tree.map(np.testing.assert_array_equal, _weights(model), want)
   both = tmp_path / 'both'
-  convert_pytorch.main(['convert_pytorch', f'--checkpoint={DATA / "tiny_cofw_checkpoint.pkl"}',
-                        f'--config={REPO / "configs" / "cofw.py"}', f'--output={both}',
-                        '--weights=both', *TINY_FLAGS])
+  assert convert_pytorch.main(['convert_pytorch', f'--checkpoint={DATA / "tiny_cofw_checkpoint.pkl"}',
+                               f'--config={REPO / "configs" / "cofw.py"}', f'--output={both}',
+                               '--weights=both', *TINY_FLAGS]) == 0
   assert (both / '0' / 'ema').is_dir() and (both / '0' / 'model').is_dir()
-  with pytest.raises(ValueError, match='edge-to-point transform'):   # WFLW weights, COFW config
-    convert_pytorch.main(['convert_pytorch', f'--checkpoint={DATA / "tiny_wflw_checkpoint.pkl"}',
-                          f'--config={REPO / "configs" / "cofw.py"}', f'--output={tmp_path / "x"}',
-                          *TINY_FLAGS])
+  capsys.readouterr()
+  assert convert_pytorch.main(['convert_pytorch', f'--checkpoint={DATA / "tiny_wflw_checkpoint.pkl"}',
+                               f'--config={REPO / "configs" / "cofw.py"}', f'--output={tmp_path / "x"}',
+                               *TINY_FLAGS]) == 1                 # WFLW weights, COFW config
+  assert 'edge-to-point transform' in capsys.readouterr().err
   assert not (tmp_path / 'x').exists()
 
 
@@ -255,33 +257,39 @@ def _assert_same(a, b):
 def test_checkpoint_round_trip_ema_steps_and_extra_items(tmp_path):
   config = config_for('cofw', 'tiny')
   model, ema, other = (create_model(config, nnx.Rngs(s)) for s in (0, 1, 2))
-  checkpointing.save_model_checkpoint(tmp_path, model=model, config=config, ema=nnx.state(ema), step=3)
-  loaded, loaded_config = checkpointing.load_model(tmp_path)
+  checkpoints.save_model_checkpoint(tmp_path, model=model, config=config, ema=nnx.state(ema), step=3)
+  read = checkpoints.load_model(tmp_path)
+  loaded, loaded_config = read.model, read.config
   _assert_same(loaded, ema)                                    # EMA preferred
+  assert (read.step, read.weights, read.directory) == (3, 'ema', tmp_path.absolute())  # and said so
   assert loaded_config.to_dict() == config.to_dict()           # tuples come back as tuples
-  _assert_same(checkpointing.load_model(tmp_path, use_ema=False)[0], model)
+  _assert_same(checkpoints.load_model(tmp_path, weights='model').model, model)
   # A later step written the trainer's way, with items the loader does not know about.
-  items = checkpointing.model_save_args(model=other, config=config)
+  items = checkpoints.model_save_args(model=other, config=config)
   items['meta'] = ocp.args.JsonSave({'epoch': 9})
   with ocp.CheckpointManager(tmp_path) as manager:
     manager.save(7, args=ocp.args.Composite(**items))
     manager.wait_until_finished()
-  _assert_same(checkpointing.load_model(tmp_path)[0], other)   # latest step, no ema there
-  _assert_same(checkpointing.load_model(tmp_path, step=3, use_ema=False)[0], model)
+  latest = checkpoints.load_model(tmp_path)
+  _assert_same(latest.model, other)                            # latest step, no ema there
+  assert (latest.step, latest.weights) == (7, 'model')
+  with pytest.raises(FileNotFoundError, match="no 'ema' weights"):
+    checkpoints.load_model(tmp_path, weights='ema')
+  _assert_same(checkpoints.load_model(tmp_path, step=3, weights='model').model, model)
 
 
 def test_checkpoint_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    checkpointing.load_model(tmp_path / 'nowhere')
+    checkpoints.load_model(tmp_path / 'nowhere')
   (tmp_path / 'empty').mkdir()
   with pytest.raises(FileNotFoundError, match='no checkpoint in'):
-    checkpointing.load_model(tmp_path / 'empty')
+    checkpoints.load_model(tmp_path / 'empty')
   config = config_for('cofw', 'tiny')
   model = create_model(config, nnx.Rngs(0))
   wrong = ml_collections.ConfigDict(config.to_dict())
   wrong.model.channels = 16                                     # the stored config lies
-  checkpointing.save_model_checkpoint(tmp_path / 'c', model=model, config=wrong, step=1)
+  checkpoints.save_model_checkpoint(tmp_path / 'c', model=model, config=wrong, step=1)
   with pytest.raises(FileNotFoundError, match='no step 2'):
-    checkpointing.load_model(tmp_path / 'c', step=2)
+    checkpoints.load_model(tmp_path / 'c', step=2)
   with pytest.raises(ValueError, match=r'key .*: stored shape \(.*32.*\) does not fit .* needs \(.*16.*\)'):
-    checkpointing.load_model(tmp_path / 'c')
+    checkpoints.load_model(tmp_path / 'c')

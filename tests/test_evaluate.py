@@ -1,6 +1,6 @@
-"""End to end tests of scripts/evaluate.py on the tiny synthetic dataset, and of its report helpers."""
+"""End to end tests of the evaluate command (star_jax/evaluate.py, scripts/evaluate.py) on the tiny
+synthetic dataset, and of the report helpers (star_jax/evaluation/report.py)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,33 +9,19 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import COMPILE_CACHE_ENV, REPO
-
-TINY = f'--config={REPO / "configs" / "synthetic.py"}:tiny'
-
-
-def _load_script():
-  spec = importlib.util.spec_from_file_location('star_jax_evaluate_script', REPO / 'scripts' / 'evaluate.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-evaluate = _load_script()
+from conftest import COMPILE_CACHE_ENV, REPO, TINY_CONFIG as TINY, load_config
+from star_jax import evaluate
+from star_jax.evaluation import report
 
 
 def _config(name: str, arg: str = 'tiny'):
-  from star_jax import config_lib
-  return config_lib.import_sibling(str(REPO / 'configs' / f'{name}.py'), name).get_config(arg)
+  return load_config(name, arg)
 
 
 @pytest.fixture(scope='module')
-def tfds_dir(tmp_path_factory):
-  """The tiny synthetic dataset (wflw98_tiny: 16 test faces), built once for this module."""
-  from star_jax.data import build
-  data_dir = tmp_path_factory.mktemp('tfds')
-  build.build('synthetic_faces', config='wflw98_tiny', data_dir=str(data_dir))
-  return data_dir
+def tfds_dir(tiny_tfds_dir):
+  """The tiny synthetic dataset (wflw98_tiny: 16 test faces)."""
+  return tiny_tfds_dir
 
 
 @pytest.fixture(scope='module')
@@ -43,14 +29,14 @@ def checkpoint(tmp_path_factory):
   """A freshly initialised model of configs/synthetic.py:tiny, saved with 'model' and a different 'ema'."""
   import jax
   from flax import nnx
-  from star_jax import checkpointing
   from star_jax import models
+  from star_jax.training import checkpoints
 
   config = _config('synthetic')
   model = models.create_model(config, nnx.Rngs(0))
   ema = models.create_model(config, nnx.Rngs(1))
   directory = tmp_path_factory.mktemp('ckpt') / 'run'
-  checkpointing.save_model_checkpoint(directory, model=model, config=config, ema=ema, step=7)
+  checkpoints.save_model_checkpoint(directory, model=model, config=config, ema=ema, step=7)
   jax.clear_caches()
   return directory
 
@@ -108,9 +94,9 @@ def test_evaluate_writes_a_consistent_report(checkpoint, tfds_dir, tmp_path, cap
 
 def test_evaluate_predictions_are_the_networks_on_the_official_crop(checkpoint, tfds_dir, tmp_path):
   # Redo image 3 by hand: the record's crop, the network (EMA weights), and back to image pixels.
-  from star_jax import checkpointing
   from star_jax import models
   from star_jax.data import build
+  from star_jax.training import checkpoints
   from star_jax.data import transforms
   import ml_collections
 
@@ -122,7 +108,8 @@ def test_evaluate_predictions_are_the_networks_on_the_official_crop(checkpoint, 
   source = build.load_source(ml_collections.ConfigDict(
       {'name': 'synthetic_faces', 'config': 'wflw98_tiny', 'data_dir': str(tfds_dir), 'manual_dir': ''}), 'test')
   record = source[3]
-  model, config = checkpointing.load_model(checkpoint, use_ema=False)
+  loaded = checkpoints.load_model(checkpoint, weights='model')
+  model, config = loaded.model, loaded.config
   size = config.data.image_size
   matrix = transforms.crop_matrix(float(record['scale']), record['center'], size)
   crop = transforms.warp(record['image'], matrix, size)
@@ -168,23 +155,23 @@ def test_command_line_exits_non_zero_with_the_message(tmp_path):
 
 def test_published_numbers_and_table():
   wflw, w300, cofw, synthetic = (_config(n, '') for n in ('wflw', '300w', 'cofw', 'synthetic'))
-  assert evaluate.published_numbers(wflw, 'ocular') == {'all': {'nme': 4.02, 'fr': 2.32, 'auc': 0.605}}
-  assert evaluate.published_numbers(w300, 'ocular') == {
+  assert report.published_numbers(wflw, 'ocular') == {'all': {'nme': 4.02, 'fr': 2.32, 'auc': 0.605}}
+  assert report.published_numbers(w300, 'ocular') == {
       'all': {'nme': 2.87}, 'common': {'nme': 2.52}, 'challenge': {'nme': 4.32}}
-  assert evaluate.published_numbers(cofw, 'pupil') == {'all': {'nme': 4.62}}
-  assert evaluate.published_numbers(cofw, 'ocular') == {'all': {'nme': 3.21}}
-  assert evaluate.published_numbers(wflw, 'pupil') == {}
-  assert evaluate.published_numbers(synthetic, 'ocular') == {}  # WFLW layout, but not the WFLW data
+  assert report.published_numbers(cofw, 'pupil') == {'all': {'nme': 4.62}}
+  assert report.published_numbers(cofw, 'ocular') == {'all': {'nme': 3.21}}
+  assert report.published_numbers(wflw, 'pupil') == {}
+  assert report.published_numbers(synthetic, 'ocular') == {}  # WFLW layout, but not the WFLW data
 
   from star_jax import layouts
   summary = {'nme': 0.0291, 'fr': 0.0036, 'auc': 0.4412, 'count': 689,
              'common/nme': 0.0255, 'common/fr': 0.0, 'common/auc': 0.5, 'common/count': 554,
              'challenge/nme': float('nan'), 'challenge/fr': float('nan'), 'challenge/auc': float('nan'),
              'challenge/count': 0}
-  rows = evaluate.subset_rows(summary, layouts.W300)
+  rows = report.subset_rows(summary, layouts.W300)
   assert [(r['subset'], r['num_images']) for r in rows] == [('all', 689), ('common', 554), ('challenge', 0)]
   assert rows[0]['nme'] == pytest.approx(2.91) and rows[0]['fr'] == pytest.approx(0.36)
-  table = evaluate.markdown_table(rows, evaluate.published_numbers(w300, 'ocular'), 0.05)
+  table = report.markdown_table(rows, report.published_numbers(w300, 'ocular'), 0.05)
   lines = table.splitlines()
   assert lines[0] == ('| subset | images | NME % | FR@0.05 % | AUC@0.05 | paper NME % | paper FR@0.05 % | '
                       'paper AUC@0.05 |')
@@ -217,12 +204,12 @@ def test_evaluate_and_predict_a_training_workdir(tfds_dir, tmp_path, capsys):
   image = tmp_path / 'face.png'
   import cv2
   cv2.imwrite(str(image), cv2.cvtColor(face.image, cv2.COLOR_RGB2BGR))
-  assert predict.main(['--checkpoint', str(workdir), str(image), '--output', str(tmp_path / 'pred'),
+  assert predict.main(['predict', '--checkpoint', str(workdir), str(image), '--output', str(tmp_path / 'pred'),
                        '--box', ','.join(str(float(v)) for v in face.box)]) == 0
   record = json.loads((tmp_path / 'pred' / 'face.json').read_text())
   assert np.array(record['faces'][0]['landmarks']).shape == (98, 2)
   # And on a real photograph, with the face found by the detector.
-  assert predict.main(['--checkpoint', str(workdir), str(REPO / 'tests' / 'data' / 'real_faces' / 'takeo.png'),
+  assert predict.main(['predict', '--checkpoint', str(workdir), str(REPO / 'tests' / 'data' / 'real_faces' / 'takeo.png'),
                        '--output', str(tmp_path / 'real'), '--show-ambiguity']) == 0
   record = json.loads((tmp_path / 'real' / 'takeo.json').read_text())
   assert len(record['faces']) == 1 and np.array(record['faces'][0]['landmarks']).shape == (98, 2)

@@ -1,4 +1,4 @@
-"""The Grain input pipelines (star_jax/input_pipeline.py), on small fabricated records."""
+"""The Grain input pipelines (star_jax/data/pipeline.py), on small fabricated records."""
 
 import cv2
 import jax
@@ -6,10 +6,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from star_jax import input_pipeline as ip
+from star_jax.data import pipeline as ip
 from star_jax import layouts
 from star_jax.data import targets as TG
 from star_jax.data import transforms as T
+from star_jax.training import mesh as mesh_lib
 
 
 def make_config(layout='WFLW', batch_size=4, eval_batch_size=4):
@@ -166,7 +167,7 @@ def test_eval_batches_order_padding_and_map_back():
   np.testing.assert_array_equal(b['image'][2], crop.image)
   # Unclipped normalised landmarks map back onto the original pixels.
   inside = np.all(np.abs(b['landmarks']) < 1, axis=-1)
-  back = ip.map_back(b['landmarks'], b['matrix'], 64)
+  back = T.map_back(b['landmarks'], b['matrix'], 64)
   np.testing.assert_allclose(back[inside], b['landmarks_px'][inside], atol=1e-3)
   # max_eval_examples: only the first N.
   config.data.max_eval_examples = 3
@@ -188,7 +189,7 @@ def test_to_global_on_a_one_device_mesh():
   mesh = jax.make_mesh((1,), ('data',))
   config = make_config()
   batch = next(iter(ip.train_dataset(config, make_records(4), seed=0, process_index=0, process_count=1)))
-  out = ip.to_global(batch, mesh)
+  out = mesh_lib.to_global(batch, mesh)
   assert set(out) == set(batch)
   for key, value in out.items():
     assert isinstance(value, jax.Array) and value.shape == batch[key].shape and value.dtype == batch[key].dtype
@@ -212,6 +213,6 @@ def test_synthetic_faces_dataset_end_to_end(tmp_path):
   assert np.mean(np.abs(batch['landmarks']) < 1) > 0.9 and batch['image'].std() > 10
   evals = list(ip.eval_batches(cfg, source['test'], process_index=0, process_count=1))
   assert [b['valid'].sum() for b in evals] == [3]
-  back = ip.map_back(evals[0]['landmarks'], evals[0]['matrix'], 64)
+  back = T.map_back(evals[0]['landmarks'], evals[0]['matrix'], 64)
   ok = evals[0]['valid'][:, None] & np.all(np.abs(evals[0]['landmarks']) < 1, -1)
   np.testing.assert_allclose(back[ok], evals[0]['landmarks_px'][ok], atol=1e-3)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from star_jax import losses
+from star_jax.models import decoding
 
 RTOL = 1e-5
 
@@ -164,7 +165,7 @@ def test_star_terms_do_not_depend_on_eigenvector_sign_or_convention(dist):
 
   @jax.jit
   def all_terms(maps, targets):
-    means, cov = losses.heatmap_moments(maps)
+    means, cov = decoding.heatmap_moments(maps)
     evalues, ours = losses.eigh_2x2(cov)
     terms = functools.partial(losses.star_terms, targets - means, evalues, dist=dist)
     flips = jnp.array([1.0, -1.0])
@@ -194,7 +195,7 @@ def _isotropic_maps():
 @pytest.mark.parametrize('dist', losses.DISTANCES)
 def test_star_gradient_is_finite_for_isotropic_maps(dist):
   maps, targets = _isotropic_maps()
-  cov = np.asarray(jax.jit(losses.heatmap_moments)(jnp.asarray(maps))[1])
+  cov = np.asarray(jax.jit(decoding.heatmap_moments)(jnp.asarray(maps))[1])
   assert np.allclose(cov[..., 0, 0], cov[..., 1, 1], rtol=1e-6) and np.allclose(cov[..., 0, 1], 0, atol=1e-9)
   value, grad = jax.jit(jax.value_and_grad(functools.partial(losses.star_loss, dist=dist)))(
       jnp.asarray(maps), jnp.asarray(targets))
@@ -245,7 +246,7 @@ def test_moments_custom_gradient_matches_autodiff_in_float64():
     cot_means = jnp.asarray(rng.normal(size=(2, 4, 2)))
     cot_cov = jnp.asarray(rng.normal(size=(2, 4, 2, 2)))
     results = []
-    for fn in (losses.heatmap_moments, _reference_moments):
+    for fn in (decoding.heatmap_moments, _reference_moments):
       out, vjp = jax.vjp(jax.jit(fn), hm)
       results.append((out, vjp((cot_means, cot_cov))[0]))
     (ours_out, ours_grad), (ref_out, ref_grad) = results
@@ -277,7 +278,7 @@ def test_eig_clamp_removes_nan_from_negative_eigenvalues():
   maps[0, 0, 0, 0] = maps[0, 4, 4, 0] = 1.0
   maps[0, 0, 4, 0] = maps[0, 4, 0, 0] = -0.6
   maps, targets = jnp.asarray(maps), jnp.zeros((1, 1, 2), jnp.float32)
-  evalues = jax.jit(lambda m: losses.eigh_2x2(losses.heatmap_moments(m)[1])[0])(maps)
+  evalues = jax.jit(lambda m: losses.eigh_2x2(decoding.heatmap_moments(m)[1])[0])(maps)
   assert float(evalues.min()) < -1e-5
   assert np.isnan(float(jax.jit(losses.star_loss)(maps, targets)))
   value, grad = jax.jit(jax.value_and_grad(functools.partial(losses.star_loss, eig_clamp=1e-4)))(maps, targets)
@@ -311,7 +312,7 @@ def test_soft_argmax_matches_the_official_decoder():
   rng = np.random.default_rng(4)
   maps = rng.random((2, 9, 13, 3)).astype(np.float32)
   maps[1, ..., 2] = 0.0
-  ours = np.asarray(jax.jit(losses.soft_argmax)(jnp.asarray(maps)))
+  ours = np.asarray(jax.jit(decoding.soft_argmax)(jnp.asarray(maps)))
   # The official decoder, in NHWC: grid arange(n) / (n - 1) * 2 - 1, sums clamped at 1e-6.
   xs = np.arange(13) / 12 * 2 - 1
   ys = np.arange(9) / 8 * 2 - 1
@@ -323,10 +324,10 @@ def test_soft_argmax_matches_the_official_decoder():
   # A one-hot map decodes to its pixel on the align-corners grid: column 12 -> x = 1, row 2 -> y = -0.5.
   one_hot = np.zeros((1, 9, 13, 1), np.float32)
   one_hot[0, 2, 12, 0] = 5.0
-  np.testing.assert_allclose(np.asarray(jax.jit(losses.soft_argmax)(jnp.asarray(one_hot)))[0, 0], [1.0, -0.5],
+  np.testing.assert_allclose(np.asarray(jax.jit(decoding.soft_argmax)(jnp.asarray(one_hot)))[0, 0], [1.0, -0.5],
                              atol=1e-7)
   # heatmap_moments' means are the same soft-argmax.
-  np.testing.assert_allclose(np.asarray(jax.jit(losses.heatmap_moments)(jnp.asarray(maps))[0]), ours, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(jax.jit(decoding.heatmap_moments)(jnp.asarray(maps))[0]), ours, atol=1e-6)
 
 
 def test_smooth_l1_is_the_official_piecewise_function():
@@ -358,7 +359,7 @@ def _stack_outputs(nstack=2, aam=True, seed=5):
     out = {'fusion_heatmaps': jnp.asarray(fusion),
            # Deliberately different from the fusion maps: STAR must not read these.
            'heatmaps': jnp.asarray(rng.random((b, s, s, n)), jnp.float32),
-           'landmarks': losses.soft_argmax(jnp.asarray(fusion))}
+           'landmarks': decoding.soft_argmax(jnp.asarray(fusion))}
     if aam:
       out['pointmaps'] = jnp.asarray(rng.random((b, s, s, n)), jnp.float32)
       out['edgemaps'] = jnp.asarray(rng.random((b, s, s, e)), jnp.float32)

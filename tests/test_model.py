@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import DATA, REPO
-from star_jax import config_lib, convert_pytorch, layouts
+from conftest import DATA, load_config
+from star_jax import convert_pytorch, layouts
 from star_jax.models import StackedHGNet, create_model, preprocess
 from star_jax.models.layers import BatchNorm, coord_channels, max_pool_2x2, upsample_nearest_2x
 
@@ -139,7 +139,7 @@ def test_without_aam_and_coordconv():
 
 
 def test_create_model_from_config_and_bad_sizes():
-  config = config_lib.import_sibling(str(REPO / 'configs' / 'cofw.py'), 'cofw').get_config('tiny')
+  config = load_config('cofw', 'tiny')
   model = create_model(config, nnx.Rngs(0))
   assert model.num_points == 29 and model.nstack == config.model.nstack
   assert model.hourglasses[0].coordconv.conv.kernel.shape == (1, 1, 32 + 3, 32)      # x, y, r

@@ -1,4 +1,5 @@
-"""Tests of the predict command (star_jax.predict), its face detector and its drawing."""
+"""Tests of the predict command (star_jax.predict), its library (star_jax.inference), the face detector
+and the drawing (star_jax.drawing)."""
 
 import json
 import os
@@ -9,13 +10,13 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO
-from star_jax import face_detect
-from star_jax import plots
+from conftest import REPO, load_config
+from star_jax import drawing as plots
 from star_jax import predict
+from star_jax.data import crop as crop_lib
 from star_jax.data import transforms
-
-
+from star_jax.inference import face_detect
+from star_jax.inference import predictor
 
 def _read_pts(path: pathlib.Path) -> np.ndarray:
   """iBUG .pts (1-based) -> (N, 2) 0-based pixels."""
@@ -58,8 +59,8 @@ def test_crop_predict_map_back_recovers_points():
   points = np.array([[130.0, 95.0], [205.5, 120.25], [160.75, 190.5]])
   image = _dot_image(points)
   box = (110.0, 80.0, 230.0, 200.0)
-  results = [predict.FaceResult(face_detect.Face(box), 'user')]
-  predict.predict_faces([image], [results], _centroid_oracle, image_size=64, batch_size=2, refine=False)
+  results = [predictor.FaceResult(face_detect.Face(box), 'user')]
+  predictor.predict_faces([image], [results], _centroid_oracle, image_size=64, batch_size=2, refine=False)
   r = results[0]
   # The crop, the normalisation and the way back must agree to a fraction of a pixel; any half-pixel
   # convention slip (align_corners, the (S-1)/2 centre) would cost ~1 image px here.
@@ -71,12 +72,12 @@ def test_crop_predict_map_back_recovers_points():
 
 def test_refinement_crops_by_the_first_pass_landmarks():
   points = np.array([[130.0, 95.0], [205.5, 120.25], [160.75, 190.5]])
-  results = [predict.FaceResult(face_detect.Face((110.0, 80.0, 230.0, 200.0)), 'user')]
-  predict.predict_faces([_dot_image(points)], [results], _centroid_oracle, image_size=64, batch_size=2,
+  results = [predictor.FaceResult(face_detect.Face((110.0, 80.0, 230.0, 200.0)), 'user')]
+  predictor.predict_faces([_dot_image(points)], [results], _centroid_oracle, image_size=64, batch_size=2,
                         refine=True)
   r = results[0]
   # The second crop is the demo's rule on the bounding box of the first pass's (accurate) landmarks.
-  scale, center = face_detect.crop_params(face_detect.landmark_box(points))
+  scale, center = crop_lib.box_rule(crop_lib.landmarks_box(points))
   assert r.refined
   assert r.scale == pytest.approx(scale, rel=5e-3) and r.center == pytest.approx(center, abs=0.3)
   assert np.all(np.isfinite(r.landmarks))
@@ -90,7 +91,7 @@ def test_run_batched_pads_to_one_shape_and_keeps_order():
     return {'landmarks': images[:, 0, 0, :1, None].astype(np.float32) + np.zeros((len(images), 2, 2), np.float32)}
 
   crops = np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((5, 4, 4, 3), np.uint8)
-  out = predict.run_batched(fn, crops, batch_size=3)
+  out = predictor.run_batched(fn, crops, batch_size=3)
   assert seen == [(3, 4, 4, 3), (3, 4, 4, 3)]
   np.testing.assert_array_equal(out['landmarks'][:, 0, 0], np.arange(5))
 
@@ -104,7 +105,7 @@ def test_covariances_to_image_is_the_jacobian_sandwich_of_map_back():
   probe = np.array([[[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
   mapped = transforms.map_back(probe, matrix, size)[0].astype(np.float64)
   jac = np.stack([mapped[1] - mapped[0], mapped[2] - mapped[0]], axis=1)  # columns: d/dx, d/dy
-  got = predict.covariances_to_image(cov, matrix, size)[0, 0]
+  got = predictor.covariances_to_image(cov, matrix, size)[0, 0]
   np.testing.assert_allclose(got, jac @ cov[0, 0] @ jac.T, rtol=1e-4)
   # Pure scale: normalised -> crop px is x S/2, crop -> image px is / 0.37.
   np.testing.assert_allclose(np.trace(got), np.trace(cov[0, 0]) * (size / 2 / 0.37) ** 2, rtol=1e-5)
@@ -112,25 +113,25 @@ def test_covariances_to_image_is_the_jacobian_sandwich_of_map_back():
 
 def test_refined_crop_guards_against_bad_landmarks():
   pts = np.array([[10.0, 20.0], [110.0, 20.0], [60.0, 140.0]])
-  scale, center = predict.refined_crop(pts, previous_scale=0.5)
+  scale, center = predictor.refined_crop(pts, previous_scale=0.5)
   assert scale == pytest.approx(100 / 200 * 1.05) and center == pytest.approx((60.0, 80.0))
-  assert predict.refined_crop(np.full((3, 2), 7.0), 0.5) is None            # collapsed points
-  assert predict.refined_crop(pts, previous_scale=5.0) is None              # 10x smaller than the face
-  assert predict.refined_crop(np.array([[np.nan, 1.0], [2.0, 3.0]]), 0.5) is None
+  assert predictor.refined_crop(np.full((3, 2), 7.0), 0.5) is None            # collapsed points
+  assert predictor.refined_crop(pts, previous_scale=5.0) is None              # 10x smaller than the face
+  assert predictor.refined_crop(np.array([[np.nan, 1.0], [2.0, 3.0]]), 0.5) is None
 
 
 # ---- Boxes, detector, drawing -------------------------------------------------------------------
 
-def test_parse_box_and_crop_params():
+def test_parse_box_and_the_box_rule():
   assert face_detect.parse_box('10,20.5, 110,220') == (10.0, 20.5, 110.0, 220.0)
   for bad in ('10,20,30', 'a,b,c,d', '10,20,5,40', '1,2,3,inf'):
     with pytest.raises(ValueError, match='box'):
       face_detect.parse_box(bad)
   # The official demo: scale = min(w, h) / 200 x 1.05 around the box centre.
-  scale, center = face_detect.crop_params((10, 20, 110, 220))
+  scale, center = crop_lib.box_rule((10, 20, 110, 220))
   assert scale == pytest.approx(0.525) and center == pytest.approx((60.0, 120.0))
   with pytest.raises(ValueError, match='no area'):
-    face_detect.crop_params((10, 20, 10, 40))
+    crop_lib.box_rule((10, 20, 10, 40))
 
 
 def _iou(a, b):
@@ -146,7 +147,7 @@ def test_haar_detector_finds_the_face_and_nothing_in_a_blank_image(data_dir):
   image = _rgb(data_dir / 'real_faces' / 'takeo.png')
   faces = detector.detect(image)
   assert len(faces) == 1
-  truth = face_detect.landmark_box(_read_pts(data_dir / 'real_faces' / 'takeo.pts'))
+  truth = crop_lib.landmarks_box(_read_pts(data_dir / 'real_faces' / 'takeo.pts'))
   assert _iou(faces[0].box, truth) > 0.4
   assert detector.detect(np.full((120, 160, 3), 127, np.uint8)) == []
   many = [face_detect.Face((0, 0, 10, 10)), face_detect.Face((0, 0, 20, 20))]
@@ -177,10 +178,9 @@ def test_drawing_marks_the_right_pixels():
 def tiny_checkpoint(tmp_path_factory):
   """The tiny official WFLW network (tests/data/tiny_wflw_checkpoint.pkl, input 64, 4 stacks, 32
   channels, random weights) converted to a star_jax checkpoint."""
-  from star_jax import config_lib
   from star_jax import convert_pytorch
 
-  config = config_lib.import_sibling(str(REPO / 'configs' / 'wflw.py'), 'wflw').get_config('tiny')
+  config = load_config('wflw', 'tiny')
   config.model.nstack, config.model.channels = 4, 32
   out = tmp_path_factory.mktemp('ckpt') / 'tiny_wflw'
   convert_pytorch.convert_checkpoint(str(REPO / 'tests' / 'data' / 'tiny_wflw_checkpoint.pkl'), config, str(out))
@@ -209,9 +209,9 @@ def _loaded_models():
 def spy(monkeypatch, _loaded_models):
   """Records the network functions the command builds, and loads each checkpoint only once per module
   (loading the tiny model takes seconds; the first test still goes through the real loader)."""
-  from star_jax import checkpointing
+  from star_jax.training import checkpoints
 
-  real_load, real_make = checkpointing.load_model, predict.make_predict_fn
+  real_load, real_make = checkpoints.load_model, predictor.network_fn
   made = []
 
   def load(directory, **kwargs):
@@ -220,19 +220,19 @@ def spy(monkeypatch, _loaded_models):
       _loaded_models[key] = real_load(directory, **kwargs)
     return _loaded_models[key]
 
-  def make(model, with_covariance):
-    fn = real_make(model, with_covariance)
+  def make(model, with_covariance, **kwargs):
+    fn = real_make(model, with_covariance, **kwargs)
     made.append(fn)
     return fn
 
-  monkeypatch.setattr(checkpointing, 'load_model', load)
-  monkeypatch.setattr(predict, 'make_predict_fn', make)
+  monkeypatch.setattr(checkpoints, 'load_model', load)
+  monkeypatch.setattr(predictor, 'network_fn', make)
   return made
 
 
 def test_predict_command_on_a_folder(tiny_checkpoint, photos, tmp_path, capsys, spy):
   out = tmp_path / 'out'
-  status = predict.main(['--checkpoint', str(tiny_checkpoint), str(photos), '--output', str(out),
+  status = predict.main(['predict', '--checkpoint', str(tiny_checkpoint), str(photos), '--output', str(out),
                          '--norefine', '--batch_size', '2'])
   assert status == 0
   err = capsys.readouterr().err
@@ -248,7 +248,7 @@ def test_predict_command_on_a_folder(tiny_checkpoint, photos, tmp_path, capsys, 
   # The command's landmarks are the network's output on the RGB crop of the detected box (not BGR,
   # not another crop), mapped back to image pixels: redo it by hand with the same network function.
   image = _rgb(photos / 'breakingbad.jpg')
-  scale, center = face_detect.crop_params(face['box'])
+  scale, center = crop_lib.box_rule(face['box'])
   matrix = transforms.crop_matrix(scale, center, 64)
   crop = transforms.warp(image, matrix, 64)
   (network,) = spy
@@ -264,8 +264,8 @@ def test_predict_command_on_a_folder(tiny_checkpoint, photos, tmp_path, capsys, 
 def test_predict_command_with_box_and_ambiguity(tiny_checkpoint, photos, tmp_path, data_dir, spy):
   # Einstein's face is too small for the cascade in this copy: give its box (from the annotation).
   out = tmp_path / 'out'
-  box = tuple(round(v, 1) for v in face_detect.landmark_box(_read_pts(data_dir / 'real_faces' / 'einstein.pts')))
-  status = predict.main(['--checkpoint', str(tiny_checkpoint), str(photos / 'einstein.jpg'), '--output',
+  box = tuple(round(v, 1) for v in crop_lib.landmarks_box(_read_pts(data_dir / 'real_faces' / 'einstein.pts')))
+  status = predict.main(['predict', '--checkpoint', str(tiny_checkpoint), str(photos / 'einstein.jpg'), '--output',
                          str(out), '--box', ','.join(map(str, box)), '--show-ambiguity'])
   assert status == 0
   (face,) = json.loads((out / 'einstein.json').read_text())['faces']
@@ -277,13 +277,13 @@ def test_predict_command_with_box_and_ambiguity(tiny_checkpoint, photos, tmp_pat
 
 
 def test_predict_command_errors(tmp_path, photos, capsys):
-  with pytest.raises(SystemExit) as e:
-    predict.main(['--checkpoint', str(tmp_path / 'missing'), str(photos), '--output', str(tmp_path / 'o')])
-  assert e.value.code != 0 and 'missing' in str(e.value.code) and 'does not exist' in str(e.value.code)
-  with pytest.raises(SystemExit) as e:
-    predict.main(['--checkpoint', str(tmp_path), str(photos), '--output', str(tmp_path / 'o'),
-                  '--box', '1,2,3'])
-  assert e.value.code == 2 and 'four numbers' in capsys.readouterr().err
+  assert predict.main(['predict', '--checkpoint', str(tmp_path / 'missing'), str(photos), '--output',
+                       str(tmp_path / 'o')]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and 'missing' in err and 'does not exist' in err
+  assert predict.main(['predict', '--checkpoint', str(tmp_path), str(photos), '--output', str(tmp_path / 'o'),
+                       '--box', '1,2,3']) == 2
+  assert 'four numbers' in capsys.readouterr().err
 
 
 # ---- A trained checkpoint (opt-in, clearly marked) ----------------------------------------------
@@ -297,24 +297,25 @@ TRAINED = os.environ.get('STAR_JAX_TRAINED_CHECKPOINT', '')
 
 @pytest.mark.skipif(not TRAINED, reason='set STAR_JAX_TRAINED_CHECKPOINT to a trained configs/synthetic.py run')
 def test_trained_checkpoint_puts_the_landmarks_on_synthetic_faces(tmp_path):
-  from star_jax import checkpointing
   from star_jax import layouts
   from star_jax import metrics
   from star_jax.data import synthetic
+  from star_jax.training import checkpoints
 
   use_ema = os.environ.get('STAR_JAX_TRAINED_USE_EMA', '1') != '0'
-  model, config = checkpointing.load_model(predict.resolve_checkpoint_dir(TRAINED), use_ema=use_ema)
+  loaded = checkpoints.load_model(TRAINED, weights=None if use_ema else 'model')
+  config = loaded.config
   layout = layouts.get_layout(config.layout)
-  fn = predict.make_predict_fn(model, with_covariance=True)
+  fn = predictor.network_fn(loaded.model, with_covariance=True)
   samples = [synthetic.generate(0, 'test', i, layout=layout.name) for i in range(8)]
   gt = np.stack([s.clean_landmarks for s in samples])
   for refine, limit in ((False, 0.08), (True, 0.1)):
     # The synthetic box is the landmarks' own box, i.e. already the demo's crop: refining can only
     # add the first pass's error, so it gets a little more room.
-    faces = [[predict.FaceResult(face_detect.Face(tuple(float(v) for v in s.box)), 'user')] for s in samples]
-    predict.predict_faces([s.image for s in samples], faces, fn, int(config.data.image_size), 8, refine=refine)
+    faces = [[predictor.FaceResult(face_detect.Face(tuple(float(v) for v in s.box)), 'user')] for s in samples]
+    predictor.predict_faces([s.image for s in samples], faces, fn, int(config.data.image_size), 8, refine=refine)
     nme = metrics.nme_per_image(np.stack([f[0].landmarks for f in faces]), gt, layout)
     for i, (s, f) in enumerate(zip(samples, faces)):
-      picture = predict.draw(s.image, f, show_ambiguity=True)
+      picture = predictor.draw(s.image, f, show_ambiguity=True)
       cv2.imwrite(str(tmp_path / f'face{i}_refine{int(refine)}.png'), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
     assert np.median(nme) < limit, (refine, nme, tmp_path)

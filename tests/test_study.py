@@ -1,29 +1,26 @@
-"""The ambiguity study (scripts/ambiguity_study.py, star_jax/study.py) at a tiny setting.
+"""The ambiguity study (scripts/ambiguity_study.py, star_jax/experiments/ambiguity.py) at a tiny setting.
 
 The relabelled training split must equal what the synthetic_faces builder writes at that level (the
 study builds level 0 once and re-draws the labels); the script, run as a user runs it, must write a
-table, JSON and plot covering every (loss, level).
+table, JSON and plot covering every (loss, level), through the ordinary trainer, and resume.
 """
 
-import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
+from conftest import COMPILE_CACHE_ENV, REPO, load_config
 from star_jax import layouts
-from star_jax import study
+from star_jax.data import build
 from star_jax.data import synthetic
-
-from conftest import COMPILE_CACHE_ENV, REPO
-
-TINY = study.Settings(levels=(0.0, 4.0), losses=('star', 'l2'), steps=3, batch_size=4, image_size=32,
-                      nlevels=2, channels=16, num_train=16, num_test=8, data_image_size=128,
-                      eval_batch_size=8, log_every=1)
+from star_jax.experiments import ambiguity
+from star_jax.models import decoding
 
 
 @pytest.fixture(scope='module')
@@ -31,20 +28,16 @@ def tfds_dir(tmp_path_factory):
   return tmp_path_factory.mktemp('tfds')
 
 
-def _build(data_dir, ambiguity: float, name: str):
-  from star_jax_datasets.synthetic_faces import synthetic_faces_dataset_builder as sfb
-  config = sfb.SyntheticFacesConfig(name=name, ambiguity=ambiguity, num_train=6, num_test=2, image_size=128,
-                                    description='test')
-  builder = sfb.Builder(config=config, data_dir=str(data_dir))
-  builder.download_and_prepare()
-  return builder
+def _data(data_dir, config: str, relabel: float = -1.0):
+  return ml_collections.ConfigDict({'name': 'synthetic_faces', 'config': config, 'data_dir': str(data_dir),
+                                    'manual_dir': '', 'relabel_ambiguity': relabel})
 
 
 def test_relabelled_source_equals_a_build_at_that_level(tfds_dir):
-  level0 = _build(tfds_dir, 0.0, 'rel0')
-  level4 = _build(tfds_dir, 4.0, 'rel4')
-  source = study.train_source_at(level0.as_data_source('train'), 4.0, level0.builder_config)
-  built = level4.as_data_source('train')
+  # Named configs beyond the registered ones: 98 points, level A, 6 train / 2 test faces of 128 px.
+  source = build.load_source(_data(tfds_dir, 'wflw98_amb0_6x2_128px', relabel=4.0), 'train')
+  built = build.load_source(_data(tfds_dir, 'wflw98_amb4_6x2_128px'), 'train')
+  assert isinstance(source, synthetic.RelabelledSource)
   assert len(source) == len(built) == 6
   moved = []
   for i in range(len(built)):
@@ -55,25 +48,31 @@ def test_relabelled_source_equals_a_build_at_that_level(tfds_dir):
     np.testing.assert_array_equal(mine['clean_landmarks'], theirs['clean_landmarks'])
     moved.append(np.abs(theirs['landmarks'] - theirs['clean_landmarks']).max())
   assert min(moved) > 0.5  # level 4 really moves points (in px of a 128 px image)
-  # Level 0 is the build itself.
-  split0 = level0.as_data_source('train')
-  assert study.train_source_at(split0, 0.0, level0.builder_config) is split0
+  # Level 0 gives the exact labels; the test split and relabel < 0 are the build's own records.
+  exact = build.load_source(_data(tfds_dir, 'wflw98_amb0_6x2_128px', relabel=0.0), 'train')
+  np.testing.assert_array_equal(exact[2]['landmarks'], exact[2]['clean_landmarks'])
+  test = build.load_source(_data(tfds_dir, 'wflw98_amb0_6x2_128px', relabel=4.0), 'test')
+  assert not isinstance(test, synthetic.RelabelledSource)
+  assert not isinstance(build.load_source(_data(tfds_dir, 'wflw98_amb0_6x2_128px'), 'train'),
+                        synthetic.RelabelledSource)
+  with pytest.raises(ValueError, match='unknown synthetic_faces config'):
+    build.load_source(_data(tfds_dir, 'wflw98_ambX'), 'train')
 
 
 def test_relabelled_noise_is_tangential_and_largest_on_the_contour(tfds_dir):
-  level0 = _build(tfds_dir, 0.0, 'rel0')
-  source = study.RelabelledSource(level0.as_data_source('train'), 2.0, seed=0, image_size=128)
+  level0 = build.load_source(_data(tfds_dir, 'wflw98_amb0_6x2_128px'), 'train')
+  source = synthetic.RelabelledSource(level0, 2.0, seed=0, image_size=128)
   record = source[0]
   clean = record['clean_landmarks'].astype(np.float64)
   delta = record['landmarks'] - clean
   tangent = synthetic.curve_tangents(clean, layouts.WFLW)
   cross = delta[:, 0] * tangent[:, 1] - delta[:, 1] * tangent[:, 0]
   np.testing.assert_allclose(cross, 0, atol=1e-3)
-  amb = study.ambiguous_points()
+  amb = ambiguity.ambiguous_points()
   assert amb[:33].all() and amb[33:51].all() and not amb[51:].any()  # contour and brows
   assert np.abs(delta[96:]).max() == 0  # pupils carry no noise
   with pytest.raises(ValueError, match='level'):
-    study.RelabelledSource(level0.as_data_source('train'), -1.0, seed=0, image_size=128)
+    synthetic.RelabelledSource(level0, -1.0, seed=0, image_size=128)
 
 
 def test_part_nmes_split_the_error_by_ambiguity():
@@ -82,43 +81,40 @@ def test_part_nmes_split_the_error_by_ambiguity():
   gt[:, 60], gt[:, 72] = (-0.5, 0.0), (0.5, 0.0)  # IOD 1
   pred = gt.copy()
   pred[:, :33, 0] += 0.1                          # only the contour is off, by 0.1 IOD
-  parts = study.part_nmes(pred, gt, layouts.WFLW)
+  parts = ambiguity.part_nmes(pred, gt, layouts.WFLW)
   assert parts['nme_ambiguous'] == pytest.approx(0.1 * 33 / 51)
   assert parts['nme_other'] == pytest.approx(0.0)
 
 
-def test_settings_from_the_command_line():
-  settings, args = study.parse_args(['--levels', '0,4', '--losses', 'star,l2', '--steps', '3'])
-  assert settings == dataclasses.replace(study.DEFAULT, levels=(0.0, 4.0), losses=('star', 'l2'), steps=3)
-  assert args.output == 'runs/ambiguity_study'
-  full, _ = study.parse_args(['--full', '--seeds', '5'])
-  assert full == dataclasses.replace(study.FULL, seeds=(5,))
-  assert study.dataset_config_name(full) == 'wflw98_amb0'  # the standard build, shared with training
-  config = study.run_config(_base(), study.DEFAULT, 'none', 3)
+def test_study_config_and_cell_configs():
+  study = load_config('ambiguity_study')
+  assert tuple(study.levels) == (0.0, 2.0, 4.0) and tuple(study.losses) == ('star', 'smoothl1', 'none')
+  config = ambiguity.run_config(study, 'none', 2.0, 3)
   assert (config.loss.kind, tuple(config.loss.weights), config.seed) == ('none', (1.0, 10.0, 10.0), 3)
   assert (config.data.image_size, config.data.heatmap_size, config.data.sigma) == (64, 16, 1.5)
-  assert config.milestones == (267, 360) and not config.ema
+  assert (config.data.relabel_ambiguity, config.model.decode) == (2.0, 'pointmaps')
+  assert config.milestones == (267, 360) and config.milestone_unit == 'step' and not config.ema
+  assert ambiguity.run_config(study, 'star', 0.0, 0).model.decode == 'landmarks'
+  assert study.run.loss.kind == 'star'   # the study's own config is not changed by a cell
+  full = load_config('ambiguity_study', 'full')
+  assert len(full.seeds) == 3 and full.run.data.config == 'wflw98_amb0'  # the standard build
+  study.losses = ('star', 'l3')
   with pytest.raises(ValueError, match='unknown loss'):
-    study._check_settings(dataclasses.replace(study.DEFAULT, losses=('star', 'l3')))
+    ambiguity.check_study(study)
 
 
-def _base():
-  from star_jax import config_lib
-  return config_lib.import_sibling(str(REPO / 'configs' / 'synthetic.py'), 'synthetic').get_config('ambiguity=0')
+def _run_script(out, tfds_dir):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
+             # Compile fast (this is about plumbing, not speed) and share programs between test runs.
+             XLA_FLAGS='--xla_backend_optimization_level=0', **COMPILE_CACHE_ENV)
+  return subprocess.run([sys.executable, 'scripts/ambiguity_study.py', '--config', 'configs/ambiguity_study.py:tiny',
+                         f'--config.run.data.data_dir={tfds_dir}', '--output', str(out)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
 
 
 def test_script_end_to_end_at_a_tiny_setting(tfds_dir, tmp_path):
   out = tmp_path / 'study'
-  flags = []
-  for field in dataclasses.fields(study.Settings):
-    value = getattr(TINY, field.name)
-    flags += [f'--{field.name}', ','.join(map(str, value)) if isinstance(value, tuple) else str(value)]
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
-             # Compile fast (this is about plumbing, not speed) and share programs between test runs.
-             XLA_FLAGS='--xla_backend_optimization_level=0', **COMPILE_CACHE_ENV)
-  proc = subprocess.run([sys.executable, 'scripts/ambiguity_study.py', *flags, '--output', str(out),
-                         '--data_dir', str(tfds_dir)], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=600)
+  proc = _run_script(out, tfds_dir)
   assert proc.returncode == 0, proc.stderr[-4000:]
 
   doc = json.loads((out / 'results.json').read_text())
@@ -135,6 +131,10 @@ def test_script_end_to_end_at_a_tiny_setting(tfds_dir, tmp_path):
   # One seed: the aggregate of a (loss, level) is that run's NME, with zero spread.
   star0 = next(r for r in runs if (r['loss'], r['level']) == ('star', 0.0))
   assert doc['nme']['star']['0'] == [star0['nme'], 0.0]
+  # Each cell is an ordinary training workdir, and the trainer's own evaluation agrees with the study's.
+  cell = out / 'runs' / 'star_amb0_seed0'
+  assert (cell / 'checkpoints').is_dir() and (cell / 'cell.json').exists()
+  assert json.loads((cell / 'final_metrics.json').read_text())['model/nme'] == pytest.approx(star0['nme'], rel=1e-5)
 
   table = (out / 'results.md').read_text()
   rows = [line for line in table.splitlines() if line.startswith('| star (') or line.startswith('| l2 (')]
@@ -146,20 +146,26 @@ def test_script_end_to_end_at_a_tiny_setting(tfds_dir, tmp_path):
   png = (out / 'nme_vs_ambiguity.png').read_bytes()
   assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10_000
 
+  # Run again: every cell is finished, so nothing trains and the results are the same.
+  again = _run_script(out, tfds_dir)
+  assert again.returncode == 0, again.stderr[-4000:]
+  assert again.stdout.count('done earlier') == 4
+  assert json.loads((out / 'results.json').read_text())['runs'] == runs
+
 
 def test_tables_average_seeds_and_mark_a_diverged_run():
-  settings = dataclasses.replace(study.DEFAULT, levels=(0.0, 4.0), losses=('star', 'l2'), seeds=(0, 1))
+  grid = {'levels': [0.0, 4.0], 'losses': ['star', 'l2'], 'seeds': [0, 1]}
   records = []
   for loss, level, seed, nme in (('star', 0.0, 0, 0.05), ('star', 0.0, 1, 0.07), ('star', 4.0, 0, 0.08),
                                  ('star', 4.0, 1, 0.08), ('l2', 0.0, 0, 0.06), ('l2', 0.0, 1, 0.06),
                                  ('l2', 4.0, 0, None), ('l2', 4.0, 1, 0.09)):
     records.append({'loss': loss, 'level': level, 'seed': seed, 'nme': nme, 'nme_ambiguous': nme,
                     'nme_other': nme, 'train_seconds': 1.0})
-  table = study.aggregate(records, settings, 'nme')
+  table = ambiguity.aggregate(records, grid, 'nme')
   assert table['star']['0'] == pytest.approx((0.06, 0.01))
   assert math.isnan(table['l2']['4'][0])
-  assert study._json_table(table)['l2']['4'] == [None, None]
-  md = study.markdown_tables(records, settings)
+  assert ambiguity._json_table(table)['l2']['4'] == [None, None]
+  md = ambiguity.markdown_tables(records, grid)
   assert '| star (STAR (v2) + AWing) | 6.00 ± 1.00 | 8.00 ± 0.00 | +2.00 |' in md
   assert '| l2 (L2 coords + AWing) | 6.00 ± 0.00 | diverged | n/a |' in md
 
@@ -170,7 +176,7 @@ def test_decode_pointmaps_finds_peaks_to_sub_pixel():
   ys, xs = np.mgrid[0:h, 0:w]
   maps = np.stack([np.exp(-((xs - x) ** 2 + (ys - y) ** 2) / 2.0) for x, y in truth], -1)[None]  # sigma 1
   maps = maps + 0.01  # a background a plain soft-argmax would be pulled to the centre by
-  decoded = np.asarray(study.decode_pointmaps(maps.astype(np.float32)))[0]
+  decoded = np.asarray(decoding.decode_pointmaps(maps.astype(np.float32)))[0]
   px = (decoded + 1) / 2 * (w - 1)                                       # back to map px
   np.testing.assert_allclose(px[0], truth[0], atol=1e-5)                 # centred on a pixel: exact
   err = np.abs(px - truth).max(axis=1)
@@ -180,17 +186,17 @@ def test_decode_pointmaps_finds_peaks_to_sub_pixel():
 
 
 def test_replot_rewrites_table_and_plot_from_the_json(tmp_path):
-  settings = dataclasses.replace(study.DEFAULT, levels=(0.0, 2.0, 4.0), losses=('star', 'none'))
   runs = [{'loss': loss, 'level': level, 'seed': 0, 'nme': nme, 'nme_ambiguous': nme, 'nme_other': nme,
            'train_seconds': 2.0}
           for loss, base in (('star', 0.05), ('none', 0.8)) for level, nme in ((0.0, base), (2.0, base + 0.01),
                                                                                 (4.0, base + 0.02))]
-  doc = {'settings': dataclasses.asdict(settings), 'runs': runs, 'total_seconds': 60.0, 'device': 'test',
-         'dataset': {'seconds': 1.0}, 'compile_seconds': {'star': 1.0, 'none': 1.0}}
+  doc = {'levels': [0.0, 2.0, 4.0], 'losses': ['star', 'none'], 'seeds': [0], 'runs': runs,
+         'total_seconds': 60.0, 'device': 'test', 'dataset': {'seconds': 1.0},
+         'compile_seconds': {'star': 1.0, 'none': 1.0}}
   (tmp_path / 'results.json').write_text(json.dumps(doc))
-  study.replot(tmp_path, log=lambda _: None)
+  ambiguity.replot(tmp_path, log=lambda _: None)
   md = (tmp_path / 'results.md').read_text()
   assert '| star (STAR (v2) + AWing) | 5.00 | 6.00 | 7.00 | +2.00 |' in md
   assert (tmp_path / 'nme_vs_ambiguity.png').read_bytes()[:4] == b'\x89PNG'  # with an off-scale loss
   with pytest.raises(FileNotFoundError, match='run the study first'):
-    study.replot(tmp_path / 'nothing')
+    ambiguity.replot(tmp_path / 'nothing')

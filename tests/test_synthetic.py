@@ -6,7 +6,9 @@ import pytest
 
 from star_jax import layouts
 from star_jax.data import crop
+from star_jax import drawing
 from star_jax.data import synthetic as S
+from star_jax.data.synthetic import preview
 
 SIZE = 256
 
@@ -225,7 +227,7 @@ def test_noise_amplitude_per_part_matches_its_fraction_of_the_iod():
     t = S.curve_tangents(s.clean_landmarks.astype(np.float64))
     along.append(((s.landmarks - s.clean_landmarks) * t).sum(-1) / S.inter_ocular(s.clean_landmarks))
   along = np.array(along)
-  std = {part: along[:, sl].std() for part, sl in S._PART_SLICES.items() if part != 'pupil'}
+  std = {part: along[:, sl].std() for part, sl in S.PART_SLICES.items() if part != 'pupil'}
   for part, value in std.items():
     assert value == pytest.approx(S.AMBIGUITY_FRACTION[part], rel=0.3), (part, std)
   assert std['contour'] > std['brow'] > std['eye']
@@ -264,8 +266,8 @@ def test_encoded_images_decode_to_the_rgb_pixels():
 
 def test_contact_sheet_tiles_images(tmp_path):
   tiles = [np.full((8, 8, 3), i, np.uint8) for i in range(5)]
-  sheet = S.contact_sheet(tiles, columns=2)
+  sheet = drawing.contact_sheet(tiles, columns=2)
   assert sheet.shape == (24, 16, 3)
   assert sheet[8, 8, 0] == 3 and sheet[16, 8, 0] == 0
-  S.main(['--sheet', str(tmp_path / 's.png'), '--num', '2'])
+  assert preview.main(['preview', '--sheet', str(tmp_path / 's.png'), '--num', '2']) == 0
   assert cv2.imread(str(tmp_path / 's.png')).shape == (256, 512, 3)

@@ -22,12 +22,8 @@ TINY = [f'--config={REPO / "configs" / "synthetic.py"}:tiny']
 
 
 @pytest.fixture(scope='module')
-def tfds_dir(tmp_path_factory):
-  """The tiny synthetic dataset, built once for this module."""
-  from star_jax.data import build
-  data_dir = tmp_path_factory.mktemp('tfds')
-  build.build('synthetic_faces', config='wflw98_tiny', data_dir=str(data_dir))
-  return data_dir
+def tfds_dir(tiny_tfds_dir):
+  return tiny_tfds_dir
 
 
 def _env(devices: int = 1, **extra) -> dict:
@@ -142,9 +138,9 @@ def _assert_same_training(a, b):
     rtol = 1e-4 if key == 'train/loss' else 1e-2
     np.testing.assert_allclose([rb[s] for s in (1, 2, 3)], [ra[s] for s in (1, 2, 3)], rtol=rtol, err_msg=key)
   from flax import nnx
-  from star_jax import checkpointing
-  ma, _ = checkpointing.load_model(pathlib.Path(a) / 'checkpoints', use_ema=False)
-  mb, _ = checkpointing.load_model(pathlib.Path(b) / 'checkpoints', use_ema=False)
+  from star_jax.training import checkpoints
+  ma = checkpoints.load_model(pathlib.Path(a) / 'checkpoints', weights='model').model
+  mb = checkpoints.load_model(pathlib.Path(b) / 'checkpoints', weights='model').model
   stats_b = dict(nnx.to_flat_state(nnx.state(mb, nnx.BatchStat)))
   for path, value in nnx.to_flat_state(nnx.state(ma, nnx.BatchStat)):
     np.testing.assert_allclose(np.asarray(stats_b[path][...]), np.asarray(value[...]), rtol=1e-3, atol=1e-5,

@@ -12,6 +12,7 @@ or `Builder(config='wflw98', data_dir=...).download_and_prepare()`, then read wi
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -43,6 +44,12 @@ class SyntheticFacesConfig(tfds.core.BuilderConfig):
   image_format: str = 'jpeg'
 
 
+# Configs beyond the registered ones, by name: 98 points at ambiguity A, N train / M test faces of
+# S px (the last two parts optional, default 3000 x 500 and 256 px), e.g. 'wflw98_amb0_3000x500_128px'.
+_CUSTOM_NAME = re.compile(r'^wflw98_amb(?P<ambiguity>\d+(?:\.\d+)?)(?:_(?P<train>\d+)x(?P<test>\d+))?'
+                          r'(?:_(?P<size>\d+)px)?$')
+
+
 def _config(name: str, layout: str, ambiguity: float, what: str) -> SyntheticFacesConfig:
   return SyntheticFacesConfig(
       name=name, layout=layout, ambiguity=ambiguity,
@@ -70,6 +77,22 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                           num_train=32, num_test=16),
   ]
   DEFAULT_CONFIG_NAME = 'wflw98'
+
+  @classmethod
+  def config_for(cls, name: str) -> str | SyntheticFacesConfig:
+    """The `config` argument for a config name: a registered name as it is, or a new config for a
+    name 'wflw98_amb<level>[_<train>x<test>][_<size>px]'; ValueError for anything else."""
+    if not name or name in {c.name for c in cls.BUILDER_CONFIGS}:
+      return name
+    match = _CUSTOM_NAME.match(name)
+    if match is None:
+      raise ValueError(f'unknown synthetic_faces config {name!r}: use one of '
+                       f'{sorted(c.name for c in cls.BUILDER_CONFIGS)} or wflw98_amb<level>[_<train>x<test>]'
+                       '[_<size>px], e.g. wflw98_amb0_3000x500_128px')
+    g = match.groupdict()
+    config = _config(name, 'WFLW', float(g['ambiguity']), '98 points')
+    return dataclasses.replace(config, num_train=int(g['train'] or 3000), num_test=int(g['test'] or 500),
+                               image_size=int(g['size'] or 256))
 
   def __init__(self, *, file_format=None, **kwargs):
     # array_record by default: `tfds.data_source` reads it without TensorFlow.

@@ -1,0 +1,3 @@
+"""Data: TFDS datasets and their sources (`build`), crop rules (`crop`), geometry and augmentation
+(`transforms`), training targets (`targets`), the Grain input pipeline (`pipeline`), and the built-in
+synthetic faces (`synthetic`). Records flow builder -> source -> pipeline -> batches."""

@@ -9,14 +9,15 @@ instead (`download_and_prepare` with a manual folder) and writes array_record fi
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import shlex
-import sys
 
+from absl import flags
 from absl import logging
 import tensorflow_datasets as tfds
+
+from star_jax import cli
 
 # Registry: dataset name -> module holding its `Builder`; imported lazily, so that one missing or
 # broken builder does not break the others.
@@ -49,10 +50,12 @@ def get_builder(name: str, *, config: str = '', data_dir: str = '') -> tfds.core
 
   `data_dir` '' means TFDS's default: $TFDS_DATA_DIR, else ~/tensorflow_datasets.
   """
+  cls = builder_class(name)
   kwargs = {'data_dir': data_dir or None, 'file_format': 'array_record'}
   if config:
-    kwargs['config'] = config
-  return builder_class(name)(**kwargs)
+    # Builders that make configs from their names (synthetic_faces) resolve them here.
+    kwargs['config'] = cls.config_for(config) if hasattr(cls, 'config_for') else config
+  return cls(**kwargs)
 
 
 def build_command(name: str, *, config: str = '', manual_dir: str = '', data_dir: str = '') -> str:
@@ -113,26 +116,41 @@ def load_source(data_cfg, split: str, *, build_if_missing: bool = True):
       raise FileNotFoundError(f'dataset {name!r} is not built in {builder.data_dir}; {why}:\n'
                               f'  {command}')
   # What tfds.data_source(name, split=..., data_dir=...) returns, without resolving the name again.
-  return builder.as_data_source(split=split)
+  source = builder.as_data_source(split=split)
+  level = float(_field(data_cfg, 'relabel_ambiguity', -1.0))
+  if level >= 0 and split == 'train':
+    source = relabelled(source, builder, level)
+  return source
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m star_jax.data.build', description=__doc__.split('\n\n')[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--dataset', required=True, choices=sorted(BUILDERS))
-  parser.add_argument('--config', default='', help="builder config ('' = the default one)")
-  parser.add_argument('--manual_dir', default='',
-                      help='folder of the hand-downloaded raw files (not needed for synthetic_faces)')
-  parser.add_argument('--data_dir', default='',
-                      help='TFDS data dir (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)')
-  args = parser.parse_args(argv)
-  logging.set_verbosity(logging.INFO)
-  if needs_manual_download(args.dataset) and not args.manual_dir:
-    parser.error(f'--manual_dir is required for {args.dataset}; the builder says:\n'
-                 f'{builder_class(args.dataset).MANUAL_DOWNLOAD_INSTRUCTIONS}')
-  builder = build(args.dataset, config=args.config, manual_dir=args.manual_dir,
-                  data_dir=args.data_dir)
+def relabelled(source, builder, level: float):
+  """The synthetic train split `source` with its labels re-drawn at ambiguity `level` from its exact
+  points (`synthetic.RelabelledSource`): one build serves every level of the ambiguity study."""
+  if builder.name != 'synthetic_faces':
+    raise ValueError(f'data.relabel_ambiguity is for the synthetic_faces dataset, not {builder.name!r}')
+  from star_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+  cfg = builder.builder_config
+  return synthetic.RelabelledSource(source, level, seed=cfg.seed, image_size=cfg.image_size)
+
+
+def _build(argv: list[str]) -> int:
+  command = cli.Command(__doc__, argv)
+  fv = command.fv
+  flags.DEFINE_enum('dataset', None, sorted(BUILDERS), 'the dataset to build', flag_values=fv)
+  flags.DEFINE_string('config', '', "builder config ('' = the default one)", flag_values=fv)
+  flags.DEFINE_string('manual_dir', '', 'folder of the hand-downloaded raw files (not needed for '
+                      'synthetic_faces)', flag_values=fv)
+  flags.DEFINE_string('data_dir', '', 'TFDS data dir (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)',
+                      flag_values=fv)
+  rest = command.parse()
+  if rest:
+    raise flags.Error(f'unexpected arguments: {" ".join(rest)}')
+  command.require('dataset')
+  cli.setup_logging()
+  if needs_manual_download(fv.dataset) and not fv.manual_dir:
+    raise flags.Error(f'--manual_dir is required for {fv.dataset}; the builder says:\n'
+                      f'{builder_class(fv.dataset).MANUAL_DOWNLOAD_INSTRUCTIONS}')
+  builder = build(fv.dataset, config=fv.config, manual_dir=fv.manual_dir, data_dir=fv.data_dir)
   splits = ', '.join(f'{k} {v.num_examples}' for k, v in sorted(builder.info.splits.items()))
   print(f'{builder.name}: wrote {splits} records to {os.path.abspath(builder.data_dir)}')
   crop_rule = builder.info.metadata.get('crop_rule') if builder.info.metadata else None
@@ -141,5 +159,9 @@ def main(argv=None) -> int:
   return 0
 
 
+def main(argv=None) -> int:
+  return cli.guarded(_build, argv, __doc__)
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(main)

@@ -51,9 +51,13 @@ def box_rule(box) -> tuple[float, np.ndarray]:
 
 
 def landmarks_box(landmarks) -> np.ndarray:
-  """(4,) float32 bounding box x_min, y_min, x_max, y_max of (N, 2) landmarks."""
-  points = np.asarray(landmarks, np.float32).reshape(-1, 2)
-  return np.concatenate([points.min(axis=0), points.max(axis=0)]).astype(np.float32)
+  """(4,) bounding box x_min, y_min, x_max, y_max of (N, 2) landmarks, in their float dtype (float32
+  for anything else)."""
+  points = np.asarray(landmarks)
+  if not np.issubdtype(points.dtype, np.floating):
+    points = points.astype(np.float32)
+  points = points.reshape(-1, 2)
+  return np.concatenate([points.min(axis=0), points.max(axis=0)])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -157,21 +157,6 @@ def _draw(canvas: np.ndarray, vertices: np.ndarray, closed: bool, value: float) 
   cv2.polylines(canvas, [vertices.reshape(-1, 1, 2)], bool(closed), value, EDGE_DRAW_SCALE, cv2.LINE_8)
 
 
-def edge_map_reference(landmarks: np.ndarray, edges, image_size: int, heatmap_size: int) -> np.ndarray:
-  """(h, h, E) float32: the straightforward official computation (a full float32 4x canvas per edge
-  with 255 ink, INTER_AREA back to image_size, / 255, bilinear to heatmap_size). Slow; kept to test
-  the fast `edge_maps` against."""
-  big = image_size * EDGE_DRAW_SCALE
-  r = bilinear_resize_matrix(image_size, heatmap_size)
-  out = []
-  for closed, indices in edges:
-    canvas = np.zeros((big, big), np.float32)
-    _draw(canvas, _curve_pixels(np.asarray(landmarks)[list(indices)], closed, image_size), closed, 255.0)
-    full = cv2.resize(canvas, (image_size, image_size), interpolation=cv2.INTER_AREA) / np.float32(255)
-    out.append(r @ full @ r.T)
-  return np.stack(out, axis=-1).astype(np.float32)
-
-
 def edge_maps(landmarks: np.ndarray, edges, image_size: int, heatmap_size: int) -> np.ndarray:
   """(heatmap_size, heatmap_size, E) float32 edge-map targets, one per `edges` entry
   ((is_closed, indices), star_jax.layouts) for (N, 2) crop-px landmarks.

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-FACE_SIDE = 200.0  # the official `scale` is the face side in units of 200 px (300W / WFLW convention)
+from star_jax.data import crop as crop_lib
 
 
 # ---- Matrices -----------------------------------------------------------------------------------
@@ -48,7 +48,7 @@ def crop_matrix(scale: float, center, image_size: int) -> np.ndarray:
   if not scale > 0:
     raise ValueError(f'crop scale must be positive, got {scale!r}')
   half = (image_size - 1) / 2.0
-  return rotate_scale_matrix(0.0, image_size / (float(scale) * FACE_SIDE), (0.0, 0.0), center, (half, half))
+  return rotate_scale_matrix(0.0, image_size / (float(scale) * crop_lib.FACE_SIDE_PX), (0.0, 0.0), center, (half, half))
 
 
 def geometry_matrix(shift_xy, angle: float, scale: float, image_size: int) -> np.ndarray:

@@ -1,5 +1,12 @@
-"""The STAR network (StackedHGNetV1) in Flax NNX: `create_model(config, rngs)`, `preprocess`."""
+"""The STAR network (StackedHGNetV1) in Flax NNX, its building blocks, and decoding its heatmaps.
 
-from star_jax.models.stacked_hg import StackedHGNet, create_model, preprocess
+  network.py   StackedHGNet and `create_model(config, rngs)`
+  layers.py    convolutions, BatchNorm, residual blocks, CoordConv channels, pooling
+  decoding.py  soft-argmax, heatmap moments (mean, covariance), point-map decoding; the one grid
+  forward.py   `preprocess`, `forward` and `make_predict_fn` on the split model state
+"""
 
-__all__ = ['StackedHGNet', 'create_model', 'preprocess']
+from star_jax.models.forward import forward, make_predict_fn, preprocess, split
+from star_jax.models.network import StackedHGNet, create_model
+
+__all__ = ['StackedHGNet', 'create_model', 'forward', 'make_predict_fn', 'preprocess', 'split']

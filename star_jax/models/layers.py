@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from star_jax.models.decoding import align_corners_grid
+
 
 def stat_dtype(dtype):
   """Dtype for statistics and heads: float32, or float64 when computing in float64 (x64 tests)."""
@@ -296,8 +298,7 @@ def coord_channels(height: int, width: int) -> np.ndarray:
   transposed; the trained weights expect this order, so we keep it), channel 2 is the radius
   sqrt(c0^2 + c1^2) divided by its maximum.
   """
-  rows = np.arange(height, dtype=np.float32) / np.float32(height - 1) * 2 - 1
-  cols = np.arange(width, dtype=np.float32) / np.float32(width - 1) * 2 - 1
+  rows, cols = align_corners_grid(height), align_corners_grid(width)
   c0 = np.broadcast_to(rows[:, None], (height, width))
   c1 = np.broadcast_to(cols[None, :], (height, width))
   r = np.sqrt(c0 ** 2 + c1 ** 2)

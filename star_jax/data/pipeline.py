@@ -6,8 +6,8 @@ random-access sequence of such dicts):
   'landmarks' float32 (N, 2) 0-based pixel (x, y), 'scale' float32 (face side / 200 px),
   'center' float32 (2,) (center_w, center_h), 'attributes' int32 (K,), 'image_name' str / bytes.
 
-Batches are dicts of numpy arrays holding THIS process's share of a global batch; `to_global` turns
-them into global `jax.Array`s sharded over the mesh's 'data' axis.
+Batches are dicts of numpy arrays holding THIS process's share of a global batch;
+`star_jax.training.mesh.to_global` turns them into global `jax.Array`s sharded over the mesh.
 
 Training order: the split is shuffled (differently each epoch) and repeated forever; global stream
 position i goes to process i % process_count. The augmentation of position i draws from a generator
@@ -30,10 +30,6 @@ import numpy as np
 from star_jax import layouts
 from star_jax.data import targets as targets_lib
 from star_jax.data import transforms
-
-# Re-exported: evaluation and prediction map normalised outputs back to image pixels with these.
-denormalize = transforms.denormalize
-map_back = transforms.map_back
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +211,7 @@ def train_dataset(config, source: Sequence[Mapping[str, Any]], *, seed: int, pro
 
   `iter()` it, and checkpoint the iterator with `get_state()` / `set_state()`: a restored iterator
   yields exactly the batches an uninterrupted one would have. One epoch is
-  `steps_per_epoch(config, len(source))` steps."""
+  `star_jax.training.state.steps_per_epoch(config, len(source))` steps."""
   process_index, process_count = _process(process_index, process_count)
   local = _local_batch(int(config.batch_size), process_count, 'config.batch_size')
   if len(source) == 0:
@@ -229,12 +225,6 @@ def train_dataset(config, source: Sequence[Mapping[str, Any]], *, seed: int, pro
   ds = ds[process_index::process_count]
   ds = ds.batch(local, drop_remainder=True)
   return _maybe_multiprocess(ds.to_iter_dataset(_read_options(config)), config)
-
-
-def steps_per_epoch(config, num_examples: int) -> int:
-  """Training steps (global batches) in one epoch of `num_examples` records (the last partial batch
-  is not dropped: the stream simply continues into the next epoch)."""
-  return max(1, num_examples // int(config.batch_size))
 
 
 def num_eval_examples(config, source) -> int:
@@ -275,16 +265,3 @@ def eval_batches(config, source: Sequence[Mapping[str, Any]], *, process_index: 
 
   ds = grain.MapDataset.range(num_batches * local).map(example).batch(local)
   return ds.to_iter_dataset(_read_options(config))
-
-
-# ---- To devices ---------------------------------------------------------------------------------
-
-def to_global(batch: Mapping[str, Any], mesh_or_sharding) -> dict[str, jax.Array]:
-  """Local numpy batch -> global jax.Arrays, split along the leading (batch) axis over the mesh's
-  'data' axis (a Mesh) or laid out by the given sharding. Every process passes its own share, in
-  process order (as train_dataset / eval_batches produce them)."""
-  if isinstance(mesh_or_sharding, jax.sharding.Mesh):
-    sharding = jax.sharding.NamedSharding(mesh_or_sharding, jax.sharding.PartitionSpec('data'))
-  else:
-    sharding = mesh_or_sharding
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), dict(batch))

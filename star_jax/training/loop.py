@@ -8,36 +8,29 @@ reduced over the global batch by XLA. Works the same on one CPU, several devices
 from __future__ import annotations
 
 import json
-import math
-import os
 import pathlib
 import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from star_jax import evaluation
-from star_jax import input_pipeline
-from star_jax import train_steps
-from star_jax import training_checkpoints
-from star_jax import writers
+from star_jax import models
 from star_jax.data import build
+from star_jax.data import pipeline
+from star_jax.evaluation import scoring
 from star_jax.layouts import get_layout
+from star_jax.training import checkpoints
+from star_jax.training import mesh as mesh_lib
+from star_jax.training import state as state_lib
+from star_jax.training import step as step_lib
+from star_jax.training import writers
 
 
 class NonFiniteLossError(RuntimeError):
   """The training loss became NaN or infinite."""
-
-
-def make_mesh() -> jax.sharding.Mesh:
-  """A 1-D data-parallel mesh over all devices of all processes."""
-  return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -51,8 +44,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if is_main:
     (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
   layout = get_layout(config.layout)
-  mesh = make_mesh()
-  replicated = NamedSharding(mesh, P())
+  mesh = mesh_lib.make_mesh()
+  replicated = mesh_lib.replicated(mesh)
   if config.batch_size % jax.device_count():
     raise ValueError(f'config.batch_size={config.batch_size} must be a multiple of the '
                      f'{jax.device_count()} devices')
@@ -64,51 +57,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ================================================================================================
   train_source = build.load_source(config.data, config.data.train_split)
   test_source = build.load_source(config.data, config.data.test_split)
-  steps_per_epoch = max(len(train_source) // config.batch_size, 1)
-  total_steps = config.total_steps or config.num_epochs * steps_per_epoch
-  train_iter = iter(input_pipeline.train_dataset(config, train_source, seed=config.seed))
+  steps_per_epoch = state_lib.steps_per_epoch(config, len(train_source))
+  total_steps = state_lib.total_steps(config, steps_per_epoch)
+  train_iter = iter(pipeline.train_dataset(config, train_source, seed=config.seed))
   logging.info('train: %d examples, %d steps per epoch, %d steps', len(train_source), steps_per_epoch,
                total_steps)
 
   # ================================================================================================
   # Model and optimizer
   # ================================================================================================
-  tx = train_steps.make_optimizer(config, steps_per_epoch)
-  graphs, state = train_steps.create_train_state(config, tx, config.seed)
+  tx = state_lib.make_optimizer(config, steps_per_epoch)
+  graphs, state = state_lib.create_train_state(config, tx, config.seed)
   state = jax.device_put(state, replicated)
-  train_step = jax.jit(train_steps.make_train_step(graphs, tx, config), donate_argnums=(0,))
-  predict = jax.jit(train_steps.make_predict_step(graphs))
+  train_step = jax.jit(step_lib.make_train_step(graphs, tx, config), donate_argnums=(0,))
+  predict = jax.jit(models.make_predict_fn(graphs.eval, decode=config.model.get('decode', 'landmarks')))
 
   # ================================================================================================
   # Checkpoints: resume where the last one left off
   # ================================================================================================
-  manager = training_checkpoints.training_manager(workdir / 'checkpoints', keep=config.keep_checkpoints)
+  manager = checkpoints.training_manager(workdir / 'checkpoints', keep=config.keep_checkpoints)
   if manager.latest_step() is not None:
-    state, train_iter = training_checkpoints.restore_training(manager, state, train_iter, replicated)
+    state, train_iter = checkpoints.restore_training(manager, state, train_iter, replicated)
     logging.info('resumed from step %d', int(state.step))
   start_step = int(state.step)
 
   def save(step: int, eval_metrics: dict | None):
-    training_checkpoints.save_training(manager, step, state, train_iter, config, metrics=eval_metrics)
+    checkpoints.save_training(manager, step, state, train_iter, config, metrics=eval_metrics)
 
   # SIGTERM (preemption, `kill`): finish the current step, save, exit cleanly.
   stop = {'requested': False}
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
 
   def run_eval(step: int) -> dict:
+    t0 = time.perf_counter()
     out = {}
     variants = {'model': (state.params, state.batch_stats)}
     if config.ema:
       variants['ema'] = (state.ema_params, state.ema_batch_stats)
     for name, (params, batch_stats) in variants.items():
-      batches = input_pipeline.eval_batches(config, test_source)
-      results = evaluation.predict_split(lambda im: predict(params, batch_stats, im), batches, mesh,
-                                         config.data.image_size)
-      summary = evaluation.score(results, layout)
+      batches = pipeline.eval_batches(config, test_source)
+      results = scoring.predict_split(lambda im: predict(params, batch_stats, im), batches, mesh,
+                                      config.data.image_size)
+      summary = scoring.score(results, layout)
       out.update({f'{name}/{k}': v for k, v in summary.items() if isinstance(v, (int, float))})
     out['nme'] = out['ema/nme'] if config.ema else out['model/nme']
     writer.write_scalars(step, {f'eval/{k}': v for k, v in out.items()})
     logging.info('step %d eval: %s', step, {k: round(v, 5) for k, v in out.items() if 'nme' in k})
+    seconds['eval'] += time.perf_counter() - t0
     return out
 
   # ================================================================================================
@@ -120,6 +115,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   last_eval: dict = {}
   eval_every = max(int(config.eval_every_epochs * steps_per_epoch), 1)
   ckpt_every = max(int(config.checkpoint_every_epochs * steps_per_epoch), 1)
+  # Wall time of this invocation: the first step (with its compilation), the whole loop, evaluation.
+  seconds = {'first_step': 0.0, 'loop': 0.0, 'eval': 0.0}
 
   def sync_metrics(step: int):
     """Brings pending metrics to the host; raises on a non-finite loss (before anything is saved)."""
@@ -138,11 +135,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write_scalars(step, {f'train/{k}': v for k, v in mean.items()})
     progress.set_postfix(loss=mean['loss'])
 
+  t_loop = time.perf_counter()
   try:
     with jax.set_mesh(mesh):
       for step in range(start_step + 1, total_steps + 1):
-        batch = input_pipeline.to_global(next(train_iter), mesh)
+        batch = mesh_lib.to_global(next(train_iter), mesh)
+        t_step = time.perf_counter()
         state, step_metrics = train_step(state, batch)
+        if step == start_step + 1:  # the first step compiles: time it on its own
+          jax.block_until_ready(step_metrics['loss'])
+          seconds['first_step'] = time.perf_counter() - t_step
         pending.append(step_metrics)
         progress.update(step)
         last = step == total_steps
@@ -164,6 +166,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress.close()
     writer.close()
     signal.signal(signal.SIGTERM, previous_handler)
-  if is_main and last_eval:
-    (workdir / 'final_metrics.json').write_text(json.dumps(last_eval, indent=2))
-  return last_eval
+  seconds['loop'] = time.perf_counter() - t_loop
+  if not last_eval:
+    return {}
+  final = dict(last_eval, **{f'seconds/{k}': v for k, v in seconds.items()})
+  if is_main:
+    (workdir / 'final_metrics.json').write_text(json.dumps(final, indent=2))
+  return final

@@ -1,6 +1,6 @@
 """Speed of the full WFLW training step: images per second.
 
-Ours is exactly what the trainer runs: `train_steps.make_train_step` (StackedHGNet 256 x 256, 4 stacks,
+Ours is exactly what the trainer runs: `star_jax.training.step.make_train_step` (StackedHGNet 256 x 256, 4 stacks,
 256 channels, AAM; STAR loss + AWing on point and edge maps for every stack; Adam; EMA of weights and
 BatchNorm statistics), `jax.jit`-compiled with the state donated. On a CPU: batch 8, float32. On a GPU:
 the official per-GPU batch 32 (global batch 128 over 4 GPUs) in float32 and bfloat16, with the share of
@@ -29,6 +29,7 @@ with XLA's and glibc's defaults.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import statistics
 import sys
@@ -37,11 +38,15 @@ import time
 import jax
 import numpy as np
 
-from star_jax import benchmarks, config_lib, cpu_tuning, layouts, train_steps
+import benchmarks
+from benchmarks import official
+from star_jax import config_lib, cpu_tuning, layouts
 from star_jax.data import targets
+from star_jax.training import state as state_lib
+from star_jax.training import step as step_lib
 
 LAYOUT = layouts.WFLW
-_CONFIGS = pathlib.Path(__file__).resolve().parents[2] / 'configs'
+_REPO = pathlib.Path(__file__).resolve().parents[1]
 IMAGE, MAPS, SIGMA = 256, 64, 1.5
 BLOCK = 3   # consecutive steps per turn (the first is not counted), see interleaved()
 # Dense peak FLOP/s per device kind (matrix units, no sparsity), for the share of peak on a GPU.
@@ -55,7 +60,7 @@ PEAK_FLOPS = {
 
 def wflw_config(dtype: str):
   """configs/wflw.py (the official recipe) with the compute dtype set."""
-  config = config_lib.import_sibling(str(_CONFIGS / 'wflw.py'), 'wflw').get_config()
+  config = config_lib.load_config('configs/wflw.py')
   config.model.dtype = dtype
   return config
 
@@ -87,10 +92,10 @@ def our_step(config, batch_np: dict):
 
   `run_one_step()` advances the (donated) state by one step and blocks until it is done.
   """
-  tx = train_steps.make_optimizer(config, steps_per_epoch=1000)
-  graphs, state = train_steps.create_train_state(config, tx, rng_seed=0)
+  tx = state_lib.make_optimizer(config, 1000)
+  graphs, state = state_lib.create_train_state(config, tx, rng_seed=0)
   batch = jax.device_put(batch_np)
-  step = jax.jit(train_steps.make_train_step(graphs, tx, config), donate_argnums=(0,))
+  step = jax.jit(step_lib.make_train_step(graphs, tx, config), donate_argnums=(0,))
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
@@ -105,81 +110,6 @@ def our_step(config, batch_np: dict):
     return metrics
 
   return run_one_step, compile_s, flops
-
-
-def _official_modules(path: str):
-  """(StackedHGNetV1 builder, loss package) from an official checkout, without its lib/__init__."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  from star_jax.benchmarks import model as model_bench  # pylint: disable=import-outside-toplevel
-  loss_dir = pathlib.Path(path) / 'lib' / 'loss'
-  if not (loss_dir / 'starLoss_v2.py').exists():
-    raise FileNotFoundError(f'--official {path}: no lib/loss/starLoss_v2.py there')
-  name = '_star_official_loss'
-  if name not in sys.modules:
-    spec = importlib.util.spec_from_file_location(name, loss_dir / '__init__.py',
-                                                  submodule_search_locations=[str(loss_dir)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  return (lambda: model_bench._official_network(path)), sys.modules[name]  # pylint: disable=protected-access
-
-
-def official_step(path: str, batch_np: dict, nstack: int = 4):
-  """The official training step on `batch_np`: returns run_one_step(anomaly: bool) -> loss (float).
-
-  Follows the official trainer (utility.forward_backward, compute_loss, accumulate_net) with its
-  config (conf/alignment.py): per stack i the weights 2^i / 2^(nstack - 1) x (1, 10, 10) for
-  STARLoss_v2(w=1, smoothl1) on the fusion heatmaps and AWingLoss on the point and edge maps; Adam
-  (lr 1e-3); EMA decay 0.5 ** (128 / 10000) over parameters and floating-point buffers (integer
-  buffers copied). The labels are moved to float tensors once, outside the timing, as the batch is.
-  """
-  import torch  # pylint: disable=import-outside-toplevel
-  build, loss_pkg = _official_modules(path)
-  torch.manual_seed(0)
-  net = build().float().train()
-  net_ema = build().float().eval()
-  net_ema.load_state_dict(net.state_dict())
-  criterions = []
-  for _ in range(nstack):
-    criterions += [loss_pkg.STARLoss_v2(dist='smoothl1', w=1), loss_pkg.AWingLoss(), loss_pkg.AWingLoss()]
-  weights = [2.0 ** i / 2.0 ** (nstack - 1) * w for i in range(nstack) for w in (1.0, 10.0, 10.0)]
-  optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-  decay = 0.5 ** (128 / 10000.0)
-  # Official input: (pixel - 127.5) / 127.5, NCHW. Labels NCHW, one list entry per output.
-  image = torch.from_numpy((batch_np['image'].astype(np.float32) - 127.5) / 127.5).permute(0, 3, 1, 2)
-  image = image.contiguous()
-  per_stack = [torch.from_numpy(batch_np['landmarks']),
-               torch.from_numpy(batch_np['pointmaps']).permute(0, 3, 1, 2).contiguous(),
-               torch.from_numpy(batch_np['edgemaps']).permute(0, 3, 1, 2).contiguous()]
-  labels = nstack * per_stack
-  ema_params = dict(net_ema.named_parameters())
-  ema_buffers = dict(net_ema.named_buffers())
-
-  def run_one_step(anomaly: bool) -> float:
-    with torch.autograd.set_detect_anomaly(anomaly):
-      output, fusion_maps, _ = net(image)
-      total = 0.0
-      for k, criterion in enumerate(criterions):
-        # The official compute_loss: STAR sees the stack's fusion heatmaps, AWing the maps in `output`.
-        pred = fusion_maps[k // 3] if k % 3 == 0 else output[k]
-        loss = criterion(pred, labels[k])
-        total = total + weights[k] * loss
-        float(loss.detach())          # the official logs every term with .item() each step
-      optimizer.zero_grad()
-      total.backward()
-      optimizer.step()
-    with torch.no_grad():             # the official accumulate_net(net_ema, net, decay)
-      for key, p in net.named_parameters():
-        ema_params[key].mul_(decay).add_(p, alpha=1 - decay)
-      for key, b in net.named_buffers():
-        if b.is_floating_point():
-          ema_buffers[key].mul_(decay).add_(b, alpha=1 - decay)
-        else:
-          ema_buffers[key].copy_(b)
-    return float(total.detach())
-
-  note = f'torch {torch.__version__}, {torch.get_num_threads()} threads'
-  return run_one_step, note
 
 
 def _timed(fn) -> tuple[float, float]:
@@ -224,10 +154,11 @@ class OfficialWorker:
     import subprocess  # pylint: disable=import-outside-toplevel
     import tempfile  # pylint: disable=import-outside-toplevel
     self._stderr = tempfile.TemporaryFile(mode='w+')
+    env = cpu_tuning.untuned_environment()   # the official code runs as shipped
+    env['PYTHONPATH'] = os.pathsep.join([str(_REPO)] + [p for p in [env.get('PYTHONPATH', '')] if p])
     self._proc = subprocess.Popen(
-        [sys.executable, '-m', 'star_jax.benchmarks.train', '--official-worker', path, str(batch)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
-        env=cpu_tuning.untuned_environment())   # the official code runs as shipped
+        [sys.executable, '-m', 'benchmarks.train', '--official-worker', path, str(batch)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)
     self.note = self._reply('ready')
 
   def _reply(self, expected: str) -> str:
@@ -262,7 +193,7 @@ def _worker_main(path: str, batch: int):
   import warnings  # pylint: disable=import-outside-toplevel
   warnings.simplefilter('ignore')
   try:
-    step, note = official_step(path, synthetic_batch(batch))
+    step, note = official.train_step(path, synthetic_batch(batch))
   except Exception as e:  # pylint: disable=broad-except
     print(f'error {type(e).__name__}: {e}', flush=True)
     return
@@ -337,6 +268,6 @@ def run(args):
 if __name__ == '__main__':
   if len(sys.argv) == 4 and sys.argv[1] == '--official-worker':
     _worker_main(sys.argv[2], int(sys.argv[3]))
-  else:  # quick manual run: python -m star_jax.benchmarks.train
+  else:  # quick manual run: python -m benchmarks.train
     import types  # pylint: disable=import-outside-toplevel
     print(run(types.SimpleNamespace(repeats=1, official='')))

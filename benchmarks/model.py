@@ -9,7 +9,6 @@ way, in the same process, for comparison.
 
 from __future__ import annotations
 
-import sys
 import time
 import types
 
@@ -17,7 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from star_jax import benchmarks, layouts
+import benchmarks
+from benchmarks import official
+from star_jax import layouts
 from star_jax.models import StackedHGNet
 
 LAYOUT = layouts.WFLW
@@ -69,24 +70,9 @@ def _time_ours(dtype: str, batch: int, repeats: int):
   return fwd, fwd_compile, bwd, bwd_compile
 
 
-def _official_network(path: str):
-  """Builds the official StackedHGNetV1 for WFLW (random weights) without running lib/__init__."""
-  for name, sub in (('lib', 'lib'), ('lib.dataset', 'lib/dataset'), ('lib.backbone', 'lib/backbone')):
-    module = types.ModuleType(name)
-    module.__path__ = [f'{path}/{sub}']
-    sys.modules[name] = module
-  import lib.dataset.decoder as decoder  # pylint: disable=import-outside-toplevel
-  sys.modules['lib.dataset'].get_decoder = decoder.get_decoder
-  from lib.backbone.stackedHGNetV1 import StackedHGNetV1  # pylint: disable=import-outside-toplevel
-  config = types.SimpleNamespace(width=256, height=256, use_AAM=True)
-  edge_info = [(closed, list(indices)) for closed, indices in LAYOUT.edges]
-  return StackedHGNetV1(config, [LAYOUT.num_points, LAYOUT.num_edges, LAYOUT.num_points], edge_info,
-                        nstack=4, nlevels=4, in_channel=256)
-
-
 def _time_official(path: str, batch: int, repeats: int):
   import torch  # pylint: disable=import-outside-toplevel
-  net = _official_network(path).eval()
+  net = official.network(path, LAYOUT).eval()
   images = torch.randn(batch, 3, 256, 256)
   with torch.no_grad():
     return benchmarks.median_time(lambda: net(images), repeats), torch.get_num_threads()
@@ -119,5 +105,5 @@ def run(args):
   return rows
 
 
-if __name__ == '__main__':  # quick manual run: python -m star_jax.benchmarks.model
+if __name__ == '__main__':  # quick manual run: python -m benchmarks.model
   print(run(types.SimpleNamespace(repeats=None, official='')))

@@ -17,7 +17,6 @@ shared machine) and by wall time. Rows:
 from __future__ import annotations
 
 import os
-import pathlib
 import sys
 import tempfile
 import time
@@ -26,7 +25,9 @@ import types
 import cv2
 import numpy as np
 
-from star_jax import benchmarks, layouts
+import benchmarks
+from benchmarks import official
+from star_jax import layouts
 
 WIDTH, HEIGHT = 1024, 768
 LAYOUT = layouts.WFLW
@@ -75,34 +76,11 @@ def synthetic_face_record(seed: int = 0) -> dict:
 
 def _config():
   from star_jax import config_lib  # pylint: disable=import-outside-toplevel
-  repo = pathlib.Path(__file__).resolve().parents[2]
-  base = config_lib.import_sibling(str(repo / 'configs' / 'base.py'), 'base')
+  base = config_lib.import_sibling(config_lib.resolve_config_path('configs/base.py'), 'base')
   return base.get_base_config(layout=LAYOUT.name, dataset='synthetic_faces')
 
 
 # ---- Official side by side ----------------------------------------------------------------------
-
-def _import_official(path: str):
-  """lib.dataset.alignmentDataset from an official checkout, without running lib/__init__ (it pulls
-  in the models, tensorboard, ...). scikit-image is only needed for its 5-point alignment, which the
-  crop pipeline never uses: a stub stands in when it is not installed."""
-  lib_dir = pathlib.Path(path) / 'lib'
-  if not (lib_dir / 'dataset' / 'alignmentDataset.py').exists():
-    raise FileNotFoundError(f'--official {path}: no lib/dataset/alignmentDataset.py there')
-  try:
-    import skimage  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
-    stub = types.ModuleType('skimage')
-    stub.transform = types.SimpleNamespace(SimilarityTransform=None)
-    sys.modules.setdefault('skimage', stub)
-  for name, folder in (('lib', lib_dir), ('lib.dataset', lib_dir / 'dataset')):
-    if name not in sys.modules:
-      package = types.ModuleType(name)
-      package.__path__ = [str(folder)]
-      sys.modules[name] = package
-  import importlib  # pylint: disable=import-outside-toplevel
-  return importlib.import_module('lib.dataset.alignmentDataset')
-
 
 def _official_dataset(module, folder: str, record: dict, image_path: str):
   """An official AlignmentDataset (training mode, aug_prob 1, WFLW) over one row: `record`."""
@@ -176,7 +154,7 @@ def _script_official(module, script: _Script):
 def _parity_rows(module, dataset, record, samples: int = 24) -> list[dict]:
   """Official vs ours with the same draws: largest |difference| over `samples` scripted samples."""
   import torch  # pylint: disable=import-outside-toplevel
-  from star_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from star_jax.data import pipeline as input_pipeline  # pylint: disable=import-outside-toplevel
   spec = input_pipeline.ExampleSpec.from_config(_config())
   worst = {'image': 0.0, 'landmarks': 0.0, 'pointmaps': 0.0, 'edgemaps': 0.0}
   image_off_by_more_than_1 = 0.0
@@ -216,7 +194,7 @@ def _official_rows(path: str, record: dict, repeats: int, ours_rate: float) -> t
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     return [], f'official timing skipped ({e})'
-  module = _import_official(path)
+  module = official.alignment_dataset(path)
   torch.set_num_threads(1)
   rows = []
   with tempfile.TemporaryDirectory() as folder:
@@ -235,7 +213,7 @@ def _official_rows(path: str, record: dict, repeats: int, ours_rate: float) -> t
 # ---- Ours -------------------------------------------------------------------------------------------
 
 def run(args) -> list[dict]:
-  from star_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+  from star_jax.data import pipeline as input_pipeline  # pylint: disable=import-outside-toplevel
   repeats = benchmarks.repeats(args)
   record = synthetic_face_record()
   config = _config()

@@ -7,15 +7,13 @@ from that checkout at run time; its eigendecomposition runs on the CPU, as the o
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import statistics
-import sys
 import time
 
 import numpy as np
 
-from star_jax import benchmarks
+import benchmarks
+from benchmarks import official
 
 BATCH, POINTS, SIZE = 32, 98, 64
 
@@ -33,28 +31,13 @@ def _inputs(seed: int = 0):
   return maps.astype(np.float32), targets
 
 
-def _load_official_star_v2(path: str):
-  """STARLoss_v2 from an official checkout, importing only its lib/loss package (not lib/__init__,
-  which pulls in the data pipeline and its dependencies)."""
-  loss_dir = pathlib.Path(path) / 'lib' / 'loss'
-  if not (loss_dir / 'starLoss_v2.py').exists():
-    raise FileNotFoundError(f'--official {path}: no lib/loss/starLoss_v2.py there')
-  name = '_star_official_loss'
-  spec = importlib.util.spec_from_file_location(name, loss_dir / '__init__.py',
-                                                submodule_search_locations=[str(loss_dir)])
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module
-  spec.loader.exec_module(module)
-  return module.STARLoss_v2
-
-
 def _official_step(path, maps, targets):
   """A no-argument function running the official STARLoss_v2 forward + backward, or (None, why not)."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
     return None, 'PyTorch is not installed: official timing skipped'
-  star_v2 = _load_official_star_v2(path)()
+  star_v2 = official.losses(path).STARLoss_v2()
   heatmap = torch.from_numpy(np.ascontiguousarray(maps.transpose(0, 3, 1, 2)))   # NCHW
   target = torch.from_numpy(targets)
 

@@ -14,23 +14,16 @@ from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
-from star_jax import input_pipeline
 from star_jax import metrics as metrics_lib
+from star_jax.data import transforms
 from star_jax.layouts import Layout
+from star_jax.training import mesh as mesh_lib
 
 
-def _gather(x: jax.Array) -> np.ndarray:
-  """The full global array on every host."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def predict_split(predict_fn: Callable[[Any], jax.Array], batches: Iterable[dict], mesh,
+def predict_split(predict_fn: Callable[[Any], dict], batches: Iterable[dict], mesh,
                   image_size: int, progress: bool = False) -> dict[str, np.ndarray]:
-  """Runs `predict_fn(images) -> (B, N, 2) landmarks in [-1, 1]` over eval batches.
+  """Runs `predict_fn(images) -> {'landmarks': (B, N, 2) in [-1, 1], ...}` over eval batches.
 
   Returns host arrays over the valid examples, in split order: 'pred' and 'gt' (M, N, 2) normalised
   crop coordinates, 'pred_px' and 'gt_px' (M, N, 2) original image pixels, 'attributes' (M, K),
@@ -41,18 +34,17 @@ def predict_split(predict_fn: Callable[[Any], jax.Array], batches: Iterable[dict
   model_seconds = 0.0
   batches = iter(batches)
   if progress and jax.process_index() == 0:
-    import tqdm
+    import tqdm  # pylint: disable=import-outside-toplevel
     batches = tqdm.tqdm(batches, desc='evaluate', unit='batch', leave=False)
   for batch in batches:
-    images = input_pipeline.to_global({'image': batch['image']}, mesh)['image']
+    images = mesh_lib.to_global({'image': batch['image']}, mesh)['image']
     t0 = time.perf_counter()
-    pred = predict_fn(images)
-    pred = _gather(pred)
+    pred = mesh_lib.gather(predict_fn(images)['landmarks'])
     model_seconds += time.perf_counter() - t0
     out['pred'].append(pred)
     for k in keys:
       local = {k: np.asarray(batch[k])}
-      out[k].append(_gather(input_pipeline.to_global(local, mesh)[k]) if jax.process_count() > 1 else local[k])
+      out[k].append(mesh_lib.gather(mesh_lib.to_global(local, mesh)[k]) if jax.process_count() > 1 else local[k])
   cat = {k: np.concatenate(v) for k, v in out.items() if v}
   valid = cat.pop('valid').astype(bool)
   cat = {k: v[valid] for k, v in cat.items()}
@@ -60,7 +52,7 @@ def predict_split(predict_fn: Callable[[Any], jax.Array], batches: Iterable[dict
   cat = {k: v[order] for k, v in cat.items()}
   return {
       'pred': cat['pred'], 'gt': cat['landmarks'],
-      'pred_px': input_pipeline.map_back(cat['pred'], cat['matrix'], image_size),
+      'pred_px': transforms.map_back(cat['pred'], cat['matrix'], image_size),
       'gt_px': cat['landmarks_px'], 'attributes': cat['attributes'], 'index': cat['index'],
       'seconds': model_seconds, 'images_per_second': len(order) / max(model_seconds, 1e-9),
   }

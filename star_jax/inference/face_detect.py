@@ -1,4 +1,4 @@
-"""Offline face detection for `star_jax.predict`, and the face box -> crop rule of the official demo.
+"""Offline face detection for `star_jax.predict` (the crop of a face box is `star_jax.data.crop.box_rule`).
 
 The detector is OpenCV's frontal-face Haar cascade, which ships inside the opencv-python(-headless)
 wheel (`cv2.data.haarcascades`), so prediction needs no download and no extra package. It is a weak
@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
 
 import cv2
 import numpy as np
-
-from star_jax.data import crop as crop_lib
 
 CASCADE = 'haarcascade_frontalface_default.xml'
 
@@ -37,23 +34,6 @@ class Face:
   def area(self) -> float:
     x1, y1, x2, y2 = self.box
     return max(x2 - x1, 0.0) * max(y2 - y1, 0.0)
-
-
-def crop_params(box: Sequence[float]) -> tuple[float, tuple[float, float]]:
-  """The official demo's crop for a face box: (scale, (center_w, center_h)).
-
-  In the demo (demo.py) the box is the bounding box of 68 landmarks found by dlib (no +1 on the
-  width), turned into a crop by the rule the STAR authors also give for datasets without metadata
-  (`star_jax.data.crop.box_rule`): scale = min(width, height) / 200 x 1.05, i.e. a square of side
-  1.05 x the shorter box side, around the box centre.
-  """
-  scale, center = crop_lib.box_rule(box)
-  return float(scale), (float(center[0]), float(center[1]))
-
-
-def landmark_box(landmarks: np.ndarray) -> tuple[float, float, float, float]:
-  """The bounding box (x_min, y_min, x_max, y_max) of (N, 2) landmarks (the box the demo crops by)."""
-  return tuple(float(v) for v in crop_lib.landmarks_box(landmarks))
 
 
 def parse_box(text: str) -> tuple[float, float, float, float]:

@@ -1,5 +1,5 @@
 """Evaluation speed: images/s of the full WFLW network (256x256, 4 stacks, 256 channels), forward
-pass plus mapping the landmarks back to image pixels, as scripts/evaluate.py and star_jax.predict run it.
+pass plus mapping the landmarks back to image pixels, as star_jax.evaluate and star_jax.predict run it.
 
 Batch 8 on CPU; batch 32 when a GPU is present. Random weights (speed does not depend on them) and
 random images; data loading is not included (scripts/evaluate.py reports both figures on real data).
@@ -7,18 +7,14 @@ random images; data loading is not included (scripts/evaluate.py reports both fi
 
 from __future__ import annotations
 
-import pathlib
-
 import numpy as np
 
-from star_jax import benchmarks
-
-_CONFIG = pathlib.Path(__file__).resolve().parents[2] / 'configs' / 'wflw.py'
+import benchmarks
 
 
 def _wflw_config():
   from star_jax import config_lib  # pylint: disable=g-import-not-at-top
-  return config_lib.import_sibling(str(_CONFIG), 'wflw').get_config()
+  return config_lib.load_config('configs/wflw.py')
 
 
 def _time(predict_fn, batch: int, image_size: int, repeats: int, seed: int = 0) -> float:
@@ -41,7 +37,7 @@ def run(args) -> list[dict]:
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   from star_jax import models  # pylint: disable=g-import-not-at-top
-  from star_jax import predict  # pylint: disable=g-import-not-at-top
+  from star_jax.inference import predictor  # pylint: disable=g-import-not-at-top
 
   config = _wflw_config()
   size = int(config.data.image_size)
@@ -56,7 +52,7 @@ def run(args) -> list[dict]:
     model = models.create_model(config, nnx.Rngs(0))
     model.eval()
     for with_cov in (False, True):
-      fn = predict.make_predict_fn(model, with_covariance=with_cov)
+      fn = predictor.network_fn(model, with_covariance=with_cov)
       seconds = _time(fn, batch, size, repeats)
       what = 'forward + map back' + (' + covariances' if with_cov else '')
       rows.append({

@@ -5,7 +5,7 @@ a CoordConv stem, `nstack` hourglasses of depth `nlevels`, per-stack heads for h
 point / edge maps, and soft-argmax landmarks of the fused heatmaps. Module names follow the
 official ones where it helps the checkpoint converter (star_jax/convert_pytorch.py) map weights.
 
-Input: (B, H, W, 3) RGB images normalised as (pixel - 127.5) / 127.5 (see `preprocess`). The
+Input: (B, H, W, 3) RGB images normalised as (pixel - 127.5) / 127.5 (see `forward.preprocess`). The
 official network reads BGR; the converter reverses the stem's colour input channels so that the
 official weights see the same colours. Maps come out at (H / 4, W / 4).
 """
@@ -20,16 +20,11 @@ import numpy as np
 from flax import nnx
 
 from star_jax import layouts
-from star_jax.losses import soft_argmax
+from star_jax.models.decoding import soft_argmax
 from star_jax.models.layers import (BatchNorm, Conv2d, ResBlock, add_coords, instance_norm,
                                     max_pool_2x2, stat_dtype, upsample_nearest_2x)
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float64': jnp.float64}  # float64: tests
-
-
-def preprocess(images_uint8_rgb) -> jax.Array:
-  """uint8 (or float) RGB pixels in [0, 255], any shape (..., 3) -> float32 (x - 127.5) / 127.5."""
-  return (jnp.asarray(images_uint8_rgb, jnp.float32) - 127.5) / 127.5
 
 
 def _edge_to_point(edgemaps: jax.Array, membership: tuple) -> jax.Array:

@@ -1,5 +1,5 @@
-"""Pictures: the cumulative error distribution (CED) of an evaluation, and landmarks / ambiguity
-ellipses drawn on a photo.
+"""Drawing on images: face boxes, landmarks (one colour, or one per face part) and the ambiguity
+ellipses of predicted covariances, and tiling images into a contact sheet.
 
 Images are uint8 (H, W, 3) RGB; points are (x, y) 0-based image pixels; covariances are (2, 2) over
 (x, y) in image pixels squared.
@@ -8,7 +8,7 @@ Images are uint8 (H, W, 3) RGB; points are (x, y) 0-based image pixels; covarian
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -21,6 +21,9 @@ _ONE = 1 << _SHIFT
 POINT_COLOR = (0, 255, 0)       # RGB
 ELLIPSE_COLOR = (255, 200, 0)
 BOX_COLOR = (255, 64, 64)
+# One colour per face part (edge) of a layout, in edge order: contour, brows, nose, eyes, lips.
+PART_COLORS = ((255, 60, 60), (255, 200, 0), (255, 200, 0), (0, 220, 255), (0, 220, 255),
+               (60, 255, 60), (60, 255, 60), (255, 0, 255), (255, 120, 255))
 
 
 def _fixed(v: float) -> int:
@@ -41,20 +44,37 @@ def draw_box(image: np.ndarray, box: Sequence[float], color=BOX_COLOR) -> np.nda
   return out
 
 
+def part_colors(layout) -> np.ndarray:
+  """(N, 3) RGB colours of a layout's points: one per edge (face part), white for points on no edge."""
+  colors = np.full((layout.num_points, 3), 255, np.int32)
+  for e, (_, indices) in enumerate(layout.edges):
+    colors[list(indices)] = PART_COLORS[e % len(PART_COLORS)]
+  return colors
+
+
 def draw_landmarks(image: np.ndarray, landmarks: np.ndarray, color=POINT_COLOR,
-                   radius: float | None = None) -> np.ndarray:
+                   radius: float | None = None, origins: np.ndarray | None = None) -> np.ndarray:
   """Draws (N, 2) landmarks as filled anti-aliased dots on a copy of `image`.
 
+  color: one RGB colour, or (N, 3) colours, one per point (e.g. `part_colors(layout)`).
   radius: dot radius in pixels (default: scaled with the face, 1/150 of the landmarks' extent, at least 1).
+  origins: optional (N, 2) points each dot is joined to by a thin white line (e.g. the exact points
+    that noisy labels were drawn from).
   """
   out = np.ascontiguousarray(image).copy()
   pts = np.asarray(landmarks, np.float64)
+  colors = np.broadcast_to(np.asarray(color), (len(pts), 3))
   if radius is None:
     extent = float(np.max(pts.max(0) - pts.min(0))) if len(pts) else 0.0
     radius = max(1.0, extent / 150.0)
-  for x, y in pts:
-    if np.isfinite(x) and np.isfinite(y):
-      cv2.circle(out, (_fixed(x), _fixed(y)), _fixed(radius), color, -1, cv2.LINE_AA, _SHIFT)
+  for i, (x, y) in enumerate(pts):
+    if not (np.isfinite(x) and np.isfinite(y)):
+      continue
+    if origins is not None:
+      ox, oy = origins[i]
+      cv2.line(out, (_fixed(ox), _fixed(oy)), (_fixed(x), _fixed(y)), (255, 255, 255), 1, cv2.LINE_AA, _SHIFT)
+    cv2.circle(out, (_fixed(x), _fixed(y)), _fixed(radius), tuple(int(c) for c in colors[i]), -1,
+               cv2.LINE_AA, _SHIFT)
   return out
 
 
@@ -88,30 +108,12 @@ def draw_ellipses(image: np.ndarray, landmarks: np.ndarray, covariances: np.ndar
   return out
 
 
-def ced_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], threshold: float, path: str,
-               title: str = 'Cumulative error distribution') -> None:
-  """Writes a CED plot (PNG) of one or more curves.
-
-  curves: label -> (xs, ys): NME thresholds (fractions of the normalising distance) and the fraction
-    of images with NME at or below each (`metrics.ced`). Plotted in percent, up to `threshold`; the
-    first curve (the whole split) is drawn in black.
-  """
-  import matplotlib  # pylint: disable=g-import-not-at-top  (only the evaluation needs it)
-  matplotlib.use('Agg')
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
-  for k, (label, (xs, ys)) in enumerate(curves.items()):
-    # The first curve (the whole split) in black and bolder, the subsets in colour.
-    style = {'color': 'black', 'linewidth': 2.2} if k == 0 else {'linewidth': 1.3}
-    ax.plot(np.asarray(xs) * 100.0, np.asarray(ys) * 100.0, label=label, **style)
-  ax.set_xlim(0, threshold * 100.0)
-  ax.set_ylim(0, 100)
-  ax.set_xlabel('NME (%)')
-  ax.set_ylabel('images (%)')
-  ax.set_title(title)
-  ax.grid(True, alpha=0.3)
-  ax.legend(loc='lower right', fontsize='small')
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+def contact_sheet(images: list[np.ndarray], columns: int = 4) -> np.ndarray:
+  """Tiles equally sized RGB images into one (rows x columns) image, row by row."""
+  h, w = images[0].shape[:2]
+  rows = -(-len(images) // columns)
+  sheet = np.zeros((rows * h, columns * w, 3), np.uint8)
+  for i, im in enumerate(images):
+    r, c = divmod(i, columns)
+    sheet[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+  return sheet

@@ -1,0 +1,1 @@
+"""Experiments built on the trainer: `ambiguity` (does STAR reduce the harm of ambiguous labels?)."""

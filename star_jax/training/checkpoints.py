@@ -1,0 +1,279 @@
+"""Checkpoints: the one on-disk format written by the trainer and the converter, read by evaluation
+and inference; and the trainer's save / resume.
+
+Format: a checkpoint directory is an Orbax `CheckpointManager` root with one subdirectory per step
+(a training workdir keeps it in `<workdir>/checkpoints`). Each step holds named items:
+  'model'      the model's nnx state (parameters and BatchNorm statistics) as a pure nested dict of
+               arrays (`nnx.to_pure_dict`), saved with `ocp.args.StandardSave`;
+  'ema'        optional, the same structure for the exponential moving average of the weights;
+  'config'     the ml_collections config as JSON (`ocp.args.JsonSave(config.to_dict())`);
+and, in the trainer's checkpoints only, 'opt_state' (optax state), 'data_iter' (the Grain
+iterator's position) and 'meta' ({'step'}). Readers restore with `ocp.args.Composite` naming only the
+items they need, so they ignore the rest. The trainer keeps the latest N steps and the best by eval
+NME, together (`AnyPreservationPolicy`: `max_to_keep` with `best_fn` can delete the newest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+from orbax.checkpoint import checkpoint_managers as cm
+
+from star_jax.layouts import get_layout
+from star_jax.models import create_model
+from star_jax.training.state import TrainState
+
+WEIGHTS = ('ema', 'model')
+
+
+# ================================================================================================
+# Model checkpoints (trainer, converter, evaluation, inference)
+# ================================================================================================
+
+def _pure(model_or_state) -> dict:
+  """nnx Module or State (or an already pure dict) -> pure nested dict of arrays."""
+  if isinstance(model_or_state, nnx.Module):
+    model_or_state = nnx.state(model_or_state)
+  if isinstance(model_or_state, nnx.State):
+    return nnx.to_pure_dict(model_or_state)
+  return model_or_state
+
+
+def model_save_args(*, model, config, ema=None) -> dict:
+  """The Composite items of a model checkpoint: {'model', 'config'[, 'ema']} -> ocp.args."""
+  items = {'model': ocp.args.StandardSave(_pure(model)),
+           'config': ocp.args.JsonSave(config.to_dict())}
+  if ema is not None:
+    items['ema'] = ocp.args.StandardSave(_pure(ema))
+  return items
+
+
+def _reader(directory, **options) -> ocp.CheckpointManager:
+  # Handlers named up front, so that item metadata (shapes) can be read before restoring.
+  handlers = {'model': ocp.StandardCheckpointHandler(), 'ema': ocp.StandardCheckpointHandler(),
+              'config': ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(pathlib.Path(directory).absolute(), item_handlers=handlers,
+                               options=ocp.CheckpointManagerOptions(**options))
+
+
+def _tuples(tree):
+  """JSON turns the config's tuples into lists; turn them back (configs here use tuples only)."""
+  if isinstance(tree, dict):
+    return {k: _tuples(v) for k, v in tree.items()}
+  if isinstance(tree, list):
+    return tuple(_tuples(v) for v in tree)
+  return tree
+
+
+def save_model_checkpoint(directory, *, model, config, ema=None, step: int = 0) -> str:
+  """Writes step `step` of the checkpoint directory `directory` (created if needed).
+
+  model / ema: nnx Modules or their States (ema optional). config: the ml_collections config the
+  model was built from (load_model rebuilds the model from it). Blocks until written; returns the
+  directory as an absolute path string.
+  """
+  directory = pathlib.Path(directory).absolute()
+  with _reader(directory, create=True) as manager:
+    manager.save(step, args=ocp.args.Composite(**model_save_args(model=model, config=config, ema=ema)))
+    manager.wait_until_finished()
+  return os.fspath(directory)
+
+
+def resolve_checkpoint_dir(path) -> pathlib.Path:
+  """A checkpoint directory, also when given a training workdir (checkpoints in `<workdir>/checkpoints`)."""
+  p = pathlib.Path(path)
+  has_steps = p.is_dir() and any(q.is_dir() and q.name.isdigit() for q in p.iterdir())
+  if not has_steps and (p / 'checkpoints').is_dir():
+    return p / 'checkpoints'
+  return p
+
+
+def _flatten(tree, prefix=''):
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _flatten(v, f'{prefix}/{k}' if prefix else str(k))
+  else:
+    yield prefix, tree
+
+
+def _check_shapes(stored, abstract, name: str, directory):
+  """Compares the stored item's array metadata with the model built from the config."""
+  flat_stored = dict(_flatten(stored))
+  flat_abstract = dict(_flatten(abstract))
+  missing = sorted(set(flat_abstract) - set(flat_stored))
+  unexpected = sorted(set(flat_stored) - set(flat_abstract))
+  if missing or unexpected:
+    raise ValueError(f'{directory}: item {name!r} does not fit the model built from its config: '
+                     f'missing {missing}; unexpected {unexpected}')
+  for key, meta in flat_stored.items():
+    want = tuple(flat_abstract[key].shape)
+    got = tuple(getattr(meta, 'shape', ()))
+    if got != want:
+      raise ValueError(f'{directory}: item {name!r} key {key}: stored shape {got} does not fit the '
+                       f'model built from the stored config, which needs {want}')
+
+
+def _metadata_tree(meta):
+  """Orbax item metadata (a tree-metadata wrapper or a plain tree) -> nested dict of ArrayMetadata."""
+  return getattr(meta, 'tree', meta)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """A model read back from a checkpoint, and what exactly was read.
+
+  model: the network in eval mode. config: the config stored with it (the model was rebuilt from
+  it). step: the checkpoint step. weights: 'ema' or 'model', the item the weights came from.
+  directory: the checkpoint directory (absolute).
+  """
+  model: nnx.Module
+  config: ml_collections.ConfigDict
+  step: int
+  weights: str
+  directory: pathlib.Path
+
+
+def load_model(path, *, step: int | None = None, weights: str | None = None) -> LoadedModel:
+  """Builds the model from a checkpoint's config and restores its weights.
+
+  path: a checkpoint directory or a training workdir. step: None for the latest. weights: 'ema',
+  'model', or None for the EMA weights when the step has them, else 'model'.
+  Raises FileNotFoundError for a missing directory, step or item and ValueError when stored arrays do
+  not fit the config's model (naming the key and both shapes).
+  """
+  if weights is not None and weights not in WEIGHTS:
+    raise ValueError(f'weights must be one of {WEIGHTS} or None, got {weights!r}')
+  if not pathlib.Path(path).exists():
+    raise FileNotFoundError(f'checkpoint directory {pathlib.Path(path).absolute()} does not exist')
+  directory = resolve_checkpoint_dir(path).absolute()
+  with _reader(directory, create=False) as manager:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f'no checkpoint in {directory} (no step subdirectories)')
+    if step is None:
+      step = manager.latest_step()
+    elif step not in steps:
+      raise FileNotFoundError(f'{directory} has no step {step}; it has {sorted(steps)}')
+    config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    config = ml_collections.ConfigDict(_tuples(config))
+    metadata = manager.item_metadata(step)
+    present = {k for k in WEIGHTS if metadata is not None and metadata.get(k) is not None}
+    if 'model' not in present:
+      raise FileNotFoundError(f'{directory} step {step} has no "model" item (it has '
+                              f'{sorted(k for k, v in (metadata or {}).items() if v is not None)})')
+    if weights is None:
+      weights = 'ema' if 'ema' in present else 'model'
+    elif weights not in present:
+      raise FileNotFoundError(f'{directory} step {step} has no {weights!r} weights (it has {sorted(present)})')
+
+    # The model is built concretely and its random initial values are overwritten: numpy
+    # initialisation takes about a second for the full model, whereas nnx.eval_shape spends ~5-8 s
+    # in jax's tracer bookkeeping for its ~850 variables. The restore target itself is abstract.
+    model = create_model(config, nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          nnx.to_pure_dict(state))
+    _check_shapes(_metadata_tree(metadata[weights]), target, weights, directory)
+    restored = manager.restore(step, args=ocp.args.Composite(**{weights: ocp.args.StandardRestore(target)}))
+  nnx.replace_by_pure_dict(state, restored[weights])
+  model = nnx.merge(graphdef, state)
+  model.eval()
+  return LoadedModel(model=model, config=config, step=int(step), weights=weights, directory=directory)
+
+
+def check_compatible(stored: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError unless a checkpoint with config `stored` can be run under `config`: the same
+  landmark layout, at the same input size."""
+  want, have = get_layout(config.layout), get_layout(stored.layout)
+  if want.name != have.name or want.num_points != have.num_points:
+    raise ValueError(
+        f'it predicts the {have.name} layout ({have.num_points} points), but the config evaluates '
+        f'{config.data.name!r} in the {want.name} layout ({want.num_points} points): pass the config of the '
+        f'dataset the checkpoint was trained on')
+  if int(stored.data.image_size) != int(config.data.image_size):
+    raise ValueError(
+        f'it was trained on {stored.data.image_size}x{stored.data.image_size} crops, but the config '
+        f'crops {config.data.image_size}x{config.data.image_size}: add '
+        f'--config.data.image_size={stored.data.image_size}')
+
+
+# ================================================================================================
+# Training checkpoints (save and exact resume)
+# ================================================================================================
+
+def training_manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManager:
+  """The trainer's manager: keeps the latest `keep` steps and the one with the lowest eval NME."""
+  policy = cm.AnyPreservationPolicy([
+      cm.LatestN(n=keep),
+      # Lower NME is better: sort descending so the last (kept) one is the smallest.
+      cm.BestN(get_metric_fn=lambda m: m['nme'], reverse=True, n=1, keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False,
+                                         create=True)
+  return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+
+
+def _model_tree(params, batch_stats):
+  return nnx.to_pure_dict(nnx.merge_state(params, batch_stats))
+
+
+def save_training(manager: ocp.CheckpointManager, step: int, state: TrainState, data_iter,
+                  config: ml_collections.ConfigDict, metrics: dict | None = None):
+  """Saves `state` and the data iterator at `step` (metrics: the eval results, for best-N)."""
+  ema = None
+  if state.ema_params is not None:
+    ema = _model_tree(state.ema_params, state.ema_batch_stats)
+  items = model_save_args(model=_model_tree(state.params, state.batch_stats), config=config, ema=ema)
+  items.update({
+      'opt_state': ocp.args.StandardSave(state.opt_state),
+      'meta': ocp.args.JsonSave({'step': int(step)}),
+      'data_iter': grain.checkpoint.CheckpointSave(data_iter),
+  })
+  metrics = {k: float(v) for k, v in metrics.items()} if metrics else None
+  manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+
+def restore_training(manager: ocp.CheckpointManager, template: TrainState, data_iter, sharding,
+                     step: int | None = None):
+  """Restores the latest (or `step`) checkpoint into the structure of `template`.
+
+  Returns (state, data_iter) with the iterator moved to where the checkpoint left it.
+  """
+  step = manager.latest_step() if step is None else step
+
+  def abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+  items = {
+      'model': ocp.args.StandardRestore(abstract(_model_tree(template.params, template.batch_stats))),
+      'opt_state': ocp.args.StandardRestore(abstract(template.opt_state)),
+      'meta': ocp.args.JsonRestore(),
+      'data_iter': grain.checkpoint.CheckpointRestore(data_iter),
+  }
+  if template.ema_params is not None:
+    items['ema'] = ocp.args.StandardRestore(
+        abstract(_model_tree(template.ema_params, template.ema_batch_stats)))
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+
+  def split(tree, params, batch_stats):
+    full = nnx.merge_state(params, batch_stats)
+    nnx.replace_by_pure_dict(full, tree)
+    return full.filter(nnx.Param), full.filter(nnx.BatchStat)
+
+  params, batch_stats = split(restored['model'], template.params, template.batch_stats)
+  state = template.replace(step=jax.device_put(jax.numpy.asarray(restored['meta']['step'], jax.numpy.int32),
+                                               sharding),
+                           params=params, batch_stats=batch_stats, opt_state=restored['opt_state'])
+  if template.ema_params is not None:
+    ema_params, ema_batch_stats = split(restored['ema'], template.ema_params,
+                                        template.ema_batch_stats)
+    state = state.replace(ema_params=ema_params, ema_batch_stats=ema_batch_stats)
+  return state, data_iter
