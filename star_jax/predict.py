@@ -1,14 +1,18 @@
 """Landmarks on your own photos.
 
   python -m star_jax.predict --checkpoint DIR photo.jpg more/photos/ --output OUT
-      [--box x1,y1,x2,y2] [--faces largest|all] [--show_ambiguity] [--batch_size 8] [--norefine]
+      [--box x1,y1,x2,y2] [--faces largest|best|all] [--detector blazeface|haar] [--min_face_size 32]
+      [--min_face_score 0.6] [--show_ambiguity] [--batch_size 8] [--norefine]
 
-For every image: find the faces (OpenCV's Haar cascade, offline; or the face box given by --box),
-crop each as the official demo does (a square of side 1.05 x the shorter box side around the box
-centre, mapped onto the network input), predict, and map the landmarks back to image pixels. Writes
-OUT/<name>_landmarks.jpg (the photo with boxes and landmarks, and with --show_ambiguity each point's
-predicted covariance as a 1-sigma ellipse) and OUT/<name>.json (boxes, crops, landmarks (x, y) in
-0-based image pixels, and the 2x2 covariances in image pixels^2 with --show_ambiguity).
+For every image: find the faces (offline: by default MediaPipe's BlazeFace CNN, shipped in the
+package and run by OpenCV; `--detector haar` for OpenCV's Haar cascade) or take the face box given by
+--box; keep the largest face (--faces largest, the default), the one with the best detector score
+(best) or all of them (all); crop each as the official demo does (a square of side 1.05 x the shorter
+box side around the box centre, mapped onto the network input), predict, and map the landmarks back
+to image pixels. Writes OUT/<name>_landmarks.jpg (the photo with boxes and landmarks, and with
+--show_ambiguity each point's predicted covariance as a 1-sigma ellipse) and OUT/<name>.json (boxes,
+detector scores, crops, landmarks (x, y) in 0-based image pixels, and the 2x2 covariances in image
+pixels^2 with --show_ambiguity).
 
 Refinement (on by default): the official demo crops by the bounding box of 68 landmarks found by
 dlib, not by a detector box, which is looser and sits higher on the face. So after a first pass on
@@ -87,8 +91,15 @@ def _flags(argv):
   flags.DEFINE_string('output', None, 'folder for the pictures and JSON files', flag_values=fv)
   flags.DEFINE_string('box', None, 'face box x1,y1,x2,y2 in image pixels, used for every image instead of '
                       'detection', flag_values=fv)
-  flags.DEFINE_enum('faces', 'largest', ['largest', 'all'], 'detected faces to process per image',
-                    flag_values=fv)
+  flags.DEFINE_enum('faces', 'largest', list(face_detect.FACE_MODES), 'detected faces to process per image: '
+                    'the largest, the best-scored, or all', flag_values=fv)
+  flags.DEFINE_enum('detector', 'blazeface', list(face_detect.DETECTORS), "face detector: blazeface (a CNN, "
+                    "the default) or haar (OpenCV's frontal-face cascade, weaker)", flag_values=fv)
+  flags.DEFINE_float('min_face_size', face_detect.DEFAULT_MIN_FACE_SIZE, 'smallest face side searched for, in '
+                     'image pixels (larger is faster on big photos)', lower_bound=1e-6, flag_values=fv)
+  flags.DEFINE_float('min_face_score', face_detect.DEFAULT_SCORE_THRESHOLD, 'least BlazeFace score of a face, '
+                     '0-1 (lower finds more faces and more false ones)', lower_bound=0.0, upper_bound=1.0,
+                     flag_values=fv)
   flags.DEFINE_bool('show_ambiguity', False, "draw and write each point's predicted covariance (its "
                     'semantic ambiguity)', flag_values=fv)
   flags.DEFINE_integer('batch_size', 8, 'faces per forward pass', lower_bound=1, flag_values=fv)
@@ -131,7 +142,12 @@ def _predict(argv: list[str]) -> int:
   image_size = int(config.data.image_size)
   predict_fn = predictor.network_fn(loaded.model, with_covariance=fv.show_ambiguity,
                                     decode=config.model.get('decode', 'landmarks'))
-  detector = None if box is not None else face_detect.HaarFaceDetector()
+  detector = None
+  if box is None:
+    try:
+      detector = face_detect.make_detector(fv.detector, fv.min_face_size, fv.min_face_score)
+    except (OSError, ValueError) as e:
+      raise cli.UserError(f'cannot load the face detector: {e}') from None
 
   paths = collect_images(inputs, warn)
   if not paths:
@@ -158,7 +174,8 @@ def _predict(argv: list[str]) -> int:
         results = [predictor.FaceResult(f, 'detector')
                    for f in face_detect.select(detector.detect(image), fv.faces)]
       if not results:
-        warn(f'{path}: no face found: skipped (give the face with --box x1,y1,x2,y2)')
+        warn(f'{path}: no face found: skipped (give the face with --box x1,y1,x2,y2, or try a lower '
+             '--min_face_size or --min_face_score)')
         skipped.append((str(path), 'no face'))
         bar.update(1)
         continue
@@ -170,6 +187,7 @@ def _predict(argv: list[str]) -> int:
       record = {'image': str(path), 'width': w, 'height': h, 'checkpoint': str(fv.checkpoint),
                 'step': loaded.step, 'weights': loaded.weights,
                 'layout': str(config.layout), 'num_points': int(results[0].landmarks.shape[0]),
+                'detector': None if box is not None else fv.detector,
                 'coordinates': '0-based image pixels (x, y)',
                 'faces': [predictor.face_json(r) for r in results]}
       (out_dir / f'{stem}.json').write_text(json.dumps(record, indent=1))
