@@ -1,26 +1,20 @@
-"""Process settings that make XLA:CPU training about 1.5x faster on x86 CPUs (measured, see below).
+"""Process settings that make XLA:CPU training about 1.5x faster on x86 CPUs.
 
 Nothing here happens on import: the entry points (train, evaluate, predict, the benchmark) call
 `setup_process()` first thing in their `__main__` (through `star_jax.cli.run`), and library users may
 call it themselves. It does nothing where JAX will run on an accelerator (`accelerator_expected`).
 
-Two settings, both only for the CPU and both measured on the project's 2-core Xeon (AVX-512) with
-the full WFLW training step at batch 8 (`scripts/benchmark.py train`):
+Two settings, both for XLA:CPU only (measurements: docs/benchmarks.md, "CPU tuning"):
 
-1. An XLA flag (`xla_flags()`, added to XLA_FLAGS before JAX starts its backend). jaxlib 0.10 hands convolutions and matmuls to YNNPACK by default; YNNPACK's convolution
-   weight gradients run at ~30-60 GFLOP/s where XLA's own (Eigen) convolutions take them at
-   110-200, and its matmuls are no faster than XLA's own Eigen contractions for the 1 x 1
-   convolutions. So YNNPACK keeps only what it does well (element-wise fusions); convolutions and
-   matmuls go to XLA's Eigen runtime. Step: 6.6 s -> 5.2 s. (oneDNN is no option: its fusions need
-   `--xla_cpu_use_onednn`, and with that flag the training step fails to compile, "partition compile
-   failed"; without it `--xla_cpu_experimental_onednn_fusion_type` leaves the compiled step
-   unchanged, checked by diffing the compiled HLO.) The flag is experimental, so it is only added for
-   the jaxlib minor versions it was measured on (`_TESTED_JAXLIB`); elsewhere XLA's defaults stay.
+1. An XLA flag (`xla_flags()`, added to XLA_FLAGS before JAX starts its backend). jaxlib 0.10 hands
+   convolutions and matmuls to YNNPACK, whose convolution weight gradients are several times slower
+   than XLA's own Eigen convolutions; with the flag YNNPACK keeps only the element-wise fusions. The
+   flag is experimental, so it is only added for the jaxlib minor versions it was measured on
+   (`_TESTED_JAXLIB`); elsewhere XLA's defaults stay.
 2. Transparent huge pages for malloc (`reexec_with_malloc_tuning()`, glibc >= 2.35 on Linux). XLA:CPU
-   allocates a fresh multi-GB scratch buffer for every step; with 4 KiB pages, faulting it in cost
-   ~1.1 M page faults and 4 s of kernel time per step (8.1 s -> 6.6 s with huge pages). glibc reads
-   this setting (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`) only at process start, so entry points
-   call this function first, and it re-executes the same command once with the variable set.
+   allocates a fresh multi-GB scratch buffer for every step, and faulting it in 4 KiB pages costs
+   seconds of kernel time per step. glibc reads this setting (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`)
+   only at process start, so the process re-executes itself once with the variable set.
 
 Set STAR_JAX_CPU_TUNING=0 to turn both off (XLA's and glibc's defaults).
 """

@@ -103,12 +103,9 @@ def _moments_forward(heatmaps):
   dx = xs[None, :, None] - mx[:, None]                                  # (B, W, N)
   dy = ys[None, :, None] - my[:, None]                                  # (B, H, N)
   # Cross moment sum_h (y - my) sum_w p (x - mx), with the rows centred on each map's own mean, as the
-  # official code centres its float32 sums. XLA:CPU writes the broadcast factor x - mx at full size
-  # first (one write and one more read of the maps), yet on the loss benchmark (B32 N98 64x64, 2-core
-  # CPU) this beat the earlier row sums about three fixed centres, each a read-only pass: 23 vs 26 ms
-  # forward + backward in one process, 30 vs 35 ms in `scripts/benchmark.py loss`. It is also more
-  # accurate on sharp maps (see tests/test_losses.py::test_star_loss_is_accurate_on_sharp_maps). One
-  # fixed centre (a single pass) was faster still but failed that test: float32 cancellation.
+  # official code centres its float32 sums: accurate on sharp maps
+  # (tests/test_losses.py::test_star_loss_is_accurate_on_sharp_maps), where one fixed centre cancels in
+  # float32, and faster than sums about several fixed centres (docs/benchmarks.md, "STAR loss").
   row_x = (heatmaps * dx[:, None]).sum(axis=2) / total[:, None]        # sum_w p (x - mx), (B, H, N)
   return dict(
       mx=mx, my=my,

@@ -67,8 +67,8 @@ class Conv2d(nnx.Module):
     x = x.astype(self.dtype)
     kernel = self.kernel[...].astype(self.dtype)
     if self.kernel_size == 1 and self.stride == 1:
-      # A 1x1 convolution as a 2-D matmul over flattened pixels: on XLA:CPU the forward pass is
-      # ~2x and the weight gradient ~6x faster than conv_general_dilated (or a 4-D einsum).
+      # A 1x1 convolution as a 2-D matmul over flattened pixels: on XLA:CPU much faster than
+      # conv_general_dilated, forward and backward (docs/benchmarks.md, "CPU training step").
       b, h, w, c = x.shape
       y = (x.reshape(b * h * w, c) @ kernel[0, 0]).reshape(b, h, w, self.out_features)
     elif matmul_weight_gradients(x.shape, self.stride):
@@ -83,12 +83,10 @@ def matmul_weight_gradients(x_shape: tuple[int, ...], stride: int) -> bool:
   matmuls (`conv_matmul_weight_grad`) instead of XLA's convolution.
 
   Decided at trace time. Only on XLA:CPU (GPUs keep cuDNN's convolutions), and only where it was
-  measured to pay (2-core Xeon, batch 8): wide inputs (I >= 128) on maps of at least 32 x 32 output
-  pixels, e.g. the hourglass 3 x 3 convolutions at 64 x 64 and 32 x 32. Against YNNPACK's convolutions
-  (jaxlib 0.10's default) the weight gradient alone was 1.6x faster; against XLA's Eigen convolutions
-  (star_jax/cpu_tuning.py) alone it is slower, yet the whole WFLW training step measured 5.5 s with it
-  and 5.6-5.9 s without (less scratch memory to fault in). Narrower inputs (the 64-channel 3 x 3
-  convolutions, the 6-channel stem) and small maps stay XLA's convolution.
+  measured to pay on the whole WFLW training step (docs/benchmarks.md, "CPU training step"): wide
+  inputs (I >= 128) on maps of at least 32 x 32 output pixels, e.g. the hourglass 3 x 3 convolutions
+  at 64 x 64 and 32 x 32. Narrower inputs (the 64-channel 3 x 3 convolutions, the 6-channel stem) and
+  small maps stay XLA's convolution.
   """
   _, h, w, cin = x_shape
   return jax.default_backend() == 'cpu' and cin >= 128 and (h // stride) * (w // stride) >= 1024
@@ -146,8 +144,8 @@ def conv_matmul_weight_grad(x: jax.Array, kernel: jax.Array, stride: int = 1) ->
 
   XLA:CPU's weight gradient of a k x k convolution (a convolution over the batch and pixel axes) runs
   at a fraction of its matmul speed and needs transposed copies of both operands; as one
-  (I, B H' W') @ (B H' W', O) matmul per kernel tap it was up to 1.6x faster than YNNPACK's for wide
-  inputs, and with Eigen's convolutions it still saves scratch memory (see `matmul_weight_gradients`).
+  (I, B H' W') @ (B H' W', O) matmul per kernel tap it is faster for wide inputs and saves scratch
+  memory (see `matmul_weight_gradients`).
   Forward values and the input gradient are XLA's convolution, unchanged.
   x (B, H, W, I), kernel (k, k, I, O), k odd; the weight gradient is accumulated in (at least)
   float32.
@@ -346,8 +344,8 @@ def _max_pool_windows_fwd(windows):
 
 def _max_pool_windows_bwd(residuals, g):
   # One elementwise pass: each window position takes g if it holds the max and no earlier position
-  # did (NaN counts as the max, as in PyTorch). Autodiff of `max` took several full-size passes
-  # (equality mask, tie counts, division): 25.6 ms vs 9.3 ms for a (8, 64, 64, 256) map on XLA:CPU.
+  # did (NaN counts as the max, as in PyTorch). Autodiff of `max` takes several full-size passes
+  # (equality mask, tie counts, division).
   windows, y = residuals
   taken = jnp.zeros(y.shape, bool)
   rows = []
