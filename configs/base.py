@@ -55,9 +55,9 @@ def get_base_config(layout: str, dataset: str) -> ml_collections.ConfigDict:
 
   # ---- Loss -------------------------------------------------------------------------------------
   c.loss = ml_collections.ConfigDict()
-  c.loss.kind = 'star'              # landmark loss: 'star' (STARLoss_v2), 'star_v1', 'l2', 'smoothl1', 'none'
+  c.loss.kind = 'star'              # landmark loss: 'star' (STARLoss_v2), 'star_v1', 'l1', 'l2', 'smoothl1', 'none'
   c.loss.star_w = 1.0               # STAR regulariser weight w
-  c.loss.star_dist = 'smoothl1'     # STAR distance: 'smoothl1' (scale 0.01), 'l1', 'l2'
+  c.loss.star_dist = 'smoothl1'     # STAR distance: 'smoothl1' (scale 0.01), 'l1', 'l2', 'wing'
   c.loss.star_eps = 1e-5            # added to eigenvalues before the square root
   c.loss.eig_clamp = 0.0            # >0: clamp eigenvalues to at least this (off in the official code)
   c.loss.weights = (1.0, 10.0, 10.0)  # per stack: landmark loss, AWing point maps, AWing edge maps

@@ -27,8 +27,12 @@ SMOOTH_L1_SCALE = 0.01
 # to float32 rounding: its eigenvectors are noise, so `eigh_2x2` pins them (see there).
 _ISOTROPIC_RTOL = 1e-5
 
-DISTANCES = ('smoothl1', 'l1', 'l2')
-LANDMARK_LOSSES = ('star', 'star_v1', 'l2', 'smoothl1', 'none')
+# Official WingLoss (lib/loss/wingLoss.py): logarithmic below OMEGA, linear above.
+WING_OMEGA = 0.01
+WING_EPSILON = 2.0
+
+DISTANCES = ('smoothl1', 'l1', 'l2', 'wing')
+LANDMARK_LOSSES = ('star', 'star_v1', 'l1', 'l2', 'smoothl1', 'none')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,14 +122,27 @@ def smooth_l1(delta2: jnp.ndarray, scale: float = SMOOTH_L1_SCALE) -> jnp.ndarra
   return jnp.where(delta2 < scale * scale, 0.5 / scale * delta2, delta - 0.5 * scale)
 
 
+def wing(delta2: jnp.ndarray, omega: float = WING_OMEGA, epsilon: float = WING_EPSILON) -> jnp.ndarray:
+  """The official WingLoss of a squared distance `delta2`, elementwise (no reduction).
+
+  omega * log(1 + d / epsilon) for d < omega, else d - C with C = omega - omega * log(1 + omega /
+  epsilon) (the official constants; d = sqrt(delta2) clamped at 1e-3 as the official code does).
+  """
+  delta = jnp.sqrt(jnp.maximum(delta2, 1e-6))
+  c = omega - omega * math.log(1.0 + omega / epsilon)
+  return jnp.where(delta < omega, omega * jnp.log1p(delta / epsilon), delta - c)
+
+
 def _scalar_distance(x: jnp.ndarray, dist: str) -> jnp.ndarray:
-  """Distance of scalar errors `x` from 0, elementwise: smooth-L1, |x| or x^2."""
+  """Distance of scalar errors `x` from 0, elementwise: smooth-L1, |x|, x^2 or Wing."""
   if dist == 'smoothl1':
     return smooth_l1(jnp.square(x))
   if dist == 'l1':
     return jnp.abs(x)
   if dist == 'l2':
     return jnp.square(x)
+  if dist == 'wing':
+    return wing(jnp.square(x))
   raise ValueError(f'STAR distance must be one of {DISTANCES}, got {dist!r}')
 
 
@@ -178,7 +195,9 @@ def star_loss(heatmaps, targets, *, w=1.0, dist='smoothl1', eps=1e-5, eig_clamp=
     heatmaps: (B, H, W, N) non-negative, not normalised (the model's fusion heatmaps).
     targets: (B, N, 2) ground truth (x, y) in [-1, 1], align-corners grid.
     w: weight of the eigenvalue restriction.
-    dist: 'smoothl1' (scale 0.01), 'l1' or 'l2' (squared), applied to each projected error.
+    dist: 'smoothl1' (scale 0.01), 'l1', 'l2' (squared) or 'wing' (omega 0.01, epsilon 2), applied to
+      each projected error. (The official STARLoss_v2 accepts 'wing' but raises a TypeError when it
+      calls WingLoss with `reduction=`; here it is the Wing distance of each projected error.)
     eps: added to the eigenvalues under the square root, and to the covariance's V1 and V2.
     eig_clamp: > 0 clamps eigenvalues to at least this (not in the official code; off by default).
   Returns:
@@ -192,9 +211,9 @@ def star_loss_v1(heatmaps, targets, *, w=1.0, dist='smoothl1', eps=1e-5, eig_cla
   """The older STAR loss, the official STARLoss (lib/loss/starLoss.py).
 
   Differs from `star_loss` in where the distance is taken: the error is rotated into the eigenbasis
-  and each component divided by sqrt(eigenvalue + eps) first; then 'smoothl1' is applied to the norm
-  of that 2-vector per point, 'l1' / 'l2' to each component; everything is averaged (over points, and
-  for 'l1' / 'l2' also over the two components). Plus w times the mean of |evalue_0| + |evalue_1|.
+  and each component divided by sqrt(eigenvalue + eps) first; then 'smoothl1' / 'wing' is applied to
+  the norm of that 2-vector per point, 'l1' / 'l2' to each component; everything is averaged (over
+  points, and for 'l1' / 'l2' also over the two components). Plus w times the mean of |evalue_0| + |evalue_1|.
   Same arguments and shapes as `star_loss`.
   """
   error, evalues, evectors = _decompose(heatmaps, targets, eps, eig_clamp)
@@ -202,6 +221,8 @@ def star_loss_v1(heatmaps, targets, *, w=1.0, dist='smoothl1', eps=1e-5, eig_cla
   scaled = jnp.einsum('...i,...ik->...k', error, evectors) / jnp.sqrt(evalues + eps)   # (B, N, 2)
   if dist == 'smoothl1':
     trans = smooth_l1(jnp.square(scaled).sum(-1)).mean()
+  elif dist == 'wing':
+    trans = wing(jnp.square(scaled).sum(-1)).mean()
   else:
     trans = _scalar_distance(scaled, dist).mean()
   return trans + w * jnp.abs(evalues).sum(-1).mean()
@@ -297,6 +318,11 @@ def smooth_l1_loss(pred, target, scale=SMOOTH_L1_SCALE):
   return smooth_l1(jnp.square(pred - target).sum(-1), scale).mean()
 
 
+def l1_loss(pred, target):
+  """F.l1_loss (the official loss_func 'l1'): mean absolute error over every coordinate of (B, N, 2)."""
+  return jnp.abs(pred - target).mean()
+
+
 def mse_loss(pred, target):
   """F.mse_loss: mean squared error over every coordinate of (B, N, 2) landmarks."""
   return jnp.square(pred - target).mean()
@@ -313,6 +339,8 @@ def _landmark_loss(stack_out: Mapping[str, Any], gt_landmarks, loss_cfg):
     fn = star_loss if kind == 'star' else star_loss_v1
     return fn(stack_out['fusion_heatmaps'], gt_landmarks, w=loss_cfg.star_w, dist=loss_cfg.star_dist,
               eps=loss_cfg.star_eps, eig_clamp=loss_cfg.eig_clamp)
+  if kind == 'l1':
+    return l1_loss(stack_out['landmarks'], gt_landmarks)
   if kind == 'l2':
     return mse_loss(stack_out['landmarks'], gt_landmarks)
   if kind == 'smoothl1':

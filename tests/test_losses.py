@@ -301,7 +301,7 @@ def test_bad_shapes_are_reported():
   with pytest.raises(ValueError, match=r'\(batch, height, width, points\)'):
     losses.star_loss(jnp.ones((8, 8, 3)), jnp.zeros((1, 3, 2)))
   with pytest.raises(ValueError, match='distance'):
-    losses.star_loss(jnp.ones((1, 8, 8, 3)), jnp.zeros((1, 3, 2)), dist='wing')
+    losses.star_loss(jnp.ones((1, 8, 8, 3)), jnp.zeros((1, 3, 2)), dist='huber')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -370,7 +370,43 @@ def _stack_outputs(nstack=2, aam=True, seed=5):
   return outputs, batch
 
 
-@pytest.mark.parametrize('kind', ['star', 'star_v1', 'l2', 'smoothl1', 'none'])
+def test_wing_is_the_official_piecewise_function():
+  # lib/loss/wingLoss.py: omega 0.01, epsilon 2, C = omega - omega log(1 + omega / epsilon), the
+  # distance clamped at sqrt(1e-6).
+  omega, eps = 0.01, 2.0
+  c = omega - omega * np.log(1 + omega / eps)
+  d = np.array([0.0, 0.0005, 0.005, 0.0099, 0.0101, 0.5, 3.0])
+  clamped = np.sqrt(np.maximum(d ** 2, 1e-6))
+  want = np.where(clamped < omega, omega * np.log(1 + clamped / eps), clamped - c)
+  np.testing.assert_allclose(np.asarray(losses.wing(jnp.asarray(d, jnp.float32) ** 2)), want, rtol=1e-5, atol=1e-9)
+
+
+def test_star_wing_distance_v1_norm_and_v2_projections():
+  """'wing' (official star_dist option): STARLoss applies WingLoss to the norm of the scaled 2-vector
+  (as smooth-L1); STARLoss_v2, whose official code raises a TypeError for it, to each projection."""
+  rng = np.random.default_rng(3)
+  maps, _ = _gaussian_maps(rng, 2, 16, 5)
+  targets = jnp.asarray(rng.uniform(-0.5, 0.5, (2, 5, 2)), jnp.float32)
+  error, evalues, evectors = (np.asarray(a, np.float64) for a in
+                              losses._decompose(jnp.asarray(maps), targets, 1e-5, 0.0))  # pylint: disable=protected-access
+  proj = np.einsum('bni,bnik->bnk', error, evectors)
+  omega, eps = 0.01, 2.0
+  c = omega - omega * np.log(1 + omega / eps)
+
+  def wing_np(d2):
+    d = np.sqrt(np.maximum(d2, 1e-6))
+    return np.where(d < omega, omega * np.log(1 + d / eps), d - c)
+
+  eig = np.abs(evalues).sum(-1)
+  v2 = (wing_np(proj ** 2) / np.sqrt(evalues + 1e-5)).sum(-1) + 0.5 * eig
+  v1 = wing_np(((proj / np.sqrt(evalues + 1e-5)) ** 2).sum(-1)).mean() + 0.5 * eig.mean()
+  np.testing.assert_allclose(float(losses.star_loss(jnp.asarray(maps), targets, w=0.5, dist='wing')), v2.mean(),
+                             rtol=1e-4)
+  np.testing.assert_allclose(float(losses.star_loss_v1(jnp.asarray(maps), targets, w=0.5, dist='wing')), v1,
+                             rtol=1e-4)
+
+
+@pytest.mark.parametrize('kind', ['star', 'star_v1', 'l1', 'l2', 'smoothl1', 'none'])
 def test_multistack_loss_weights_stacks_and_terms_as_the_official_code(kind):
   outputs, batch = _stack_outputs(nstack=3)
   cfg = _loss_cfg(kind, star_w=0.5, star_dist='l1')
@@ -378,6 +414,7 @@ def test_multistack_loss_weights_stacks_and_terms_as_the_official_code(kind):
   landmark = {
       'star': lambda o: losses.star_loss(o['fusion_heatmaps'], batch['landmarks'], w=0.5, dist='l1'),
       'star_v1': lambda o: losses.star_loss_v1(o['fusion_heatmaps'], batch['landmarks'], w=0.5, dist='l1'),
+      'l1': lambda o: jnp.mean(jnp.abs(o['landmarks'] - batch['landmarks'])),   # F.l1_loss
       'l2': lambda o: jnp.mean((o['landmarks'] - batch['landmarks']) ** 2),
       'smoothl1': lambda o: losses.smooth_l1_loss(o['landmarks'], batch['landmarks']),
       'none': lambda o: 0.0,
