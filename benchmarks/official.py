@@ -8,10 +8,18 @@ bare packages instead, so only the modules asked for (and what they import) are 
   from benchmarks import official
   losses = official.losses('/path/to/STAR')          # lib.loss: STARLoss_v2, AWingLoss, ...
   net = official.network('/path/to/STAR', layouts.WFLW)  # StackedHGNetV1, random weights
+  cfg = official.config('/path/to/STAR', 'COFW', norm_type='ocular')  # conf.alignment.Alignment
+  nme, fr_auc = official.metrics('/path/to/STAR')    # lib.metric: NME, FR_AUC
+
+Some official modules import packages that only the code paths we do not run need (pandas, imageio,
+scikit-image, tensorboardX), or names that newer releases removed (scipy's `simps`, PyTorch's
+`Tensor.symeig`): where one is missing, a stand-in is put in its place while the module loads (see
+`_stand_ins`), or around the call (`legacy_symeig`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import pathlib
@@ -22,14 +30,20 @@ import numpy as np
 
 from star_jax import layouts as layouts_lib
 
-_PACKAGES = ('lib', 'lib.dataset', 'lib.backbone', 'lib.loss', 'lib.metric', 'lib.utils')
+_PACKAGES = ('lib', 'lib.dataset', 'lib.backbone', 'lib.loss', 'lib.metric', 'lib.utils', 'conf')
 
 
-def _register(path: str) -> pathlib.Path:
-  """Registers the official `lib` packages of the checkout `path` without running their __init__."""
+def check_checkout(path: str) -> pathlib.Path:
+  """`path` as a Path; FileNotFoundError unless it is a checkout of the official STAR code."""
   root = pathlib.Path(path)
   if not (root / 'lib' / 'loss' / 'starLoss_v2.py').exists():
     raise FileNotFoundError(f'{path} is not a checkout of the official STAR code (no lib/loss/starLoss_v2.py)')
+  return root
+
+
+def _register(path: str) -> pathlib.Path:
+  """Registers the official `lib` and `conf` packages of the checkout `path` without running their __init__."""
+  root = check_checkout(path)
   for name in _PACKAGES:
     folder = root.joinpath(*name.split('.'))
     existing = sys.modules.get(name)
@@ -41,8 +55,52 @@ def _register(path: str) -> pathlib.Path:
   return root
 
 
+@contextlib.contextmanager
+def _stand_ins(modules=(), attributes=()):
+  """While the block runs: each of `modules` (name -> module) that cannot be imported is in
+  sys.modules, and each of `attributes` ((object, name, value)) that `object` lacks is set on it.
+  Afterwards both are taken away again; a module imported meanwhile keeps what it bound."""
+  added_modules, added_attributes = [], []
+  for name, stand_in in dict(modules).items():
+    try:
+      importlib.import_module(name)
+    except ImportError:
+      sys.modules[name] = stand_in
+      added_modules.append(name)
+  for owner, name, value in attributes:
+    if not hasattr(owner, name):
+      setattr(owner, name, value)
+      added_attributes.append((owner, name))
+  try:
+    yield
+  finally:
+    for name in added_modules:
+      sys.modules.pop(name, None)
+    for owner, name in added_attributes:
+      delattr(owner, name)
+
+
+def _missing(name: str, why: str) -> types.ModuleType:
+  """A stand-in module for the package `name`: any of its names can be imported, and calling one
+  raises ImportError saying `why` the package was not needed."""
+  stand_in = types.ModuleType(name)
+
+  def __getattr__(attribute):  # noqa: N807
+    if attribute.startswith('__'):
+      raise AttributeError(attribute)
+
+    def unavailable(*args, **kwargs):
+      raise ImportError(f'{name} is not installed ({why}); {name}.{attribute} is not available')
+    return unavailable
+
+  stand_in.__getattr__ = __getattr__
+  return stand_in
+
+
 def losses(path: str) -> types.ModuleType:
-  """The official `lib.loss` package (STARLoss_v2, STARLoss, AWingLoss, SmoothL1Loss, ...)."""
+  """The official `lib.loss` package (STARLoss_v2, STARLoss, AWingLoss, SmoothL1Loss, ...).
+
+  STARLoss (v1) calls `Tensor.symeig`, which PyTorch has removed: call it `with legacy_symeig():`."""
   root = _register(path)
   # lib.loss's own __init__ only imports its loss modules: run it for the usual names.
   spec = importlib.util.spec_from_file_location('lib.loss', root / 'lib' / 'loss' / '__init__.py',
@@ -71,17 +129,58 @@ def network(path: str, layout: layouts_lib.Layout, *, image_size: int = 256, nst
              nstack=nstack, nlevels=nlevels, in_channel=channels)
 
 
+@contextlib.contextmanager
+def legacy_symeig():
+  """While the block runs, `Tensor.symeig(eigenvectors=True)` (deprecated in PyTorch 1.9, since
+  removed), which the official STARLoss (v1) calls, is `torch.linalg.eigh(A, UPLO='U')`: symeig read
+  the upper triangle by default (PyTorch's own message on the removal gives this replacement)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  saved = torch.Tensor.__dict__.get('symeig')
+  torch.Tensor.symeig = lambda self, eigenvectors=False, upper=True: torch.linalg.eigh(
+      self, UPLO='U' if upper else 'L')
+  try:
+    yield
+  finally:
+    if saved is None:
+      del torch.Tensor.symeig
+    else:
+      torch.Tensor.symeig = saved
+
+
 def alignment_dataset(path: str) -> types.ModuleType:
   """The official `lib.dataset.alignmentDataset` module. scikit-image is only needed for its 5-point
-  alignment, which the crop pipeline never uses: a stub stands in when it is not installed."""
+  alignment, which the crop pipeline never uses, pandas for reading a TSV file and imageio for images
+  OpenCV cannot read: stand-ins take their place when they are not installed."""
   _register(path)
-  try:
-    import skimage  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
-    stub = types.ModuleType('skimage')
-    stub.transform = types.SimpleNamespace(SimilarityTransform=None)
-    sys.modules.setdefault('skimage', stub)
-  return importlib.import_module('lib.dataset.alignmentDataset')
+  skimage = types.ModuleType('skimage')
+  skimage.transform = types.SimpleNamespace(SimilarityTransform=None)
+  with _stand_ins({'skimage': skimage, 'pandas': _missing('pandas', 'AlignmentDataset reads its TSV with it'),
+                   'imageio': _missing('imageio', 'for images OpenCV cannot read')}):
+    return importlib.import_module('lib.dataset.alignmentDataset')
+
+
+def config(path: str, dataset: str, **settings):
+  """The official configuration `conf.alignment.Alignment` for `dataset` ('WFLW', '300W' or 'COFW'),
+  with `settings` given as its command-line arguments are (e.g. norm_type='ocular'): edge_info,
+  flip_mapping, classes_num, nme_left_index / nme_right_index, ... tensorboardX is only needed for the
+  writer of a training run: a stand-in takes its place when it is not installed."""
+  _register(path)
+  with _stand_ins({'tensorboardX': _missing('tensorboardX', 'only a training run writes its logs')}):
+    alignment = importlib.import_module('conf.alignment')
+  return alignment.Alignment(types.SimpleNamespace(data_definition=dataset, **settings))
+
+
+def metrics(path: str) -> tuple[type, type]:
+  """The official (NME, FR_AUC) classes of lib/metric. fr_and_auc.py imports scipy's `simps`, which
+  scipy 1.14 removed: `simpson` stands in under that name while it loads where it is missing. (For an
+  even number of points, scipy >= 1.11 ends Simpson's rule with Cartwright's correction; the older
+  `simps` averaged two trapezoid-ended variants.)"""
+  _register(path)
+  import scipy.integrate  # pylint: disable=import-outside-toplevel
+  nme = importlib.import_module('lib.metric.nme')
+  with _stand_ins(attributes=[(scipy.integrate, 'simps', scipy.integrate.simpson)]):
+    fr_and_auc = importlib.import_module('lib.metric.fr_and_auc')
+  return nme.NME, fr_and_auc.FR_AUC
 
 
 def module(path: str, name: str) -> types.ModuleType:

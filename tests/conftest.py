@@ -29,7 +29,7 @@ TINY_CONFIG = f'--config={REPO / "configs" / "synthetic.py"}:tiny'
 
 @pytest.fixture
 def data_dir() -> pathlib.Path:
-  """tests/data: small golden arrays copied from ../shared/reference and real photos."""
+  """tests/data: small golden arrays from ../shared/reference and real photos (scripts/make_test_data.py)."""
   return DATA
 
 

@@ -2,7 +2,7 @@
 gradient safety, invariances and the multi-stack combination.
 
 tests/data/losses_star_reference.npz holds arrays computed by the official code (commit 9b12574,
-float32, NCHW; copied from the shared reference losses.npz):
+float32, NCHW; from the shared reference losses.npz, rebuilt by scripts/make_test_data.py):
   h16/*: the whole `b3_n5_h16` case (3 x 5 maps of 16x16): values and heatmap gradients of
     STARLoss_v2 (smoothl1, l1, l2, smoothl1 with w=0.5), STARLoss (v1) and AWingLoss.
   h64/*: two maps of the `b2_n24_h64` case (64x64): map (1, 11), the worst-conditioned one (its

@@ -3,7 +3,7 @@
 Golden data (tests/data): tiny_{wflw,cofw}_checkpoint.pkl are the official tiny models (input 64,
 nstack 4, nlevels 4, 32 channels; random weights, non-trivial BatchNorm statistics) saved with
 torch.save; tiny_outputs.npz holds the official outputs for a fixed input (see
-scripts/make_tiny_outputs.py for how it was made). The weights are loaded through the checkpoint
+scripts/make_test_data.py for how it is made). The weights are loaded through the checkpoint
 converter, so these tests also check the converter's mapping and the BGR -> RGB stem swap: the
 official net sees `input_nchw` (BGR), ours the same pixels with the channels reversed (RGB).
 

@@ -1,7 +1,7 @@
 """Training targets (star_jax/data/targets.py): normalised landmarks, point maps and edge maps.
 
 Golden values: tests/data/targets_golden.npz, from the official STAR code (stored NCHW-like:
-(4, C, 64, 64); ours are channels-last).
+(4, C, 64, 64); ours are channels-last; made by scripts/make_test_data.py).
 """
 
 import math

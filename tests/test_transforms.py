@@ -1,7 +1,7 @@
 """Crop geometry, flip, warp and texture augmentation (star_jax/data/transforms.py).
 
 Golden values: tests/data/targets_golden.npz, computed by the official STAR code (see
-../shared/reference/README.md, targets.npz; only WFLW's crop images are kept).
+../shared/reference/README.md, targets.npz; only WFLW's crop images are kept; scripts/make_test_data.py).
 """
 
 import math

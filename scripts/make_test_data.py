@@ -1,0 +1,555 @@
+"""Rebuilds the golden files of tests/data with the official STAR code, or checks the committed ones.
+
+  python scripts/make_test_data.py --official /path/to/STAR --reference ../shared/reference
+      [--output tests/data] [--only losses,metrics,targets,tiny_outputs,layouts,checkpoints,real_faces]
+      [--faces DIR] [--check]
+
+--official is a checkout of the official PyTorch code (github.com/ZhenglinZhou/STAR; the goldens were
+made from commit 9b12574), loaded through benchmarks/official.py; --reference the folder of the shared
+reference arrays, whose README says what each one is. The command needs PyTorch (`pip install torch`),
+which star_jax does not; `--only real_faces` needs neither PyTorch nor the official code.
+
+Each file takes its inputs from the reference and has the official code recompute, on the CPU in one
+thread, what the tests compare against; it keeps exactly the keys, shapes and dtypes the tests read.
+The run is deterministic (nothing is drawn at random; npz members carry a fixed date). Two names the
+2023 code uses are gone from current releases; benchmarks/official.py stands in for them: PyTorch's
+Tensor.symeig (STARLoss v1; as torch.linalg.eigh of the upper triangle) and scipy's simps (FR_AUC; as
+scipy.integrate.simpson).
+
+  losses_star_reference.npz  [losses]  inputs: losses.npz heatmap, target and AWing pred / target of
+      the case b3_n5_h16 (kept as h16/*) and of b2_n24_h64. Recomputed: value and heatmap gradient of
+      STARLoss_v2 (smoothl1, l1, l2; smoothl1 with w=0.5), STARLoss (v1, smoothl1) and AWingLoss on h16;
+      on the whole of b2_n24_h64 the heatmap gradients of STARLoss_v2 smoothl1 and l2 and of STARLoss,
+      of which h64/* keeps maps (1, 11) and (0, 0) as a batch of 1 x 2 maps, the gradients scaled by
+      48 / 2 (each term depends on its own map only and the loss averages over the maps).
+  metrics_reference.npz  [metrics]  inputs: metrics.npz gt and pred, 200 images per dataset (the file
+      keeps the first 16). Recomputed with the official conf (norm_type ocular, pupil) and lib.metric:
+      the NME of all 200 images, FR and AUC at the dataset's threshold, and that threshold.
+  targets_golden.npz  [targets]  inputs: targets.npz landmarks_256, crop/{image, landmarks, scale_center}
+      and the geometry draws. Recomputed: point maps (encoder_default), edge maps and normalised
+      landmarks (AlignmentDataset) of landmarks_256; the test-time crop (Augmentation with is_train
+      False: matrix, landmarks, and the warped image for WFLW), scale and centre read as the official
+      reads them from text (the shortest decimals of the float32 values); the flip (Flip, always taken)
+      of crop/landmarks and centre_w in the 400 px wide image; the random-geometry matrices
+      (GetRandomGeometryMatrix) for the given draws.
+  tiny_outputs.npz  [tiny_outputs]  inputs: tiny_model.npz input_nchw and the 'net' weights of
+      tiny_{wflw,cofw}_checkpoint.pkl. Recomputed: the official StackedHGNetV1 (input 64, nstack 4,
+      nlevels 4, 32 channels, the official conf otherwise), a fresh copy per mode, in float32 and in
+      float64 (.double()), eval and train mode. Kept per dataset D: D/f32/{eval,train}/stack<i>/landmarks
+      of every stack and the maps (point and fusion maps every 12th channel for WFLW, every 7th for COFW;
+      edge maps every 3rd; NCHW) of stacks 0 and 3 in eval mode and of stack 0 in train mode;
+      D/f64/{eval,train}/stack<i>/landmarks (float64) of every stack and, in train mode, the maps of
+      stack 1 (rounded to float32).
+  tiny_official_layouts.json.gz  [layouts]  recomputed: for the full-size official networks of WFLW,
+      300W and COFW (official conf and get_net arguments: input 256, nstack 4, 256 channels) every
+      state_dict key with its shape and dtype, classes_num, nstack and the parameter count, as JSON
+      (indent 0) in a gzip file without name or date. No inputs (the random weights are not kept).
+  tiny_{wflw,cofw}_checkpoint.pkl  [checkpoints]  the reference's files, copied once 'net' is found
+      to hold the parameters of tiny_model.npz's state_dict (whose BatchNorm statistics were recorded
+      after its train-mode pass), 'net_ema' to equal 'net' and the epoch to be 7. They are random
+      weights, not outputs; torch.save writes a random serialization id, so a re-save would differ.
+  real_faces/*  [real_faces]  from the full-size photos in --faces (default <reference>/../data/
+      real_faces): OpenCV imread (unchanged), INTER_AREA resize to (w // f, h // f), f = 8 for
+      breakingbad.jpg, 4 for einstein.jpg (greyscale), 2 for takeo.ppm; written as JPEG quality 90
+      (takeo as PNG, OpenCV defaults); each .pts is the original with its points (1-based) moved onto
+      the small image, p' = (p - 0.5) * s + 0.5 per axis with s = small / original size, '%.6f'.
+      The image bytes are those of OpenCV's encoders (equal with opencv-python-headless 4.14). The
+      folder's README.md is not generated.
+
+--check rebuilds the selected files in a temporary folder and compares them with those in --output,
+printing the largest difference of each array; exit status 1 when one is out of tolerance. Inputs
+must be bit-equal, and so must real_faces/*, the checkpoints and the layouts' JSON text (the gzip
+header may differ). A recomputed array may differ from the committed one by the tolerance at which the
+tests compare with it (GOLDENS below). Recomputing on another CPU changes float32 results in their
+last bits (summation orders; PyTorch's float32 sqrt, which is not correctly rounded everywhere, enters
+even the float64 run of the tiny networks through the official CoordConv radius, computed in
+float32), and the ill-conditioned train mode of those random networks amplifies that; OpenCV builds
+round warp positions differently (the crop image).
+Arrays no test reads (the float32 train-mode landmarks of stacks 1-3) are reported only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import gzip
+import json
+import pathlib
+import shutil
+import sys
+import tempfile
+import warnings
+from typing import Callable, NamedTuple
+
+from absl import flags
+import numpy as np
+
+# benchmarks/ (the official-code harness) is a folder of the checkout, beside this script's folder.
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from star_jax import cli  # noqa: E402  pylint: disable=wrong-import-position
+
+DATASETS = ('WFLW', '300W', 'COFW')
+TINY_DATASETS = ('WFLW', 'COFW')
+TINY_POINT_STEP = {'WFLW': 12, 'COFW': 7}   # channel subsets of tiny_outputs.npz (edge maps: every 3rd)
+STAR_CASES = {  # name in losses.npz -> (class name, keyword arguments)
+    'star_v2_smoothl1': ('STARLoss_v2', dict(dist='smoothl1', w=1)),
+    'star_v2_l1': ('STARLoss_v2', dict(dist='l1', w=1)),
+    'star_v2_l2': ('STARLoss_v2', dict(dist='l2', w=1)),
+    'star_v2_smoothl1_w0.5': ('STARLoss_v2', dict(dist='smoothl1', w=0.5)),
+    'star_v1_smoothl1': ('STARLoss', dict(dist='smoothl1', w=1)),
+}
+H64_CASES = ('star_v2_smoothl1', 'star_v2_l2', 'star_v1_smoothl1')
+H64_MAPS = ((1, 11), (0, 0))        # (image, point) of b2_n24_h64 kept in h64/*, in this order
+FACES = (('breakingbad', '.jpg', 8, '.jpg'), ('einstein', '.jpg', 4, '.jpg'), ('takeo', '.ppm', 2, '.png'))
+
+
+class Sources(NamedTuple):
+  official: str | None       # checkout of the official code
+  reference: pathlib.Path    # the shared reference arrays
+  faces: pathlib.Path        # the full-size real faces
+
+
+class Golden(NamedTuple):
+  """One --only name: the files it writes (relative to the output folder), whether it needs PyTorch and
+  the official code, how it makes them, and the tolerances of --check for its npz arrays:
+  (key pattern, kind, value), the first matching pattern applies. Kinds: 'exact' (bit-equal), 'abs'
+  (|difference| <= value), 'rel' (<= value x the committed array's largest |entry|), 'unread' (not
+  read by any test: the difference is reported only)."""
+  files: tuple[str, ...]
+  needs_torch: bool
+  make: Callable[[Sources, pathlib.Path], None]
+  tolerances: tuple[tuple[str, str, float], ...] = ()
+
+
+# ---- Helpers ------------------------------------------------------------------------------------------
+
+def _input(folder: pathlib.Path, name: str, flag: str = '--reference') -> pathlib.Path:
+  """folder / name; a UserError when it does not exist."""
+  path = folder / name
+  if not path.exists():
+    raise cli.UserError(f'{path} does not exist (is {flag} the right folder?)')
+  return path
+
+
+def _load(src: Sources, name: str) -> dict[str, np.ndarray]:
+  """The arrays of the reference's `name`."""
+  with np.load(_input(src.reference, name)) as f:
+    return dict(f)
+
+
+def _save_npz(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+  np.savez_compressed(path, **arrays)   # numpy dates every member 1980-01-01: the bytes are reproducible
+
+
+def _torch():
+  import torch  # pylint: disable=import-outside-toplevel
+  warnings.filterwarnings('ignore', message='torch.meshgrid')   # the official code's calls, on purpose
+  torch.manual_seed(0)
+  torch.set_num_threads(1)
+  return torch
+
+
+def _text_float(value) -> float:
+  """A float32 read back as the decimal text it was written from (1.10000002 -> 1.1)."""
+  return float(np.format_float_positional(np.float32(value)))
+
+
+# ---- losses_star_reference.npz ------------------------------------------------------------------------
+
+def make_losses(src: Sources, out: pathlib.Path) -> None:
+  from benchmarks import official  # pylint: disable=import-outside-toplevel
+  torch = _torch()
+  loss = official.losses(src.official)
+  ref = _load(src, 'losses.npz')
+
+  def value_and_grad(criterion, prediction, target):
+    prediction = torch.from_numpy(prediction).requires_grad_(True)
+    with official.legacy_symeig():
+      value = criterion(prediction, torch.from_numpy(target))
+    value.backward()
+    return value.detach().numpy(), prediction.grad.numpy()
+
+  star = {name: (lambda cls=cls, kw=kw: getattr(loss, cls)(**kw)) for name, (cls, kw) in STAR_CASES.items()}
+  arrays = {}
+  case = 'b3_n5_h16'
+  arrays['h16/heatmap'], arrays['h16/target'] = ref[f'{case}/heatmap'], ref[f'{case}/target']
+  for name, make in star.items():
+    arrays[f'h16/{name}/value'], arrays[f'h16/{name}/grad_heatmap'] = value_and_grad(
+        make(), ref[f'{case}/heatmap'], ref[f'{case}/target'])
+  arrays['h16/awing/pred'], arrays['h16/awing/target'] = ref[f'{case}/awing/pred'], ref[f'{case}/awing/target']
+  arrays['h16/awing/value'], arrays['h16/awing/grad_pred'] = value_and_grad(
+      loss.AWingLoss(), ref[f'{case}/awing/pred'], ref[f'{case}/awing/target'])
+
+  case = 'b2_n24_h64'
+  heatmap, target = ref[f'{case}/heatmap'], ref[f'{case}/target']
+  maps = tuple(zip(*H64_MAPS))
+  arrays['h64/heatmap'] = heatmap[maps][None]
+  arrays['h64/target'] = target[maps][None]
+  scale = np.float32(heatmap.shape[0] * heatmap.shape[1] / len(H64_MAPS))
+  for name in H64_CASES:
+    _, grad = value_and_grad(star[name](), heatmap, target)
+    arrays[f'h64/{name}/grad_heatmap'] = grad[maps][None] * scale
+  _save_npz(out / 'losses_star_reference.npz', arrays)
+
+
+# ---- metrics_reference.npz ----------------------------------------------------------------------------
+
+def make_metrics(src: Sources, out: pathlib.Path) -> None:
+  from benchmarks import official  # pylint: disable=import-outside-toplevel
+  torch = _torch()
+  nme_class, fr_auc_class = official.metrics(src.official)
+  ref = _load(src, 'metrics.npz')
+  arrays = {}
+  for dataset in DATASETS:
+    gt, pred = ref[f'{dataset}/gt'], ref[f'{dataset}/pred']
+    arrays[f'{dataset}/gt'], arrays[f'{dataset}/pred'] = gt[:16], pred[:16]
+    for norm in ('ocular', 'pupil'):
+      cfg = official.config(src.official, dataset, norm_type=norm)
+      nmes = nme_class(cfg.nme_left_index, cfg.nme_right_index).test(torch.from_numpy(pred), torch.from_numpy(gt))
+      fr_auc = fr_auc_class(cfg.data_definition)
+      fr, auc = fr_auc.test(np.asarray(nmes))
+      arrays[f'{dataset}/{norm}/nme_per_image'] = np.asarray(nmes, np.float64)
+      arrays[f'{dataset}/{norm}/fr'] = np.float64(fr)
+      arrays[f'{dataset}/{norm}/auc'] = np.float64(auc)
+      arrays[f'{dataset}/{norm}/threshold'] = np.float64(fr_auc.thresh)
+  _save_npz(out / 'metrics_reference.npz', arrays)
+
+
+# ---- targets_golden.npz -------------------------------------------------------------------------------
+
+def make_targets(src: Sources, out: pathlib.Path) -> None:
+  from benchmarks import official  # pylint: disable=import-outside-toplevel
+  torch = _torch()
+  dataset_module = official.alignment_dataset(src.official)
+  augmentation = official.module(src.official, 'lib.dataset.augmentation')
+  encoder = official.module(src.official, 'lib.dataset.encoder.encoder_default').encoder_default(256, 256)
+  ref = _load(src, 'targets.npz')
+  arrays = {}
+  for dataset in DATASETS:
+    cfg = official.config(src.official, dataset)
+    # The dataset's methods that make the targets read only these attributes; its __init__ reads a TSV.
+    targets = object.__new__(dataset_module.AlignmentDataset)
+    targets.image_height = targets.image_width = 256
+    targets.edge_info = cfg.edge_info
+    landmarks_256 = ref[f'{dataset}/landmarks_256']
+    arrays[f'{dataset}/landmarks_256'] = landmarks_256
+    arrays[f'{dataset}/pointmaps'] = np.stack([encoder.generate_heatmap(p).numpy() for p in landmarks_256])
+    arrays[f'{dataset}/edgemaps'] = np.stack([targets._generate_edgemap(p).numpy() for p in landmarks_256])  # pylint: disable=protected-access
+    arrays[f'{dataset}/normalized'] = np.stack([
+        targets._norm_points(torch.from_numpy(p), 256, 256).numpy() for p in landmarks_256])  # pylint: disable=protected-access
+
+    # The test-time crop, as AlignmentDataset (crop_op, is_train False) builds its Augmentation.
+    image, landmarks = ref[f'{dataset}/crop/image'], ref[f'{dataset}/crop/landmarks']
+    scale, center_w, center_h = (_text_float(v) for v in ref[f'{dataset}/crop/scale_center'])
+    crop = augmentation.Augmentation(is_train=False, aug_prob=0.0, image_size=256, crop_op=True,
+                                     target_face_scale=1.0, flip_mapping=cfg.flip_mapping)
+    out_image, out_landmarks, matrix = crop.process(image, landmarks, None, scale, center_w, center_h)
+    if dataset == 'WFLW':                     # the tests keep WFLW's images only
+      arrays[f'{dataset}/crop/image'] = image
+    arrays[f'{dataset}/crop/landmarks'] = landmarks
+    arrays[f'{dataset}/crop/scale_center'] = ref[f'{dataset}/crop/scale_center']
+    arrays[f'{dataset}/crop/matrix'] = matrix
+    if dataset == 'WFLW':
+      arrays[f'{dataset}/crop/out_image'] = out_image
+    arrays[f'{dataset}/crop/out_landmarks'] = out_landmarks
+
+    flip = augmentation.Flip(cfg.flip_mapping, 1.0)    # rate 1: always flips
+    _, flipped, _, flipped_w, _ = flip.process(np.zeros((300, 400, 3), np.uint8), landmarks, None, center_w, center_h)
+    arrays[f'{dataset}/flip/landmarks'] = flipped
+    arrays[f'{dataset}/flip/center_w'] = np.float32(flipped_w)
+
+  draws = ref['geometry/draws_shiftx_shifty_angle_scale']
+  matrices = []
+  for draw in draws.astype(np.float64):
+    # Augmentation's own GetRandomGeometryMatrix, with its draws (shift in units of the crop side, angle
+    # in radians, scale) given instead of drawn.
+    geometry = augmentation.GetRandomGeometryMatrix(
+        target_shape=(256, 256), from_shape=(256, 256), shift_sigma=0.05, rot_sigma=np.pi / 180 * 18,
+        scale_sigma=0.1, align_corners=True)
+    given = iter([draw[:2], draw[2], draw[3]])
+    geometry._random = lambda mu_sigma_normal, size=None, given=given: next(given)  # pylint: disable=protected-access
+    matrices.append(geometry.process())
+  arrays['geometry/draws_shiftx_shifty_angle_scale'] = draws
+  arrays['geometry/matrices'] = np.stack(matrices)
+  _save_npz(out / 'targets_golden.npz', arrays)
+
+
+# ---- tiny_outputs.npz ---------------------------------------------------------------------------------
+
+def _tiny_network(src: Sources, dataset: str, state_dict, dtype):
+  from benchmarks import official  # pylint: disable=import-outside-toplevel
+  cfg = official.config(src.official, dataset, width=64, height=64)
+  net = official.network_class(src.official)(config=cfg, classes_num=cfg.classes_num, edge_info=cfg.edge_info,
+                                             nstack=4, nlevels=4, in_channel=32, add_coord=cfg.add_coord,
+                                             decoder_type=cfg.decoder_type)
+  net.load_state_dict(state_dict)
+  return net.to(dtype)
+
+
+def make_tiny_outputs(src: Sources, out: pathlib.Path) -> None:
+  torch = _torch()
+  ref = _load(src, 'tiny_model.npz')
+  inputs = {d: ref[f'{d}/input_nchw'] for d in TINY_DATASETS}
+  if not np.array_equal(inputs['WFLW'], inputs['COFW']):
+    raise cli.UserError('tiny_model.npz: the WFLW and COFW inputs differ; tiny_outputs.npz keeps one input')
+  arrays = {'input_nchw': inputs['WFLW']}
+  for dataset in TINY_DATASETS:
+    state_dict = torch.load(_input(src.reference, f'tiny_{dataset.lower()}_checkpoint.pkl'), weights_only=True)['net']
+    step = TINY_POINT_STEP[dataset]
+    for mode in ('eval', 'train'):
+      outputs = {}
+      for precision, dtype in (('f64', torch.float64), ('f32', torch.float32)):
+        net = _tiny_network(src, dataset, state_dict, dtype)
+        getattr(net, mode)()
+        with torch.no_grad():
+          maps, fusion, _ = net(torch.from_numpy(inputs[dataset]).to(dtype))
+        outputs[precision] = [{'landmarks': maps[3 * i], 'pointmaps': maps[3 * i + 1], 'edgemaps': maps[3 * i + 2],
+                               'fusion_heatmaps': fusion[i]} for i in range(4)]
+      for i in range(4):
+        keep_maps = {'f64': mode == 'train' and i == 1, 'f32': i == 0 or (mode == 'eval' and i == 3)}
+        for name in ('landmarks', 'pointmaps', 'edgemaps', 'fusion_heatmaps'):
+          for precision in ('f64', 'f32'):
+            value = outputs[precision][i][name].numpy()
+            if name != 'landmarks':
+              if not keep_maps[precision]:
+                continue
+              value = value[:, ::3 if name == 'edgemaps' else step].astype(np.float32)
+            arrays[f'{dataset}/{precision}/{mode}/stack{i}/{name}'] = value
+  _save_npz(out / 'tiny_outputs.npz', arrays)
+
+
+# ---- tiny_official_layouts.json.gz --------------------------------------------------------------------
+
+def make_layouts(src: Sources, out: pathlib.Path) -> None:
+  from benchmarks import official  # pylint: disable=import-outside-toplevel
+  _torch()
+  layouts = {}
+  for dataset in DATASETS:
+    cfg = official.config(src.official, dataset)
+    # The official get_net's arguments (nlevels and in_channel at their defaults: 4 and 256).
+    net = official.network_class(src.official)(config=cfg, classes_num=cfg.classes_num, edge_info=cfg.edge_info,
+                                               nstack=cfg.nstack, add_coord=cfg.add_coord,
+                                               decoder_type=cfg.decoder_type)
+    layouts[dataset] = {
+        'classes_num': list(cfg.classes_num), 'nstack': cfg.nstack,
+        'num_params': sum(p.numel() for p in net.parameters()),
+        'state_dict': [[key, list(value.shape), str(value.dtype).replace('torch.', '')]
+                       for key, value in net.state_dict().items()]}
+  with open(out / 'tiny_official_layouts.json.gz', 'wb') as f:
+    with gzip.GzipFile(filename='', mode='wb', fileobj=f, mtime=0) as z:
+      z.write(json.dumps(layouts, indent=0).encode())
+
+
+# ---- tiny_{wflw,cofw}_checkpoint.pkl ------------------------------------------------------------------
+
+def make_checkpoints(src: Sources, out: pathlib.Path) -> None:
+  torch = _torch()
+  ref = _load(src, 'tiny_model.npz')
+  for dataset in TINY_DATASETS:
+    path = _input(src.reference, f'tiny_{dataset.lower()}_checkpoint.pkl')
+    checkpoint = torch.load(path, weights_only=True)
+    recorded = {k.split('/', 2)[2]: ref[k] for k in ref if k.startswith(f'{dataset}/state_dict/')}
+    net = checkpoint['net']
+    # tiny_model.npz recorded its state_dict after its train-mode pass, which moved the BatchNorm
+    # statistics once (num_batches_tracked 0 -> 1): the parameters must be equal, the buffers need not.
+    parameters = [k for k in net if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))]
+    problems = []
+    if net.keys() != recorded.keys():
+      problems.append(f"'net' has other keys than tiny_model.npz's {dataset}/state_dict")
+    elif any(not np.array_equal(net[k].numpy(), recorded[k]) for k in parameters):
+      problems.append(f"the parameters of 'net' are not tiny_model.npz's {dataset}/state_dict")
+    if checkpoint['net_ema'].keys() != net.keys() or any(not torch.equal(checkpoint['net_ema'][k], net[k]) for k in net):
+      problems.append("'net_ema' is not 'net'")
+    if checkpoint.get('epoch') != 7:
+      problems.append(f'epoch {checkpoint.get("epoch")}, expected 7')
+    if problems:
+      raise cli.UserError(f'{path}: {"; ".join(problems)}')
+    shutil.copyfile(path, out / path.name)
+
+
+# ---- real_faces/* -------------------------------------------------------------------------------------
+
+def _moved_pts(text: str, scale_x: float, scale_y: float) -> str:
+  """An iBUG .pts file's text with its (1-based) points scaled about pixel centres."""
+  lines = text.strip('\n').split('\n')
+  if '{' not in lines or '}' not in lines:
+    raise cli.UserError('a .pts file without its { ... } block of points')
+  start, end = lines.index('{') + 1, lines.index('}')
+  points = np.array([[float(v) for v in line.split()] for line in lines[start:end]])
+  points = (points - 0.5) * np.array([scale_x, scale_y]) + 0.5
+  body = [f'{x:.6f} {y:.6f}' for x, y in points]
+  return '\n'.join(lines[:start] + body + lines[end:]) + '\n'
+
+
+def make_real_faces(src: Sources, out: pathlib.Path) -> None:
+  import cv2  # pylint: disable=import-outside-toplevel
+  (out / 'real_faces').mkdir(exist_ok=True)
+  for name, ext, factor, out_ext in FACES:
+    path = _input(src.faces, f'{name}{ext}', '--faces')
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+      raise cli.UserError(f'OpenCV cannot read {path}')
+    h, w = image.shape[:2]
+    small = cv2.resize(image, (w // factor, h // factor), interpolation=cv2.INTER_AREA)
+    ok, encoded = cv2.imencode(out_ext, small, [cv2.IMWRITE_JPEG_QUALITY, 90] if out_ext == '.jpg' else [])
+    assert ok
+    (out / 'real_faces' / f'{name}{out_ext}').write_bytes(encoded.tobytes())
+    pts = _moved_pts(_input(src.faces, f'{name}.pts', '--faces').read_text(), (w // factor) / w, (h // factor) / h)
+    (out / 'real_faces' / f'{name}.pts').write_text(pts)
+
+
+EXACT = 0.0
+# --check's tolerances: inputs bit-equal; outputs within the tolerance at which the tests compare with
+# them (the tests named), so that a rebuilt file would give the tests' verdicts the committed one gives.
+GOLDENS = {
+    'losses': Golden(('losses_star_reference.npz',), True, make_losses, (
+        ('*/heatmap', 'exact', EXACT), ('*/target', 'exact', EXACT), ('h16/awing/pred', 'exact', EXACT),
+        ('*', 'rel', 1e-5))),                     # test_losses: rtol 1e-5, gradients' floor 1e-5 x max
+    'metrics': Golden(('metrics_reference.npz',), True, make_metrics, (
+        ('*/gt', 'exact', EXACT), ('*/pred', 'exact', EXACT), ('*/threshold', 'exact', EXACT),
+        ('*', 'abs', 1e-9))),                     # test_metrics: NME, FR, AUC to 1e-9
+    'targets': Golden(('targets_golden.npz',), True, make_targets, (
+        ('*/landmarks_256', 'exact', EXACT), ('*/crop/image', 'exact', EXACT), ('*/crop/landmarks', 'exact', EXACT),
+        ('*/crop/scale_center', 'exact', EXACT), ('geometry/draws_*', 'exact', EXACT),
+        ('*/normalized', 'abs', 1e-6), ('*/pointmaps', 'abs', 1e-5), ('*/edgemaps', 'abs', 1e-6),   # test_targets
+        ('*/crop/matrix', 'abs', 1e-5), ('*/crop/out_landmarks', 'abs', 1e-4),                      # test_transforms
+        ('*/crop/out_image', 'abs', 4), ('*/flip/landmarks', 'exact', EXACT), ('*/flip/center_w', 'rel', 1e-6),
+        ('geometry/matrices', 'abs', 1e-5))),
+    'tiny_outputs': Golden(('tiny_outputs.npz',), True, make_tiny_outputs, (   # test_model
+        ('input_nchw', 'exact', EXACT),
+        ('*/f32/eval/*/landmarks', 'abs', 1e-5), ('*/f32/eval/*', 'abs', 1e-4), ('*/f32/train/stack0/*', 'abs', 1e-4),
+        ('*/f32/train/*', 'unread', EXACT), ('*/f64/eval/*', 'abs', 1e-6), ('*/f64/train/stack[01]/*', 'abs', 1e-5),
+        ('*/f64/train/*', 'abs', 1e-3))),
+    'layouts': Golden(('tiny_official_layouts.json.gz',), True, make_layouts),
+    'checkpoints': Golden(('tiny_wflw_checkpoint.pkl', 'tiny_cofw_checkpoint.pkl'), True, make_checkpoints),
+    'real_faces': Golden(tuple(f'real_faces/{n}{e}' for n, _, _, e in FACES) + tuple(f'real_faces/{n}.pts' for n, *_ in FACES),
+                         False, make_real_faces),
+}
+
+
+# ---- --check ------------------------------------------------------------------------------------------
+
+def _tolerance(key: str, expected: np.ndarray, tolerances) -> tuple[str, float, str]:
+  """(kind, largest allowed |difference|, how it was set) for one array of a rebuilt npz."""
+  kind, value = next(((k, v) for pattern, k, v in tolerances if fnmatch.fnmatchcase(key, pattern)), ('exact', EXACT))
+  if kind == 'rel':
+    scale = float(np.abs(expected).max()) if expected.size else 0.0
+    return kind, value * scale, f'{value:g} x max {scale:.3g}'
+  return kind, value, {'exact': 'bit-equal', 'unread': 'not read by the tests: reported only'}.get(kind, f'{value:g}')
+
+
+def _compare_npz(got_path: pathlib.Path, want_path: pathlib.Path, tolerances) -> bool:
+  with np.load(got_path) as g, np.load(want_path) as w:
+    got, want = dict(g), dict(w)
+  ok = True
+  for key in list(want) + [k for k in got if k not in want]:
+    if key not in got or key not in want:
+      print(f'  {key:40s} MISMATCH: only in the {"rebuilt" if key in got else "committed"} file')
+      ok = False
+      continue
+    a, b = got[key], want[key]
+    if a.shape != b.shape or a.dtype != b.dtype:
+      print(f'  {key:40s} MISMATCH: rebuilt {a.dtype}{list(a.shape)}, committed {b.dtype}{list(b.shape)}')
+      ok = False
+      continue
+    kind, tol, how = _tolerance(key, b, tolerances)
+    equal = np.array_equal(a, b)
+    diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if a.size else 0.0
+    good = equal or kind == 'unread' or (kind != 'exact' and diff <= tol)
+    ok &= good
+    what = 'bit-equal' if equal else f'max |diff| {diff:.3g}'
+    print(f'  {key:40s} {what:22s} (tolerance {how}){"" if good else "  MISMATCH"}')
+  return ok
+
+
+def _compare(file: str, got: pathlib.Path, want: pathlib.Path, tolerances) -> bool:
+  print(file)
+  if not want.exists():
+    print('  MISMATCH: no committed file')
+    return False
+  if file.endswith('.npz'):
+    return _compare_npz(got, want, tolerances)
+  if file.endswith('.json.gz'):
+    same = gzip.decompress(got.read_bytes()) == gzip.decompress(want.read_bytes())
+    note = '' if got.read_bytes() == want.read_bytes() else ' (the gzip files differ in their headers only)'
+    print(f'  JSON text {"bit-equal" + note if same else "differs  MISMATCH"}')
+    return same
+  same = got.read_bytes() == want.read_bytes()
+  print(f'  {"bit-equal" if same else "bytes differ  MISMATCH"}')
+  return same
+
+
+# ---- The command --------------------------------------------------------------------------------------
+
+def _check_torch() -> None:
+  try:
+    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    raise cli.UserError('PyTorch is not installed (pip install torch); it runs the official code. '
+                        'Only --only real_faces works without it.') from None
+
+
+def _make_test_data(argv: list[str]) -> int:
+  command = cli.Command(__doc__, argv)
+  fv = command.fv
+  flags.DEFINE_string('official', None, 'checkout of the official PyTorch STAR code (github ZhenglinZhou/STAR)',
+                      flag_values=fv)
+  flags.DEFINE_string('reference', None, 'folder of the shared reference arrays (losses.npz, metrics.npz, '
+                      'targets.npz, tiny_model.npz, tiny_*_checkpoint.pkl)', flag_values=fv)
+  flags.DEFINE_string('faces', None, 'folder of the full-size real faces (default <reference>/../data/real_faces)',
+                      flag_values=fv)
+  flags.DEFINE_string('output', str(REPO / 'tests' / 'data'), 'where the files go; with --check, the files to '
+                      'compare with', flag_values=fv)
+  flags.DEFINE_list('only', list(GOLDENS), f'which files to make: {", ".join(GOLDENS)}', flag_values=fv)
+  flags.DEFINE_bool('check', False, 'rebuild into a temporary folder and compare with --output; exit status 1 '
+                    'on a difference beyond tolerance', flag_values=fv)
+  if command.parse():
+    raise flags.Error('no positional arguments are taken')
+  unknown = [n for n in fv.only if n not in GOLDENS]
+  if unknown:
+    raise flags.Error(f'--only: unknown {", ".join(unknown)}; choose from {", ".join(GOLDENS)}')
+  selected = {n: GOLDENS[n] for n in GOLDENS if n in fv.only}
+  needs_torch = any(g.needs_torch for g in selected.values())
+  if needs_torch:
+    command.require('official', 'reference')
+  elif not (fv.faces or fv.reference):
+    raise flags.Error('--faces or --reference is required')
+  reference = pathlib.Path(fv.reference or '.').expanduser()
+  if fv.reference and not reference.is_dir():
+    raise cli.UserError(f'--reference {fv.reference} is not a folder')
+  faces = pathlib.Path(fv.faces).expanduser() if fv.faces else reference.parent / 'data' / 'real_faces'
+  if needs_torch:
+    from benchmarks import official  # pylint: disable=import-outside-toplevel
+    try:
+      official.check_checkout(fv.official)
+    except FileNotFoundError as e:
+      raise cli.UserError(f'--official: {e}') from None
+    _check_torch()
+  sources = Sources(fv.official, reference, faces)
+  output = pathlib.Path(fv.output)
+
+  with contextlib.ExitStack() as stack:
+    folder = pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory())) if fv.check else output
+    folder.mkdir(parents=True, exist_ok=True)
+    for golden in selected.values():
+      print(f'making {", ".join(golden.files)} ...', flush=True)
+      golden.make(sources, folder)
+    if not fv.check:
+      return 0
+    print()
+    ok = True
+    for golden in selected.values():
+      for file in golden.files:
+        ok &= _compare(file, folder / file, output / file, golden.tolerances)
+    print(f'\n{"all within tolerance" if ok else "MISMATCH: some files differ beyond tolerance"}')
+    return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+  return cli.guarded(_make_test_data, argv, __doc__)
+
+
+if __name__ == '__main__':
+  cli.run(main)
