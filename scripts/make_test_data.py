@@ -1,13 +1,14 @@
 """Rebuilds the golden files of tests/data with the official STAR code, or checks the committed ones.
 
   python scripts/make_test_data.py --official /path/to/STAR --reference ../shared/reference
-      [--output tests/data] [--only losses,metrics,targets,tiny_outputs,layouts,checkpoints,real_faces]
+      [--output tests/data] [--only losses,metrics,targets,tiny_outputs,layouts,checkpoints,real_faces,
+      real_faces_full]
       [--faces DIR] [--check]
 
 --official is a checkout of the official PyTorch code (github.com/ZhenglinZhou/STAR; the goldens were
 made from commit 9b12574), loaded through benchmarks/official.py; --reference the folder of the shared
 reference arrays, whose README says what each one is. The command needs PyTorch (`pip install torch`),
-which star_jax does not; `--only real_faces` needs neither PyTorch nor the official code.
+which star_jax does not; `--only real_faces,real_faces_full` needs neither PyTorch nor the official code.
 
 Each file takes its inputs from the reference and has the official code recompute, on the CPU in one
 thread, what the tests compare against; it keeps exactly the keys, shapes and dtypes the tests read.
@@ -55,6 +56,9 @@ scipy.integrate.simpson).
       the small image, p' = (p - 0.5) * s + 0.5 per axis with s = small / original size, '%.6f'.
       The image bytes are those of OpenCV's encoders (equal with opencv-python-headless 4.14). The
       folder's README.md is not generated.
+  real_faces_full/*  [real_faces_full]  the same photos at full size, for the face detector: the
+      .jpg and .pts files copied byte for byte, takeo.ppm stored as a PNG of the same pixels (OpenCV
+      defaults). The folder's README.md is not generated.
 
 --check rebuilds the selected files in a temporary folder and compares them with those in --output,
 printing the largest difference of each array; exit status 1 when one is out of tolerance. Inputs
@@ -369,7 +373,7 @@ def make_checkpoints(src: Sources, out: pathlib.Path) -> None:
     shutil.copyfile(path, out / path.name)
 
 
-# ---- real_faces/* -------------------------------------------------------------------------------------
+# ---- real_faces/* and real_faces_full/* ---------------------------------------------------------------
 
 def _moved_pts(text: str, scale_x: float, scale_y: float) -> str:
   """An iBUG .pts file's text with its (1-based) points scaled about pixel centres."""
@@ -400,6 +404,24 @@ def make_real_faces(src: Sources, out: pathlib.Path) -> None:
     (out / 'real_faces' / f'{name}.pts').write_text(pts)
 
 
+def make_real_faces_full(src: Sources, out: pathlib.Path) -> None:
+  import cv2  # pylint: disable=import-outside-toplevel
+  (out / 'real_faces_full').mkdir(exist_ok=True)
+  for name, ext, _, out_ext in FACES:
+    path = _input(src.faces, f'{name}{ext}', '--faces')
+    if ext == out_ext:
+      data = path.read_bytes()
+    else:  # takeo.ppm: the same pixels as a PNG (browsers and viewers show it)
+      image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+      if image is None:
+        raise cli.UserError(f'OpenCV cannot read {path}')
+      ok, encoded = cv2.imencode(out_ext, image)
+      assert ok
+      data = encoded.tobytes()
+    (out / 'real_faces_full' / f'{name}{out_ext}').write_bytes(data)
+    (out / 'real_faces_full' / f'{name}.pts').write_bytes(_input(src.faces, f'{name}.pts', '--faces').read_bytes())
+
+
 EXACT = 0.0
 # --check's tolerances: inputs bit-equal; outputs within the tolerance at which the tests compare with
 # them (the tests named), so that a rebuilt file would give the tests' verdicts the committed one gives.
@@ -426,6 +448,8 @@ GOLDENS = {
     'checkpoints': Golden(('tiny_wflw_checkpoint.pkl', 'tiny_cofw_checkpoint.pkl'), True, make_checkpoints),
     'real_faces': Golden(tuple(f'real_faces/{n}{e}' for n, _, _, e in FACES) + tuple(f'real_faces/{n}.pts' for n, *_ in FACES),
                          False, make_real_faces),
+    'real_faces_full': Golden(tuple(f'real_faces_full/{n}{e}' for n, _, _, e in FACES)
+                              + tuple(f'real_faces_full/{n}.pts' for n, *_ in FACES), False, make_real_faces_full),
 }
 
 
@@ -488,7 +512,7 @@ def _check_torch() -> None:
     import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
     raise cli.UserError('PyTorch is not installed (pip install torch); it runs the official code. '
-                        'Only --only real_faces works without it.') from None
+                        'Only --only real_faces,real_faces_full works without it.') from None
 
 
 def _make_test_data(argv: list[str]) -> int:
