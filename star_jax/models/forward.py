@@ -16,9 +16,13 @@ from star_jax.models import decoding
 DECODERS = ('landmarks', 'pointmaps')
 
 
-def preprocess(images_uint8_rgb) -> jax.Array:
-  """uint8 (or float) RGB pixels in [0, 255], any shape (..., 3) -> float32 (x - 127.5) / 127.5."""
-  return (jnp.asarray(images_uint8_rgb, jnp.float32) - 127.5) / 127.5
+def preprocess(images_uint8_rgb, dtype=jnp.float32) -> jax.Array:
+  """uint8 (or float) RGB pixels in [0, 255], any shape (..., 3) -> (x - 127.5) / 127.5 in `dtype`.
+
+  float32 by default (also for bfloat16 compute: the model rounds its input); float64 for x64 runs,
+  where a float32 input would already be 3e-8 off the official float64 one.
+  """
+  return (jnp.asarray(images_uint8_rgb, dtype) - 127.5) / 127.5
 
 
 def split(model: nnx.Module):
@@ -33,7 +37,8 @@ def forward(graph, params, batch_stats, images_uint8: jax.Array):
   updates its running statistics as a side effect, which a functional step hands back.
   """
   model = nnx.merge(graph, params, batch_stats)
-  outputs = model(preprocess(images_uint8))
+  # float32 input for float32 / bfloat16 compute, float64 for float64 (x64 parity tests).
+  outputs = model(preprocess(images_uint8, jnp.promote_types(model.dtype, jnp.float32)))
   return outputs, nnx.state(model, nnx.BatchStat)
 
 

@@ -185,8 +185,12 @@ class BatchNorm(nnx.Module):
     n = math.prod(x.shape[:-1])
     unbiased = var * (n / max(n - 1, 1))
     m = self.momentum
-    self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean)
-    self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1 - m) * unbiased)
+    # set_value, not `self.mean[...] = `: that path compares the new value's sharding with the old
+    # one's, and asking a tracer for its sharding builds an error message by walking the whole
+    # jaxpr traced so far (about half of the training step's trace time).
+    running_mean, running_var = self.mean[...], self.var[...]
+    self.mean.set_value(jax.lax.stop_gradient(m * running_mean + (1 - m) * mean).astype(running_mean.dtype))
+    self.var.set_value(jax.lax.stop_gradient(m * running_var + (1 - m) * unbiased).astype(running_var.dtype))
     return y
 
   def set_view(self, use_running_average: bool | None = None):
