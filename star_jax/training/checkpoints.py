@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers as cm
 
+from star_jax import layouts
 from star_jax.layouts import get_layout
 from star_jax.models import create_model
 from star_jax.training.state import TrainState
@@ -46,10 +47,18 @@ def _pure(model_or_state) -> dict:
   return model_or_state
 
 
+def stored_config(config: ml_collections.ConfigDict) -> dict:
+  """The config as a checkpoint stores it: a plain dict, with a layout file's layout written out as
+  its JSON text (layouts.portable), so that the checkpoint loads without the file."""
+  out = config.to_dict()
+  out['layout'] = layouts.portable(config.layout)
+  return out
+
+
 def model_save_args(*, model, config, ema=None) -> dict:
   """The Composite items of a model checkpoint: {'model', 'config'[, 'ema']} -> ocp.args."""
   items = {'model': ocp.args.StandardSave(_pure(model)),
-           'config': ocp.args.JsonSave(config.to_dict())}
+           'config': ocp.args.JsonSave(stored_config(config))}
   if ema is not None:
     items['ema'] = ocp.args.StandardSave(_pure(ema))
   return items
@@ -190,14 +199,16 @@ def load_model(path, *, step: int | None = None, weights: str | None = None) -> 
 
 
 def check_compatible(stored: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError unless a checkpoint with config `stored` can be run under `config`: the same
-  landmark layout, at the same input size."""
+  """Raises ValueError unless a checkpoint with config `stored` can be run under `config`: layouts of
+  the same points and edges (300W and 300VW share theirs; a layout file may copy a built-in one), at
+  the same input size."""
   want, have = get_layout(config.layout), get_layout(stored.layout)
-  if want.name != have.name or want.num_points != have.num_points:
+  if not layouts.same_geometry(want, have):
+    edges = ' with other edges' if want.num_points == have.num_points else ''
     raise ValueError(
         f'it predicts the {have.name} layout ({have.num_points} points), but the config evaluates '
-        f'{config.data.name!r} in the {want.name} layout ({want.num_points} points): pass the config of the '
-        f'dataset the checkpoint was trained on')
+        f'{config.data.name!r} in the {want.name} layout ({want.num_points} points{edges}): pass the config '
+        f'of the dataset the checkpoint was trained on')
   if int(stored.data.image_size) != int(config.data.image_size):
     raise ValueError(
         f'it was trained on {stored.data.image_size}x{stored.data.image_size} crops, but the config '
