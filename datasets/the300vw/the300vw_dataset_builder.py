@@ -196,8 +196,10 @@ class Builder(common.FaceLandmarkBuilder):
   2. --manual_dir is that {DATASET_DIR}/ folder (or the folder holding it).
   3. Optional: {SPLITS_FILE} in it, {{"train": [...], "test_category1": [...], ...}}, to replace the built-in
      video lists of any split (e.g. after checking them against the dataset's readme).
-  4. Optional, for an official crop: ADNet / STAR-style metadata <split>.tsv (train.tsv, test_category1.tsv, ...)
-     in the same folder; without them the crop comes from the landmarks' box by the STAR authors' rule.
+  4. Optional, for an official crop: ADNet / STAR-style metadata <split>.tsv (train.tsv, test_category1.tsv, ...,
+     or one test.tsv for the three categories) in the same folder, naming frames <video>/<frame:06d>.<ext>
+     under any prefix (others are matched by their landmarks alone, slowly); without them the crop comes
+     from the landmarks' box by the STAR authors' rule.
   5. Build: python -m star_jax.data.build --dataset the300vw --manual_dir <that folder>
      (reads every frame of the 114 videos: about an hour on a few cores).
   """
@@ -229,6 +231,14 @@ class Builder(common.FaceLandmarkBuilder):
     self.info.metadata.update(split_source=source, videos={k: list(v) for k, v in splits.items()},
                               window_crop_sides=WINDOW_CROP_SIDES, jpeg_quality=JPEG_QUALITY)
     return {split: self._generate_examples(root, split, ids) for split, ids in splits.items()}
+
+  def _crop_rule(self, manual_dir: pathlib.Path, split: str) -> crop.CropRule:
+    # One test.tsv for the three categories serves each of them (its faces are matched per frame).
+    if split.startswith('test_') and not (manual_dir / f'{split}.tsv').is_file() and (manual_dir / 'test.tsv').is_file():
+      rule = crop.CropRule(crop.CropTable.from_tsv(manual_dir / 'test.tsv', NUM_POINTS))
+      logging.info('the300vw %s: crop rule %s (test.tsv)', split, rule.name)
+      return rule
+    return super()._crop_rule(manual_dir, split)
 
   def _attributes(self, split: str) -> np.ndarray:
     flags = np.zeros(len(self.LAYOUT.attributes), np.int32)

@@ -94,6 +94,24 @@ def test_frame_count_disagreement_is_reported(tmp_path, caplog):
   assert any('114/vid.avi: OpenCV read 2 frames, 2 annotations' in r.getMessage() for r in caplog.records)
 
 
+def test_official_metadata_gives_the_crop(tmp_path):
+  videos = fake_data.write(tmp_path / 'raw', REAL_FACES)
+  rows = []
+  for vid, info in videos.items():
+    for frame, points in enumerate(info['landmarks'], start=1):
+      five = ','.join(f'{v:.3f}' for v in points[[36, 45, 30, 48, 54]].reshape(-1))
+      rows.append((info['split'], '\t'.join([f'frames/{vid}/{frame:06d}.jpg', five,
+                                              ','.join(f'{v:.3f}' for v in points.reshape(-1)),
+                                              f'{0.3 + frame / 100}', f'{100 + frame}', '90'])))
+  (tmp_path / 'raw' / 'train.tsv').write_text('\n'.join(r for s, r in rows if s == 'train') + '\n')
+  (tmp_path / 'raw' / 'test.tsv').write_text('\n'.join(r for s, r in rows if s != 'train') + '\n')
+  builder = build(tmp_path / 'raw', tmp_path / 'data')
+  assert set(builder.info.metadata['crop_rule'].values()) == {'official_tsv'}
+  record = builder.as_data_source(split='test_category3')[1]
+  assert record['scale'] == pytest.approx(0.32)
+  np.testing.assert_allclose(record['center'] + record['frame_offset'], [102, 90])
+
+
 def test_missing_videos_use_the_benchmark_lists(tmp_path):
   fake_data.write(tmp_path / 'raw', REAL_FACES)
   (tmp_path / 'raw' / the300vw.SPLITS_FILE).unlink()                  # the built-in lists: 114 videos

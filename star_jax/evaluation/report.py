@@ -91,7 +91,8 @@ def temporal_tables(summary: list[dict], videos: list[dict]) -> str:
   lines = ['## Temporal stability', '',
            'Per video, over consecutive annotated frames: NME change = mean |NME(t) - NME(t-1)|; jitter = mean '
            'point distance between the error vectors (prediction - ground truth) of frames t-1 and t, over the '
-           'normalising distance. Lower is steadier; subsets average their videos.', '',
+           'normalising distance. Lower is steadier. NME here is in frame pixels, the mean over a video\'s '
+           'frames; subsets average their videos.', '',
            '| subset | videos | ' + ' | '.join(head) + ' |', '|' + '---|' * (len(head) + 2)]
   lines += ['| ' + ' | '.join([r['subset'], str(r['videos']), *cells(r)]) + ' |' for r in summary]
   lines += ['', '| video | subset | ' + ' | '.join(head) + ' |', '|' + '---|' * (len(head) + 2)]
