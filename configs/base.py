@@ -76,6 +76,10 @@ def get_base_config(layout: str, dataset: str) -> ml_collections.ConfigDict:
   c.gamma = 0.1                     # step-decay factor
   c.ema = True                      # keep an EMA of weights and BatchNorm statistics
   c.ema_decay = -1.0                # <0: the official 0.5 ** (batch_size / 10000)
+  c.init_from = ''                  # fine-tuning: start from these weights (an official .pkl, or a
+                                    # star_jax checkpoint dir / workdir); fresh optimizer, step 0
+  c.init_from_strict = True         # False: load only the weights that fit (another layout's heads
+                                    # stay freshly initialised)
 
   # ---- Bookkeeping ------------------------------------------------------------------------------
   c.log_every_steps = 50            # training metrics to TensorBoard / JSON lines

@@ -269,20 +269,43 @@ def convert_state_dict(state_dict, model: StackedHGNet) -> dict:
   Raises ValueError naming every missing and unexpected key, or the first key whose shape does not
   fit the model (with both shapes).
   """
+  return _convert_entries(state_dict, model, strict=True)[0]
+
+
+def convert_matching(state_dict, model: StackedHGNet) -> tuple[dict, list[str]]:
+  """Like `convert_state_dict`, for fine-tuning on another layout: the entries whose shapes fit the
+  model are converted; the model's variables without a fitting entry (e.g. the heads of a layout with
+  another number of points) keep their current values. Returns (pure dict, the model variables kept,
+  as 'a/b/c' paths)."""
+  return _convert_entries(state_dict, model, strict=False)
+
+
+def _convert_entries(state_dict, model: StackedHGNet, strict: bool) -> tuple[dict, list[str]]:
   keys = list(state_dict)
   if keys and all(k.startswith('module.') for k in keys):  # saved from a DataParallel wrapper
     state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
   entries, unused = torch_key_map(model)
   pure = nnx.to_pure_dict(nnx.state(model))
   used = set()
+  kept = []
   missing = [key for _, key, _ in entries if key not in state_dict]
-  _check_edge_transform(state_dict, model, used)
+  if strict:
+    _check_edge_transform(state_dict, model, used)
+  else:
+    used |= {k for k in state_dict if k.startswith('e2h_transform.')}  # a constant of the (other) layout
   ignored = {k for k in state_dict if k.endswith('num_batches_tracked')} | (set(unused) & set(state_dict))
   unexpected = sorted(set(state_dict) - {key for _, key, _ in entries} - ignored - used)
-  if missing or unexpected:
+  if strict and (missing or unexpected):
     raise ValueError(f'state dict does not fit the model: missing {len(missing)} keys {missing}; '
                      f'unexpected {len(unexpected)} keys {unexpected}')
   for path, key, kind in entries:
+    node = pure
+    for p in path[:-1]:
+      node = node[p]
+    want = tuple(node[path[-1]].shape)
+    if key not in state_dict:
+      kept.append('/'.join(map(str, path)))
+      continue
     value = np.asarray(state_dict[key], np.float32)
     if kind in ('conv', 'stem'):
       if value.ndim != 4:
@@ -291,16 +314,15 @@ def convert_state_dict(state_dict, model: StackedHGNet) -> dict:
       if kind == 'stem':
         # Official inputs are BGR; ours are RGB: swap the weights of input channels 0 and 2.
         value = np.concatenate([value[:, :, 2::-1], value[:, :, 3:]], axis=2)
-    node = pure
-    for p in path[:-1]:
-      node = node[p]
-    want = tuple(node[path[-1]].shape)
     if value.shape != want:
+      if not strict:
+        kept.append('/'.join(map(str, path)))
+        continue
       raise ValueError(f'{key}: checkpoint shape {tuple(np.asarray(state_dict[key]).shape)} '
                        f'(converted {value.shape}) does not fit model variable {"/".join(map(str, path))} '
                        f'of shape {want}')
     node[path[-1]] = value
-  return pure
+  return pure, kept
 
 
 def load_into_model(state_dict, model: StackedHGNet) -> StackedHGNet:

@@ -36,7 +36,6 @@ import json
 import os
 import pathlib
 import tempfile
-import time
 
 from absl import flags
 import numpy as np
@@ -106,7 +105,6 @@ def _evaluate(argv: list[str]) -> int:
   import jax  # pylint: disable=import-outside-toplevel  (after flag parsing: --help stays fast)
 
   from star_jax import metrics  # pylint: disable=import-outside-toplevel
-  from star_jax import models  # pylint: disable=import-outside-toplevel
   from star_jax.data import build  # pylint: disable=import-outside-toplevel
   from star_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   from star_jax.evaluation import plots  # pylint: disable=import-outside-toplevel
@@ -114,7 +112,6 @@ def _evaluate(argv: list[str]) -> int:
   from star_jax.evaluation import scoring  # pylint: disable=import-outside-toplevel
   from star_jax.evaluation import temporal as temporal_lib  # pylint: disable=import-outside-toplevel
   from star_jax.layouts import get_layout  # pylint: disable=import-outside-toplevel
-  from star_jax.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
 
   layout = get_layout(config.layout)
   norm = fv.norm or layout.default_norm
@@ -132,23 +129,11 @@ def _evaluate(argv: list[str]) -> int:
   num_examples = pipeline.num_eval_examples(config, source)
 
   # ---- Predict ----
-  mesh = mesh_lib.make_mesh()
-  graph, params, batch_stats = models.split(loaded.model)
-  params, batch_stats = jax.device_put((params, batch_stats), mesh_lib.replicated(mesh))
-  predict = jax.jit(models.make_predict_fn(graph, decode=loaded.config.model.get('decode', 'landmarks')))
   print(f'evaluating {where} (step {loaded.step}, {weights} weights) on {config.data.name}/'
         f'{config.data.config or "default"} {split} ({num_examples} images)', flush=True)
-  with jax.set_mesh(mesh):
-    # Compile first, on a batch laid out as the real ones, so that images/s measures the evaluation.
-    size = int(config.data.image_size)
-    local = int(config.eval_batch_size) // jax.process_count()
-    dummy = mesh_lib.to_global({'image': np.zeros((local, size, size, 3), np.uint8)}, mesh)['image']
-    jax.block_until_ready(predict(params, batch_stats, dummy))
-  t0 = time.perf_counter()
-  with jax.set_mesh(mesh):
-    results = scoring.predict_split(lambda images: predict(params, batch_stats, images),
-                                    pipeline.eval_batches(config, source), mesh, size, progress=fv.progress)
-  wall = time.perf_counter() - t0
+  results = scoring.evaluate_model(loaded.model, config, source, progress=fv.progress)
+  size = int(config.data.image_size)
+  wall = results['wall_seconds']
   fields = report.record_fields(source, results['index'], ('image_name', 'video', 'frame', 'frame_offset'))
   names = fields['image_name'] or [str(int(i)) for i in results['index']]
   extra, temporal, coordinates = {}, None, '0-based original image pixels (x, y)'

@@ -38,9 +38,13 @@ def _train(argv: list[str]) -> int:
     jax.distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id)
   elif fv.distributed:
     jax.distributed.initialize()
+  from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
   from star_jax.training import loop  # pylint: disable=import-outside-toplevel
   cli.setup_logging()
-  loop.train_and_evaluate(command.config, fv.workdir)
+  try:
+    loop.train_and_evaluate(command.config, fv.workdir)
+  except checkpoints.InitFromError as e:
+    raise cli.UserError(str(e)) from None
   return 0
 
 

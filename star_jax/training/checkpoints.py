@@ -236,6 +236,105 @@ def _model_tree(params, batch_stats):
   return nnx.to_pure_dict(nnx.merge_state(params, batch_stats))
 
 
+def _with_tree(params, batch_stats, tree):
+  """(params, batch_stats) of the same structure with the values of the pure dict `tree`."""
+  full = nnx.merge_state(params, batch_stats)
+  nnx.replace_by_pure_dict(full, tree)
+  return full.filter(nnx.Param), full.filter(nnx.BatchStat)
+
+
+class InitFromError(ValueError):
+  """config.init_from names weights that cannot start this run (missing, foreign, or not fitting)."""
+
+
+def _fit(source: dict, target: dict, strict: bool, where: str) -> tuple[dict, list[str]]:
+  """`target` (a pure dict) with the arrays of `source` whose path and shape fit; the paths kept from
+  `target`. With `strict`, any difference is a ValueError naming the paths and both shapes."""
+  flat_source, flat_target = dict(_flatten(source)), dict(_flatten(target))
+  misfits = [f'{k}: {tuple(flat_source[k].shape)} vs {tuple(v.shape)}' for k, v in flat_target.items()
+             if k in flat_source and tuple(flat_source[k].shape) != tuple(v.shape)]
+  missing = sorted(set(flat_target) - set(flat_source))
+  if strict and (misfits or missing):
+    raise InitFromError(f'{where} does not fit the model of this config (checkpoint vs config shapes): '
+                     f'{misfits[:8]}{" ..." if len(misfits) > 8 else ""}; missing {missing[:8]}. Use the '
+                     'config the weights were trained with (layout, model.*, data.image_size), or set '
+                     'config.init_from_strict=False to load only what fits')
+  kept = sorted(set(missing) | {m.split(':')[0] for m in misfits})
+
+  def merge(src, tgt, prefix=''):
+    if isinstance(tgt, dict):
+      return {k: merge(src.get(k, {}) if isinstance(src, dict) else {}, v, f'{prefix}/{k}' if prefix else str(k))
+              for k, v in tgt.items()}
+    return tgt if prefix in kept else src
+  return merge(source, target), kept
+
+
+def initialize_from(path: str, config: ml_collections.ConfigDict, state: TrainState) -> tuple[TrainState, dict]:
+  """The start of a fine-tuning run: `state` (freshly initialised, step 0) with the model (and EMA)
+  weights of `path`, an official `.pkl` (its 'net', and 'net_ema' when present) or a star_jax
+  checkpoint directory / training workdir (its latest step's 'model' and 'ema'). The optimizer state
+  stays fresh. With config.init_from_strict (the default) every weight must fit the model of
+  `config`, else a ValueError names the misfits; without, the misfits (e.g. the heads of a layout with
+  another number of points) keep their fresh values.
+
+  Returns (state, summary): summary names the source, its step or epoch, and the variables kept fresh.
+  """
+  from star_jax import convert_pytorch  # pylint: disable=import-outside-toplevel
+  strict = bool(config.get('init_from_strict', True))
+  template = _model_tree(state.params, state.batch_stats)
+  where = f'init_from {path}'
+  if os.path.isfile(path):
+    try:
+      obj = convert_pytorch.read_torch_checkpoint(path)
+    except Exception as e:  # pylint: disable=broad-except  (a foreign or damaged file: say which)
+      raise InitFromError(f'{where}: cannot read it as an official PyTorch checkpoint ({type(e).__name__}: {e})') from None
+    if not isinstance(obj, dict) or 'net' not in obj:
+      raise InitFromError(f'{where}: not an official STAR checkpoint (no "net" entry)')
+    model = create_model(config, nnx.Rngs(int(config.seed)))
+    nnx.replace_by_pure_dict(nnx.state(model), template)
+
+    def convert(state_dict):
+      try:
+        if strict:
+          return convert_pytorch.convert_state_dict(state_dict, model), []
+        return convert_pytorch.convert_matching(state_dict, model)
+      except ValueError as e:
+        raise InitFromError(f'{where}: {e}; set config.init_from_strict=False to load only what fits') from None
+
+    weights, kept = convert(obj['net'])
+    ema = convert(obj['net_ema'])[0] if obj.get('net_ema') is not None else weights
+    summary = {'source': path, 'format': 'official', 'epoch': obj.get('epoch')}
+  else:
+    try:
+      loaded = load_model(path, weights='model')
+    except (FileNotFoundError, ValueError) as e:
+      raise InitFromError(f'{where}: {e}') from None
+    have, want = get_layout(loaded.config.layout), get_layout(config.layout)
+    # The same points on the same edges fit, whatever the names (300W into 300VW, or into your own
+    # data in a layout file based on 300W).
+    if strict and not layouts.same_geometry(have, want):
+      raise InitFromError(f'{where} was trained in the {have.name} layout, this config is {want.name} '
+                          f'({have.num_points} vs {want.num_points} points, or other edges): set '
+                          'config.init_from_strict=False to load all but the heads')
+    weights, kept = _fit(nnx.to_pure_dict(nnx.state(loaded.model)), template, strict, where)
+    ema = weights
+    if loaded.weights == 'model' and _has_item(loaded.directory, loaded.step, 'ema'):
+      ema = _fit(nnx.to_pure_dict(nnx.state(load_model(path, step=loaded.step, weights='ema').model)), template,
+                 strict, where)[0]
+    summary = {'source': str(loaded.directory), 'format': 'star_jax', 'step': loaded.step}
+  params, batch_stats = _with_tree(state.params, state.batch_stats, weights)
+  state = state.replace(params=params, batch_stats=batch_stats)
+  if state.ema_params is not None:
+    ema_params, ema_batch_stats = _with_tree(state.ema_params, state.ema_batch_stats, ema)
+    state = state.replace(ema_params=ema_params, ema_batch_stats=ema_batch_stats)
+  summary['kept_fresh'] = kept
+  return state, summary
+
+
+def _has_item(directory: pathlib.Path, step: int, item: str) -> bool:
+  return (pathlib.Path(directory) / str(step) / item).is_dir()
+
+
 def save_training(manager: ocp.CheckpointManager, step: int, state: TrainState, data_iter,
                   config: ml_collections.ConfigDict, metrics: dict | None = None):
   """Saves `state` and the data iterator at `step` (metrics: the eval results, for best-N)."""
@@ -274,17 +373,11 @@ def restore_training(manager: ocp.CheckpointManager, template: TrainState, data_
         abstract(_model_tree(template.ema_params, template.ema_batch_stats)))
   restored = manager.restore(step, args=ocp.args.Composite(**items))
 
-  def split(tree, params, batch_stats):
-    full = nnx.merge_state(params, batch_stats)
-    nnx.replace_by_pure_dict(full, tree)
-    return full.filter(nnx.Param), full.filter(nnx.BatchStat)
-
-  params, batch_stats = split(restored['model'], template.params, template.batch_stats)
+  params, batch_stats = _with_tree(template.params, template.batch_stats, restored['model'])
   state = template.replace(step=jax.device_put(jax.numpy.asarray(restored['meta']['step'], jax.numpy.int32),
                                                sharding),
                            params=params, batch_stats=batch_stats, opt_state=restored['opt_state'])
   if template.ema_params is not None:
-    ema_params, ema_batch_stats = split(restored['ema'], template.ema_params,
-                                        template.ema_batch_stats)
+    ema_params, ema_batch_stats = _with_tree(template.ema_params, template.ema_batch_stats, restored['ema'])
     state = state.replace(ema_params=ema_params, ema_batch_stats=ema_batch_stats)
   return state, data_iter

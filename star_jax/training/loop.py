@@ -85,6 +85,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if manager.latest_step() is not None:
     state, train_iter = checkpoints.restore_training(manager, state, train_iter, replicated)
     logging.info('resumed from step %d', int(state.step))
+  elif config.get('init_from'):
+    # Fine-tuning: the run's first weights come from elsewhere (a resumed run has its own).
+    state, summary = checkpoints.initialize_from(config.init_from, config, state)
+    state = jax.device_put(state, replicated)
+    logging.info('initialised from %s (%s); kept freshly initialised: %s', summary['source'], summary['format'],
+                 summary['kept_fresh'] or 'nothing')
   start_step = int(state.step)
 
   def save(step: int, eval_metrics: dict | None):

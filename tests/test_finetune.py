@@ -1,0 +1,109 @@
+"""Fine-tuning: `config.init_from` starts a run from an official .pkl or one of our checkpoints (model
+and EMA weights; fresh optimizer, step 0), checking that the weights fit the config."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import COMPILE_CACHE_ENV, DATA, REPO, TINY_CONFIG, load_config
+from star_jax import convert_pytorch
+from star_jax.models import create_model
+from star_jax.training import checkpoints
+from star_jax.training import state as state_lib
+
+PKL = str(DATA / 'tiny_wflw_checkpoint.pkl')   # the official tiny WFLW net: input 64, 4 stacks, 32 channels
+
+
+def _config(name='synthetic', **model):
+  config = load_config(name, 'tiny')
+  config.model.nstack, config.model.channels = 4, 32
+  config.model.update(model)
+  return config
+
+
+def _fresh(config):
+  tx = state_lib.make_optimizer(config, 10)
+  return state_lib.create_train_state(config, tx, config.seed)[1]
+
+
+def _tree(params, batch_stats):
+  return nnx.to_pure_dict(nnx.merge_state(params, batch_stats))
+
+
+def _equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_init_from_an_official_pkl_takes_net_and_net_ema():
+  config = _config()
+  fresh = _fresh(config)
+  state, summary = checkpoints.initialize_from(PKL, config, fresh)
+  obj = convert_pytorch.read_torch_checkpoint(PKL)
+  want = convert_pytorch.convert_state_dict(obj['net'], create_model(config, nnx.Rngs(0)))
+  _equal(_tree(state.params, state.batch_stats), want)
+  want_ema = convert_pytorch.convert_state_dict(obj['net_ema'], create_model(config, nnx.Rngs(0)))
+  _equal(_tree(state.ema_params, state.ema_batch_stats), want_ema)
+  # A fresh start: step 0, Adam's moments zero.
+  assert int(state.step) == 0
+  assert all(float(np.abs(x).max()) == 0 for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0)
+  assert summary == {'source': PKL, 'format': 'official', 'epoch': 7, 'kept_fresh': []}
+
+
+def test_init_from_our_checkpoint_takes_model_and_ema(tmp_path):
+  config = _config()
+  model, ema = create_model(config, nnx.Rngs(11)), create_model(config, nnx.Rngs(12))
+  checkpoints.save_model_checkpoint(tmp_path / 'ckpt', model=model, config=config, ema=ema, step=5)
+  state, summary = checkpoints.initialize_from(str(tmp_path / 'ckpt'), config, _fresh(config))
+  _equal(_tree(state.params, state.batch_stats), nnx.to_pure_dict(nnx.state(model)))
+  _equal(_tree(state.ema_params, state.ema_batch_stats), nnx.to_pure_dict(nnx.state(ema)))
+  assert (summary['format'], summary['step'], summary['kept_fresh']) == ('star_jax', 5, [])
+
+
+def test_init_from_names_the_misfits_and_can_load_what_fits(tmp_path):
+  cofw = _config('cofw')                       # 29 points: the WFLW heads do not fit
+  with pytest.raises(checkpoints.InitFromError, match='edge-to-point transform|does not fit'):
+    checkpoints.initialize_from(PKL, cofw, _fresh(cofw))
+  cofw.init_from_strict = False
+  fresh = _fresh(cofw)
+  state, summary = checkpoints.initialize_from(PKL, cofw, fresh)
+  kept = summary['kept_fresh']
+  # The per-point heads and the layers fed by them keep their fresh values; the body is loaded.
+  assert 'out_heatmaps/0/kernel' in kept and 'merge_heatmaps/0/kernel' in kept and 'stem/conv/kernel' not in kept
+  got, before = _tree(state.params, state.batch_stats), _tree(fresh.params, fresh.batch_stats)
+  np.testing.assert_array_equal(got['out_heatmaps'][0]['kernel'], before['out_heatmaps'][0]['kernel'])
+  assert not np.array_equal(got['stem']['conv']['kernel'], before['stem']['conv']['kernel'])
+  # Our checkpoint of another layout: refused with both layouts named, unless not strict.
+  wflw = _config()
+  checkpoints.save_model_checkpoint(tmp_path / 'w', model=create_model(wflw, nnx.Rngs(1)), config=wflw, step=1)
+  cofw.init_from_strict = True
+  with pytest.raises(checkpoints.InitFromError, match='WFLW layout, this config is COFW'):
+    checkpoints.initialize_from(str(tmp_path / 'w'), cofw, _fresh(cofw))
+  cofw.init_from_strict = False
+  _, summary = checkpoints.initialize_from(str(tmp_path / 'w'), cofw, _fresh(cofw))
+  assert 'out_heatmaps/0/kernel' in summary['kept_fresh'] and 'stem/conv/kernel' not in summary['kept_fresh']
+  with pytest.raises(checkpoints.InitFromError, match='does not exist'):
+    checkpoints.initialize_from(str(tmp_path / 'nothing'), cofw, _fresh(cofw))
+
+
+def test_train_command_fine_tunes_from_a_pkl_and_resumes_its_own(tmp_path, tiny_tfds_dir):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', **COMPILE_CACHE_ENV)
+  common = [sys.executable, '-m', 'star_jax.train', TINY_CONFIG, f'--config.data.data_dir={tiny_tfds_dir}',
+            '--config.model.nstack=4', '--config.model.channels=32', '--config.progress=False',
+            f'--workdir={tmp_path / "run"}']
+  bad = subprocess.run(common + [f'--config.init_from={tmp_path / "missing.pkl"}', '--config.total_steps=1'],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 1 and 'error: init_from' in bad.stderr and 'Traceback' not in bad.stderr
+  first = subprocess.run(common + [f'--config.init_from={PKL}', '--config.total_steps=1'], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert f'initialised from {PKL} (official)' in first.stderr
+  # A second invocation resumes the run's own checkpoint: init_from is not applied again.
+  again = subprocess.run(common + [f'--config.init_from={PKL}', '--config.total_steps=2'], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'resumed from step 1' in again.stderr and 'initialised from' not in again.stderr
