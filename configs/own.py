@@ -4,19 +4,21 @@ Put the photos in a folder with a .pts file beside each (or one CSV / TSV file; 
 datasets/own_faces/README.md), choose the layout (a built-in name, or a layout file for other points,
 star_jax/layouts.py), and run:
   python -m star_jax.train --config configs/own.py --workdir runs/mine \
-      --config.data.manual_dir=~/faces --config.layout=300W
+      --config.data.manual_dir=faces/ --config.layout=300W
 The dataset is built on first use into <data_dir>/own_faces/<data.config>/ ('default' unless you name
 it: --config.data.config=mine). Options of the build (config.data.own): `annotations` (a CSV / TSV file;
 '' = .pts files), `train` / `test` (folders or list files of image paths; else the folders train/ and
 test/ when both exist; else a random `test_fraction` of the images drawn with `split_seed`).
 Evaluate and predict as with any dataset:
   python -m star_jax.evaluate --config configs/own.py --checkpoint runs/mine \
-      --config.data.manual_dir=~/faces --config.layout=300W
+      --config.data.manual_dir=faces/ --config.layout=300W
   python -m star_jax.predict --checkpoint runs/mine photo.jpg --output out/
 
-`configs/own.py:finetune` is for starting from a trained model (--config.init_from=CHECKPOINT, a
-converted official checkpoint or one of ours, in a layout of the same points): a tenth of the learning
-rate and 60 epochs. Our choice, not measured: the official recipe trains from scratch only.
+`configs/own.py:finetune` is for starting from a trained model (--config.init_from=CHECKPOINT: an
+official .pkl or one of our checkpoints; of the same points it loads whole, e.g. the official 300W
+model for 68 points; of other points add --config.init_from_strict=False to load all but the heads,
+e.g. from the WFLW model): a tenth of the learning rate and 60 epochs. Our choice, not measured: the
+official recipe trains from scratch only.
 
 Expected: no published numbers exist for your data; the report gives NME, FR and AUC at the layout's
 threshold. The defaults are the official recipe (configs/base.py): 256x256 input, 4 stacks, 500 epochs.

@@ -22,6 +22,7 @@ import pathlib
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers as cm
@@ -325,6 +326,10 @@ def initialize_from(path: str, config: ml_collections.ConfigDict, state: TrainSt
   params, batch_stats = _with_tree(state.params, state.batch_stats, weights)
   state = state.replace(params=params, batch_stats=batch_stats)
   if state.ema_params is not None:
+    # The EMA gets arrays of its own: it shares leaves with the weights when the source has no EMA,
+    # or when leaves are kept fresh (both from one template), and the train step donates the state,
+    # where one buffer cannot be donated twice.
+    ema = jax.tree.map(np.array, ema)
     ema_params, ema_batch_stats = _with_tree(state.ema_params, state.ema_batch_stats, ema)
     state = state.replace(ema_params=ema_params, ema_batch_stats=ema_batch_stats)
   summary['kept_fresh'] = kept
