@@ -1,6 +1,6 @@
 """The README recipe "Your own data", end to end on a tiny folder of real photos with 68-point .pts
 files: fine-tune the (tiny) official WFLW checkpoint with configs/own.py:finetune (building the
-dataset on the way), evaluate, predict."""
+dataset on the way), evaluate, predict, export."""
 
 import json
 import os
@@ -12,6 +12,7 @@ import pytest
 
 from conftest import COMPILE_CACHE_ENV, REPO
 from star_jax import evaluate
+from star_jax import export
 from star_jax import predict
 from star_jax_datasets.own_faces import fake_data
 
@@ -30,7 +31,7 @@ def folder(tmp_path_factory):
   return root
 
 
-def test_finetune_evaluate_predict_on_your_own_photos(folder, tmp_path):
+def test_finetune_evaluate_predict_export_on_your_own_photos(folder, tmp_path, capsys):
   data = [f'--config.data.manual_dir={folder / "faces"}', f'--config.data.data_dir={tmp_path / "tfds"}',
           f'--config.layout={folder / "my68.json"}', '--config.data.own.test_fraction=0.34']
   workdir = tmp_path / 'run'
@@ -53,15 +54,20 @@ def test_finetune_evaluate_predict_on_your_own_photos(folder, tmp_path):
   final = json.loads((workdir / 'final_metrics.json').read_text())
   assert doc['rows'][0]['nme'] == pytest.approx(100 * final['model/nme'], rel=1e-5)
 
-  # The checkpoint carries its layout: predict needs neither the layout file nor the dataset.
+  # The checkpoint carries its layout: predict and export need neither the layout file nor the dataset.
   (folder / 'my68.json').rename(folder / 'moved.json')
   try:
     assert predict.main(['predict', '--checkpoint', str(workdir), str(folder / 'faces' / 'takeo.png'),
                          '--output', str(tmp_path / 'pred'), '--box', '10,20,70,100']) == 0
+    assert export.main(['export', '--checkpoint', str(workdir), '--output', str(tmp_path / 'mine.stablehlo'),
+                        '--format', 'stablehlo', '--platforms', 'cpu']) == 0
   finally:
     (folder / 'moved.json').rename(folder / 'my68.json')
   record = json.loads((tmp_path / 'pred' / 'takeo.json').read_text())
   assert record['layout'] == 'my68' and np.array(record['faces'][0]['landmarks']).shape == (68, 2)
+  assert 'my68 68 points, input 64x64' in capsys.readouterr().out
+  exported = export.load_stablehlo(tmp_path / 'mine.stablehlo')
+  assert exported(np.zeros((1, 64, 64, 3), np.float32))[0].shape == (1, 68, 2)
 
 
 def test_a_malformed_annotation_stops_training_with_its_file_and_line(tmp_path, capsys):
