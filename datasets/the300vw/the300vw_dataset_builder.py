@@ -271,7 +271,8 @@ class Builder(common.FaceLandmarkBuilder):
         if not ok:
           raise ValueError(f'{video_path} frame {number}: cannot encode the face window as JPEG')
         offset = np.array([x0, y0], np.float32)
-        yield index, common.face_record(
+        # Keyed by video and frame (TFDS checks they are unique); records keep the order they are read in.
+        yield f'{vid}/{number:06d}', common.face_record(
             image=jpeg.tobytes(), landmarks=landmarks - offset, box=box - np.tile(offset, 2), scale=scale,
             center=np.asarray(center, np.float32) - offset, attributes=attributes, image_name=image_name,
             video=vid, frame=np.int32(number), frame_offset=offset)
