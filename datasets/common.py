@@ -135,28 +135,32 @@ def read_pts(path, num_points: int, layout_name: str = '') -> np.ndarray:
     ValueError: naming the file and line, for a malformed file or a point count other than num_points.
   """
   path = pathlib.Path(path)
-  expected = f'{num_points}' + (f' (the {layout_name} layout)' if layout_name else '')
+  note = f' (the {layout_name} layout)' if layout_name else ''
   lines = [(i, line.strip()) for i, line in
            enumerate(path.read_text(encoding='utf-8', errors='replace').splitlines(), start=1)]
   header = {}
   points = []
   in_points = False
+  opened = closed = None   # 'file:line' of '{' and '}'
   for line_no, line in lines:
     if not line:
       continue
     where = f'{path}:{line_no}'
     if line == '{':
-      in_points = True
+      in_points, opened = True, where
     elif line == '}':
-      in_points = False
+      in_points, closed = False, where
     elif in_points:
       values = line.split()
       try:
         if len(values) != 2:
           raise ValueError
-        points.append((float(values[0]), float(values[1])))
+        point = (float(values[0]), float(values[1]))
       except ValueError:
         raise ValueError(f'{where}: expected a point "x y", got {line[:60]!r}') from None
+      if not all(np.isfinite(point)):
+        raise ValueError(f'{where}: coordinates must be finite, got {line[:60]!r}')
+      points.append(point)
     elif ':' in line:
       key, value = line.split(':', 1)
       header[key.strip()] = (value.strip(), where)
@@ -165,13 +169,14 @@ def read_pts(path, num_points: int, layout_name: str = '') -> np.ndarray:
   if 'n_points' in header:
     value, where = header['n_points']
     if value != str(num_points):
-      raise ValueError(f'{where}: n_points is {value}, expected {expected}')
+      raise ValueError(f'{where}: n_points is {value}, expected {num_points}{note}')
+  if opened is None:
+    raise ValueError(f'{path}: no point list (the points go between lines "{{" and "}}")')
+  if closed is None or in_points:
+    raise ValueError(f'{opened}: the point list opened here is not closed by a line "}}"')
   if len(points) != num_points:
-    raise ValueError(f'{path}: expected {expected} points between {{ and }}, got {len(points)}')
-  landmarks = np.array(points, np.float32) - 1.0
-  if not np.all(np.isfinite(landmarks)):
-    raise ValueError(f'{path}: coordinates must be finite')
-  return landmarks
+    raise ValueError(f'{closed}: expected {num_points} points{note} between {{ and }}, got {len(points)}')
+  return np.array(points, np.float32) - 1.0
 
 
 def missing_files_message(dataset: str, manual_dir, missing: list[str], instructions: str,

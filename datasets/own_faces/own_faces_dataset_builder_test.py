@@ -204,3 +204,16 @@ def test_images_are_read_like_the_official_loader(tmp_path):
   np.testing.assert_array_equal(record['image'], np.repeat(grey[..., None], 3, axis=-1))
   assert own.OPTION_DEFAULTS == {'annotations': '', 'train': '', 'test': '', 'test_fraction': 0.1,
                                  'split_seed': 0}
+
+
+@pytest.mark.parametrize('text, message', [
+    ('version: 1\n{\n1 2\n3 4\n}\n', r'a\.pts:5: expected 3 points \(the toy layout\) between \{ and \}, got 2'),
+    ('version: 1\n{\n1 2\nnan 4\n5 6\n}\n', r'a\.pts:4: coordinates must be finite'),
+    ('version: 1\n{\n1 2\n3 4\n5 6\n', r'a\.pts:2: the point list opened here is not closed'),
+    ('version: 1\nn_points: 3\n', r'a\.pts: no point list'),
+])
+def test_read_pts_names_the_line(tmp_path, text, message):
+  from star_jax_datasets import common
+  (tmp_path / 'a.pts').write_text(text)
+  with pytest.raises(ValueError, match=message):
+    common.read_pts(tmp_path / 'a.pts', 3, 'toy')
