@@ -301,7 +301,8 @@ class Builder(common.FaceLandmarkBuilder):
     name = name or 'default'
     if not _CONFIG_NAME.match(name):
       raise ValueError(f'own_faces build name {name!r}: use letters, digits, "_", "-" and "." (it names a folder)')
-    values = {k: type(default)(options.get(k, default) if options.get(k) is not None else default)
+    # Cast to the defaults' types: the stored options compare equal whether they came as '0.5' or 0.5.
+    values = {k: type(default)(default if options.get(k) is None else options[k])
               for k, default in OPTION_DEFAULTS.items()}
     return OwnFacesConfig(name=name, layout=layouts.portable(layout), description='your own annotated photos',
                           **values)
