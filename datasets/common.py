@@ -120,6 +120,65 @@ def record_image(data: bytes, source: str) -> bytes:
   return data if keep else encode_rgb(bgr[..., ::-1])
 
 
+def read_pts(path, num_points: int, layout_name: str = '') -> np.ndarray:
+  """Reads an iBUG / menpo .pts file: (num_points, 2) float32 landmarks, converted to 0-based pixels.
+
+  The format: 'version: 1', 'n_points: N', '{', N lines 'x y', '}'. iBUG coordinates are 1-based
+  (MATLAB convention), so 1 is subtracted.
+
+  Args:
+    path: the file.
+    num_points: the points the layout expects.
+    layout_name: the layout's name, for messages.
+
+  Raises:
+    ValueError: naming the file and line, for a malformed file or a point count other than num_points.
+  """
+  path = pathlib.Path(path)
+  note = f' (the {layout_name} layout)' if layout_name else ''
+  lines = [(i, line.strip()) for i, line in
+           enumerate(path.read_text(encoding='utf-8', errors='replace').splitlines(), start=1)]
+  header = {}
+  points = []
+  in_points = False
+  opened = closed = None   # 'file:line' of '{' and '}'
+  for line_no, line in lines:
+    if not line:
+      continue
+    where = f'{path}:{line_no}'
+    if line == '{':
+      in_points, opened = True, where
+    elif line == '}':
+      in_points, closed = False, where
+    elif in_points:
+      values = line.split()
+      try:
+        if len(values) != 2:
+          raise ValueError
+        point = (float(values[0]), float(values[1]))
+      except ValueError:
+        raise ValueError(f'{where}: expected a point "x y", got {line[:60]!r}') from None
+      if not all(np.isfinite(point)):
+        raise ValueError(f'{where}: coordinates must be finite, got {line[:60]!r}')
+      points.append(point)
+    elif ':' in line:
+      key, value = line.split(':', 1)
+      header[key.strip()] = (value.strip(), where)
+    else:
+      raise ValueError(f'{where}: unexpected line {line[:60]!r} outside the point list')
+  if 'n_points' in header:
+    value, where = header['n_points']
+    if value != str(num_points):
+      raise ValueError(f'{where}: n_points is {value}, expected {num_points}{note}')
+  if opened is None:
+    raise ValueError(f'{path}: no point list (the points go between lines "{{" and "}}")')
+  if closed is None or in_points:
+    raise ValueError(f'{opened}: the point list opened here is not closed by a line "}}"')
+  if len(points) != num_points:
+    raise ValueError(f'{closed}: expected {num_points} points{note} between {{ and }}, got {len(points)}')
+  return np.array(points, np.float32) - 1.0
+
+
 def missing_files_message(dataset: str, manual_dir, missing: list[str], instructions: str,
                           problem: str = 'incomplete manual download folder') -> str:
   """An error text listing what is missing from `manual_dir`, followed by the download steps."""

@@ -81,7 +81,7 @@ def _reproduce(argv: list[str]) -> int:
 
   # ---- The dataset: built when missing ----
   try:
-    source = build.load_source(config.data, config.data.test_split, build_if_missing=True)
+    source = build.load_source(config.data, config.data.test_split, build_if_missing=True, layout=config.layout)
   except (FileNotFoundError, ImportError, ValueError) as e:
     raise cli.UserError(str(e)) from None
 

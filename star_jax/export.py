@@ -257,10 +257,15 @@ def export_checkpoint(checkpoint, output, *, fmt: str = 'onnx', weights: str = '
     config, directory, used = loaded.config, loaded.directory, loaded.weights
     decode = config.model.get('decode', 'landmarks')
     model = _float32(loaded.model, config)
-    summary = {'format': fmt, 'output': str(output), 'weights': used, 'layout': config.layout,
+    from star_jax import layouts  # pylint: disable=import-outside-toplevel
+    # The layout's name; a layout from a file (your own points) also travels as its JSON text.
+    layout_name, spec = layouts.get_layout(config.layout).name, layouts.portable(config.layout)
+    summary = {'format': fmt, 'output': str(output), 'weights': used, 'layout': layout_name,
                'image_size': model.image_size, 'num_points': model.num_points}
     if fmt == 'onnx':
-      metadata = {'layout': config.layout, 'weights': used, 'checkpoint': str(directory)}
+      metadata = {'layout': layout_name, 'weights': used, 'checkpoint': str(directory)}
+      if spec != layout_name:
+        metadata['layout_spec'] = spec
       data = export_onnx(model, opset=opset, metadata=metadata, decode=decode).SerializeToString()
       summary['opset'] = opset
     else:

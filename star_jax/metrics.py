@@ -98,6 +98,8 @@ def _subset_flags(attributes, layout: Layout, num_images: int) -> dict[str, np.n
     flags = {name: np.asarray(attributes[name]) for name in layout.attributes if name in attributes}
   else:
     array = np.asarray(attributes)
+    if array.ndim == 2 and array.shape[1] == 0:
+      return {}  # a dataset that records no attribute flags (your own data): no subsets
     if array.ndim != 2 or array.shape[1] != len(layout.attributes):
       raise ValueError(f'summarize: attributes must be (images, {len(layout.attributes)}) for {layout.name} '
                        f'({list(layout.attributes)}), got shape {array.shape}')
@@ -124,7 +126,8 @@ def summarize(pred, gt, layout: Layout, norm: str | None = None,
     layout: the dataset's layout; its `threshold` is used for FR / AUC.
     norm: 'ocular' / 'pupil' / None (the layout's default).
     attributes: optional per-image 0/1 flags, either {name: (M,)} with names from layout.attributes or
-      an (M, len(layout.attributes)) array in that order. A subset is the images whose flag is 1.
+      an (M, len(layout.attributes)) array in that order. A subset is the images whose flag is 1. An
+      (M, 0) array (a dataset without flags) gives no subsets.
   Returns:
     {'nme', 'fr', 'auc', 'count'} for all images and '<attribute>/<key>' for each subset (NaN
     scores for an empty subset); NME, FR and AUC are fractions (x100 for the usual percentages).

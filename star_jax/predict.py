@@ -38,6 +38,7 @@ import numpy as np
 from star_jax import cli
 from star_jax.inference import face_detect
 from star_jax.inference import predictor
+from star_jax.layouts import get_layout
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.pbm', '.tif', '.tiff', '.webp')
 
@@ -186,7 +187,7 @@ def _predict(argv: list[str]) -> int:
       h, w = image.shape[:2]
       record = {'image': str(path), 'width': w, 'height': h, 'checkpoint': str(fv.checkpoint),
                 'step': loaded.step, 'weights': loaded.weights,
-                'layout': str(config.layout), 'num_points': int(results[0].landmarks.shape[0]),
+                'layout': get_layout(config.layout).name, 'num_points': int(results[0].landmarks.shape[0]),
                 'detector': None if box is not None else fv.detector,
                 'coordinates': '0-based image pixels (x, y)',
                 'faces': [predictor.face_json(r) for r in results]}

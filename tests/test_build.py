@@ -166,8 +166,8 @@ def data_config(**kwargs):
 
 
 def test_registry_and_lazy_imports(monkeypatch):
-  assert set(build.BUILDERS) == {'wflw', 'the300w', 'cofw', 'synthetic_faces'}
-  for name in ('wflw', 'the300w', 'cofw'):
+  assert set(build.BUILDERS) == {'wflw', 'the300w', 'the300vw', 'cofw', 'synthetic_faces', 'own_faces'}
+  for name in ('wflw', 'the300w', 'the300vw', 'cofw', 'own_faces'):
     assert build.builder_class(name).name == name
     assert build.needs_manual_download(name)
   with pytest.raises(ValueError, match="unknown dataset 'mnist'"):

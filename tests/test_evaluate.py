@@ -214,3 +214,81 @@ def test_evaluate_and_predict_a_training_workdir(tfds_dir, tmp_path, capsys):
   record = json.loads((tmp_path / 'real' / 'takeo.json').read_text())
   assert len(record['faces']) == 1 and np.array(record['faces'][0]['landmarks']).shape == (98, 2)
   assert (tmp_path / 'real' / 'takeo_landmarks.jpg').exists()
+
+
+# ---- 300VW: scores per category and each video's temporal stability -------------------------------
+
+@pytest.fixture(scope='module')
+def vw_data(tmp_path_factory):
+  """The tiny 300VW-style build (datasets/the300vw/fake_data.py: 3 test videos of 3, 3 and 2 frames)."""
+  from star_jax.data import build
+  from star_jax_datasets.the300vw import fake_data
+  root = tmp_path_factory.mktemp('300vw')
+  videos = fake_data.write(root / 'raw', REPO / 'tests' / 'data' / 'real_faces')
+  build.build('the300vw', manual_dir=str(root / 'raw'), data_dir=str(root / 'data'))
+  return root / 'data', videos
+
+
+def test_evaluate_300vw_per_category_and_per_video(vw_data, tmp_path):
+  import jax
+  from flax import nnx
+  from star_jax import models
+  from star_jax.evaluation import temporal
+  from star_jax.layouts import W300VW
+  from star_jax.training import checkpoints
+
+  data_dir, videos = vw_data
+  # A 300W model (here untrained) runs under the 300VW config: the same points.
+  config = _config('300w')
+  checkpoint = tmp_path / 'ckpt'
+  checkpoints.save_model_checkpoint(checkpoint, model=models.create_model(config, nnx.Rngs(0)), config=config)
+  jax.clear_caches()
+  out = tmp_path / 'report'
+  assert _run(f'--config={REPO / "configs" / "300vw.py"}:tiny', f'--checkpoint={checkpoint}',
+              f'--config.data.data_dir={data_dir}', f'--output={out}', '--noprogress') == 0
+  doc = json.loads((out / 'metrics.json').read_text())
+  assert [(r['subset'], r['num_images']) for r in doc['rows']] == [
+      ('all', 8), ('category1', 3), ('category2', 3), ('category3', 2)]
+  assert doc['published'] == {} and 'not in this code base' in (out / 'report.md').read_text()
+  # Predictions in frame pixels, keyed by video and frame.
+  images = json.loads((out / 'predictions.json').read_text())
+  assert images['coordinates'] == '0-based video frame pixels (x, y)'
+  keys = [(im['video'], im['frame']) for im in images['images']]
+  assert keys == [(v, f) for v in ('114', '203', '410') for f in range(1, videos[v]['frames'] + 1)]
+  gt = np.array([im['ground_truth'] for im in images['images']])
+  np.testing.assert_allclose(gt, np.concatenate([videos[v]['landmarks'] for v in ('114', '203', '410')]), atol=2e-3)
+  # Temporal stability: one row per video, recomputed from the predictions; category means.
+  rows = doc['temporal']['videos']
+  assert [(r['video'], r['subset'], r['frames'], r['pairs']) for r in rows] == [
+      ('114', 'category1', 3, 2), ('203', 'category2', 3, 2), ('410', 'category3', 2, 1)]
+  pred = np.array([im['landmarks'] for im in images['images']])
+  again = temporal.per_video(pred, gt, [k[0] for k in keys], [k[1] for k in keys], W300VW)
+  for row, want in zip(rows, again):
+    assert row['jitter'] == pytest.approx(want['jitter'], abs=1e-4) and row['jitter'] > 0
+    assert row['nme_change'] == pytest.approx(want['nme_change'], abs=1e-4)
+  assert [s['subset'] for s in doc['temporal']['summary']] == ['all', 'category1', 'category2', 'category3']
+  assert '## Temporal stability' in (out / 'report.md').read_text()
+
+
+def test_temporal_stability_measures_the_change_of_the_error():
+  from star_jax.evaluation import temporal
+  from star_jax.layouts import W300
+
+  rng = np.random.default_rng(0)
+  gt = rng.uniform(0, 100, (6, 68, 2))
+  gt[:, 36], gt[:, 45] = (10.0, 50.0), (30.0, 50.0)                  # inter-ocular distance 20 px
+  videos, frames = ['a'] * 4 + ['b'] * 2, [1, 2, 3, 5, 7, 8]
+  # A constant offset follows the face: error constant, no jitter.
+  rows = temporal.per_video(gt + (2.0, -1.0), gt, videos, frames, W300)
+  assert [(r['frames'], r['pairs']) for r in rows] == [(4, 2), (2, 1)]     # frames 3 -> 5 are not a pair
+  assert all(r['jitter'] == pytest.approx(0, abs=1e-9) and r['nme_change'] == pytest.approx(0, abs=1e-9)
+             for r in rows)
+  assert rows[0]['nme'] == pytest.approx(np.sqrt(5) / 20)
+  # One frame off by 4 px in x: the error vector moves by 4 px into that frame and back out of it.
+  pred = gt.copy()
+  pred[1] += (4.0, 0.0)
+  row = temporal.per_video(pred, gt, videos, frames, W300)[0]
+  assert row['jitter'] == pytest.approx(4 / 20)                          # (0.2 + 0.2) / 2 pairs
+  assert row['nme_change'] == pytest.approx(4 / 20)
+  summary = temporal.summarize(temporal.per_video(pred, gt, videos, frames, W300))
+  assert summary[0]['videos'] == 2 and summary[0]['jitter'] == pytest.approx(0.1)   # mean over videos

@@ -26,50 +26,12 @@ FOLDERS = {
 
 
 def read_pts(path) -> np.ndarray:
-  """Reads an iBUG .pts file: (68, 2) float32 landmarks, converted to 0-based pixels.
-
-  The format: 'version: 1', 'n_points: 68', '{', 68 lines 'x y', '}'. iBUG coordinates are 1-based
-  (MATLAB convention), so 1 is subtracted.
+  """Reads a 68-point iBUG .pts file: (68, 2) float32 landmarks, 0-based pixels (common.read_pts).
 
   Raises:
     ValueError: naming the file and line, for a malformed file.
   """
-  path = pathlib.Path(path)
-  lines = [(i, line.strip()) for i, line in
-           enumerate(path.read_text(encoding='utf-8', errors='replace').splitlines(), start=1)]
-  lines = [(i, line) for i, line in lines if line]
-  header = {}
-  points = []
-  in_points = False
-  for line_no, line in lines:
-    where = f'{path}:{line_no}'
-    if line == '{':
-      in_points = True
-    elif line == '}':
-      in_points = False
-    elif in_points:
-      values = line.split()
-      try:
-        if len(values) != 2:
-          raise ValueError
-        points.append((float(values[0]), float(values[1])))
-      except ValueError:
-        raise ValueError(f'{where}: expected a point "x y", got {line[:60]!r}') from None
-    elif ':' in line:
-      key, value = line.split(':', 1)
-      header[key.strip()] = (value.strip(), where)
-    else:
-      raise ValueError(f'{where}: unexpected line {line[:60]!r} outside the point list')
-  if 'n_points' in header:
-    value, where = header['n_points']
-    if value != str(NUM_POINTS):
-      raise ValueError(f'{where}: n_points is {value}, expected {NUM_POINTS}')
-  if len(points) != NUM_POINTS:
-    raise ValueError(f'{path}: expected {NUM_POINTS} points between {{ and }}, got {len(points)}')
-  landmarks = np.array(points, np.float32) - 1.0
-  if not np.all(np.isfinite(landmarks)):
-    raise ValueError(f'{path}: coordinates must be finite')
-  return landmarks
+  return common.read_pts(path, NUM_POINTS)
 
 
 def _image_of(pts_path: pathlib.Path) -> pathlib.Path | None:

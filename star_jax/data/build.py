@@ -1,6 +1,8 @@
 """Builds the TFDS datasets of star_jax without TensorFlow, and opens them as random-access sources.
 
   python -m star_jax.data.build --dataset wflw --manual_dir ~/data/WFLW --data_dir ~/tensorflow_datasets
+  python -m star_jax.data.build --dataset own_faces --config mydata --manual_dir ~/faces --layout 300W
+      [--annotations labels.csv] [--train train.txt --test test.txt | --test_fraction 0.1 --split_seed 0]
 
 The `tfds build` command line needs TensorFlow and Apache Beam; this goes through the Python API
 instead (`download_and_prepare` with a manual folder) and writes array_record files, which
@@ -24,8 +26,10 @@ from star_jax import cli
 BUILDERS = {
     'wflw': 'star_jax_datasets.wflw.wflw_dataset_builder',
     'the300w': 'star_jax_datasets.the300w.the300w_dataset_builder',
+    'the300vw': 'star_jax_datasets.the300vw.the300vw_dataset_builder',
     'cofw': 'star_jax_datasets.cofw.cofw_dataset_builder',
     'synthetic_faces': 'star_jax_datasets.synthetic_faces.synthetic_faces_dataset_builder',
+    'own_faces': 'star_jax_datasets.own_faces.own_faces_dataset_builder',
 }
 
 
@@ -45,20 +49,26 @@ def needs_manual_download(name: str) -> bool:
   return bool(getattr(builder_class(name), 'MANUAL_DOWNLOAD_INSTRUCTIONS', None))
 
 
-def get_builder(name: str, *, config: str = '', data_dir: str = '') -> tfds.core.DatasetBuilder:
+def get_builder(name: str, *, config: str = '', data_dir: str = '', layout=None,
+                options=None) -> tfds.core.DatasetBuilder:
   """The builder of `name` (and `config`; '' = default) writing array_record under `data_dir`.
 
-  `data_dir` '' means TFDS's default: $TFDS_DATA_DIR, else ~/tensorflow_datasets.
+  `data_dir` '' means TFDS's default: $TFDS_DATA_DIR, else ~/tensorflow_datasets. `layout` (a layout
+  name or file) and `options` (a mapping) are for builders whose build is described by them
+  (own_faces: `config_from`); the others ignore them.
   """
   cls = builder_class(name)
-  kwargs = {'data_dir': data_dir or None, 'file_format': 'array_record'}
-  if config:
+  kwargs = {'data_dir': os.path.expanduser(data_dir) if data_dir else None, 'file_format': 'array_record'}
+  if hasattr(cls, 'config_from'):
+    kwargs['config'] = cls.config_from(config, layout=layout, options=options)
+  elif config:
     # Builders that make configs from their names (synthetic_faces) resolve them here.
     kwargs['config'] = cls.config_for(config) if hasattr(cls, 'config_for') else config
   return cls(**kwargs)
 
 
-def build_command(name: str, *, config: str = '', manual_dir: str = '', data_dir: str = '') -> str:
+def build_command(name: str, *, config: str = '', manual_dir: str = '', data_dir: str = '', layout=None,
+                  options=None) -> str:
   """The command line that builds a dataset, for messages."""
   args = ['python', '-m', 'star_jax.data.build', '--dataset', name]
   if config:
@@ -66,13 +76,28 @@ def build_command(name: str, *, config: str = '', manual_dir: str = '', data_dir
   args += ['--manual_dir', manual_dir or '/path/to/raw/files']
   if data_dir:
     args += ['--data_dir', data_dir]
+  if hasattr(builder_class(name), 'config_from'):
+    # A layout given as JSON text (from a checkpoint) stands for its file.
+    args += ['--layout', '/path/to/layout.json' if str(layout).startswith('{') or layout is None else str(layout)]
+    defaults = builder_class(name).OPTION_DEFAULTS
+    for key, value in (options or {}).items():
+      if key in defaults and value != defaults[key]:
+        args += [f'--{key}', str(value)]
   return ' '.join(shlex.quote(a) if not a.startswith('/path/') else a for a in args)
 
 
-def build(name: str, *, config: str = '', manual_dir: str = '',
-          data_dir: str = '') -> tfds.core.DatasetBuilder:
+def _check_options(builder, manual_dir: str) -> None:
+  """For builders described by options (own_faces): an existing build must match them."""
+  if builder.is_prepared() and hasattr(builder, 'check_options'):
+    builder.check_options(manual_dir)
+
+
+def build(name: str, *, config: str = '', manual_dir: str = '', data_dir: str = '', layout=None,
+          options=None) -> tfds.core.DatasetBuilder:
   """Builds a dataset (a no-op when it is already built) and returns its builder."""
-  builder = get_builder(name, config=config, data_dir=data_dir)
+  manual_dir = os.path.expanduser(manual_dir) if manual_dir else manual_dir  # '~' after '=' is not the shell's
+  builder = get_builder(name, config=config, data_dir=data_dir, layout=layout, options=options)
+  _check_options(builder, manual_dir)
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
   builder.download_and_prepare(download_config=download_config)
   return builder
@@ -83,14 +108,23 @@ def _field(cfg, key: str, default=''):
   return default if value is None else value
 
 
-def load_source(data_cfg, split: str, *, build_if_missing: bool = True):
+def _options(data_cfg):
+  own = _field(data_cfg, 'own', None)
+  if own is None:
+    return None
+  return own.to_dict() if hasattr(own, 'to_dict') else dict(own)
+
+
+def load_source(data_cfg, split: str, *, build_if_missing: bool = True, layout=None):
   """The random-access source of one split, as `tfds.data_source` returns it.
 
   Args:
-    data_cfg: a `config.data` of configs/base.py: `name`, `config`, `data_dir`, `manual_dir`.
-    split: a split name or slice, e.g. 'train', 'test[:16]'.
+    data_cfg: a `config.data` of configs/base.py: `name`, `config`, `data_dir`, `manual_dir` (and
+      `own`, the options of your own data, configs/own.py).
+    split: a split name or slice, e.g. 'train', 'test[:16]', 'test_category1+test_category2'.
     build_if_missing: build a missing dataset when possible: always for the synthetic faces
       (generated), for the others when `manual_dir` is set.
+    layout: config.layout, for datasets in the layout you choose (own_faces).
 
   Returns:
     A sequence of records (dicts of numpy arrays; 'image' decoded to (H, W, 3) uint8 RGB).
@@ -101,8 +135,9 @@ def load_source(data_cfg, split: str, *, build_if_missing: bool = True):
   """
   name = _field(data_cfg, 'name')
   config, data_dir = _field(data_cfg, 'config'), _field(data_cfg, 'data_dir')
-  manual_dir = _field(data_cfg, 'manual_dir')
-  builder = get_builder(name, config=config, data_dir=data_dir)
+  manual_dir = os.path.expanduser(_field(data_cfg, 'manual_dir'))  # '~' after '=' is not the shell's
+  builder = get_builder(name, config=config, data_dir=data_dir, layout=layout, options=_options(data_cfg))
+  _check_options(builder, manual_dir)
   if not builder.is_prepared():
     manual = needs_manual_download(name)
     if build_if_missing and (manual_dir or not manual):
@@ -110,7 +145,8 @@ def load_source(data_cfg, split: str, *, build_if_missing: bool = True):
       download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
       builder.download_and_prepare(download_config=download_config)
     else:
-      command = build_command(name, config=config, manual_dir=manual_dir, data_dir=data_dir)
+      command = build_command(name, config=config, manual_dir=manual_dir, data_dir=data_dir, layout=layout,
+                              options=_options(data_cfg))
       why = ('set data.manual_dir to the folder of the raw files to build it here, or build it with'
              if manual and build_if_missing else 'build it with')
       raise FileNotFoundError(f'dataset {name!r} is not built in {builder.data_dir}; {why}:\n'
@@ -142,6 +178,16 @@ def _build(argv: list[str]) -> int:
                       'synthetic_faces)', flag_values=fv)
   flags.DEFINE_string('data_dir', '', 'TFDS data dir (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)',
                       flag_values=fv)
+  # Your own data (own_faces) only.
+  flags.DEFINE_string('layout', None, 'own_faces: the landmark layout, a built-in name (WFLW, 300W, COFW) or a '
+                      'layout file', flag_values=fv)
+  flags.DEFINE_string('annotations', None, "own_faces: a CSV / TSV annotation file (default: a .pts file "
+                      "beside each image)", flag_values=fv)
+  flags.DEFINE_string('train', None, 'own_faces: train images, a folder or a list file', flag_values=fv)
+  flags.DEFINE_string('test', None, 'own_faces: test images, a folder or a list file', flag_values=fv)
+  flags.DEFINE_float('test_fraction', None, 'own_faces: fraction of the images drawn for test when no folders '
+                     'or lists are given (default 0.1)', flag_values=fv)
+  flags.DEFINE_integer('split_seed', None, 'own_faces: seed of that draw (default 0)', flag_values=fv)
   rest = command.parse()
   if rest:
     raise flags.Error(f'unexpected arguments: {" ".join(rest)}')
@@ -150,7 +196,19 @@ def _build(argv: list[str]) -> int:
   if needs_manual_download(fv.dataset) and not fv.manual_dir:
     raise flags.Error(f'--manual_dir is required for {fv.dataset}; the builder says:\n'
                       f'{builder_class(fv.dataset).MANUAL_DOWNLOAD_INSTRUCTIONS}')
-  builder = build(fv.dataset, config=fv.config, manual_dir=fv.manual_dir, data_dir=fv.data_dir)
+  own = ('annotations', 'train', 'test', 'test_fraction', 'split_seed')
+  options = {k: fv[k].value for k in own if fv[k].value is not None}
+  described = hasattr(builder_class(fv.dataset), 'config_from')
+  if not described and (options or fv.layout is not None):
+    given = ', '.join(f'--{k}' for k in (*options, *(['layout'] if fv.layout is not None else [])))
+    raise flags.Error(f'{given}: only for --dataset own_faces')
+  if described and fv.layout is None:
+    raise flags.Error(f'--layout is required for {fv.dataset} (WFLW, 300W, COFW or a layout file)')
+  try:
+    builder = build(fv.dataset, config=fv.config, manual_dir=fv.manual_dir, data_dir=fv.data_dir, layout=fv.layout,
+                    options=options)
+  except (ValueError, FileNotFoundError) as e:
+    raise cli.UserError(str(e)) from None
   splits = ', '.join(f'{k} {v.num_examples}' for k, v in sorted(builder.info.splits.items()))
   print(f'{builder.name}: wrote {splits} records to {os.path.abspath(builder.data_dir)}')
   crop_rule = builder.info.metadata.get('crop_rule') if builder.info.metadata else None

@@ -62,7 +62,8 @@ class ExampleSpec:
 
   @classmethod
   def from_config(cls, config) -> 'ExampleSpec':
-    return cls(layout=str(config.layout), image_size=int(config.data.image_size),
+    # The layout itself, not a file path: worker processes need not read (or find) the file.
+    return cls(layout=layouts.portable(config.layout), image_size=int(config.data.image_size),
                heatmap_size=int(config.data.heatmap_size), sigma=float(config.data.sigma),
                aug=AugParams.from_config(config.aug))
 

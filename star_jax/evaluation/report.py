@@ -30,7 +30,7 @@ PUBLISHED = {
     'COFW': {'pupil': {'nme': 4.62}, 'ocular': {'nme': 3.21}},
 }
 # The published numbers are tied to the real datasets, not to a layout (synthetic faces use layouts too).
-REAL_DATASETS = {'wflw': 'WFLW', 'the300w': '300W', 'cofw': 'COFW'}
+REAL_DATASETS = {'wflw': 'WFLW', 'the300w': '300W', 'the300vw': '300VW', 'cofw': 'COFW'}
 
 
 def published_numbers(config, norm: str) -> dict[str, dict[str, float]]:
@@ -87,8 +87,27 @@ def markdown_table(rows: list[dict], published: dict, threshold: float) -> str:
   return '\n'.join(lines)
 
 
-def markdown_report(info: dict, rows: list[dict], published: dict, nme_image: float | None) -> str:
-  """The report: what was evaluated, the table, how to read it."""
+def temporal_tables(summary: list[dict], videos: list[dict]) -> str:
+  """The temporal-stability section: means per subset, then one row per video (temporal.py)."""
+  def cells(r):
+    return [str(r['frames']), _fmt(100 * r['nme'], 3), _fmt(100 * r['nme_change'], 3), _fmt(100 * r['jitter'], 3)]
+  head = ['frames', 'NME %', 'NME change %', 'jitter %']
+  lines = ['## Temporal stability', '',
+           'Per video, over consecutive annotated frames: NME change = mean |NME(t) - NME(t-1)|; jitter = mean '
+           'point distance between the error vectors (prediction - ground truth) of frames t-1 and t, over the '
+           'normalising distance. Lower is steadier. NME here is in frame pixels, the mean over a video\'s '
+           'frames; subsets average their videos.', '',
+           '| subset | videos | ' + ' | '.join(head) + ' |', '|' + '---|' * (len(head) + 2)]
+  lines += ['| ' + ' | '.join([r['subset'], str(r['videos']), *cells(r)]) + ' |' for r in summary]
+  lines += ['', '| video | subset | ' + ' | '.join(head) + ' |', '|' + '---|' * (len(head) + 2)]
+  lines += ['| ' + ' | '.join([r['video'], r['subset'], *cells(r)]) + ' |' for r in videos]
+  return '\n'.join(lines)
+
+
+def markdown_report(info: dict, rows: list[dict], published: dict, nme_image: float | None,
+                    temporal: dict | None = None) -> str:
+  """The report: what was evaluated, the table, how to read it; with `temporal` ({'summary',
+  'videos'}, for video datasets) the temporal-stability tables."""
   norm = 'inter-ocular' if info['norm'] == 'ocular' else 'inter-pupil'
   notes = [f'NME: mean point error / {norm} distance, in the normalised crop frame as the official tester '
            'computes it' + (f'; in original image pixels it is {100 * nme_image:.3f} %' if nme_image is not None
@@ -98,6 +117,7 @@ def markdown_report(info: dict, rows: list[dict], published: dict, nme_image: fl
            f'{info["images_per_second_total"]:.1f} images/s with data loading, on {info["device"]}.']
   if published:
     notes.append('paper: the official PyTorch models (STAR, CVPR 2023, Tables 1-3).')
+  notes += info.get('notes', [])
   split = f'{info["dataset"]}/{info["dataset_config"] or "default"} split {info["split"]!r}'
   return '\n'.join([
       f'# Evaluation of {info["pytorch"] or info["checkpoint"]}',
@@ -110,12 +130,14 @@ def markdown_report(info: dict, rows: list[dict], published: dict, nme_image: fl
       '',
       *[f'- {n}' for n in notes],
       '',
+      *([temporal_tables(temporal['summary'], temporal['videos']), ''] if temporal else []),
   ])
 
 
-def image_names(source, indices: np.ndarray) -> list[str]:
-  """The 'image_name' of each record at `indices`, without decoding the images when the source is a
-  TFDS data source (its image decoder is swapped for SkipDecoding)."""
+def record_fields(source, indices: np.ndarray, keys: tuple[str, ...]) -> dict[str, list | None]:
+  """key -> [the field of each record at `indices`] (text decoded to str; None for a key the records
+  lack), without decoding the images when the source is a TFDS data source (its image decoder is
+  swapped for SkipDecoding)."""
   reader = source
   if dataclasses.is_dataclass(source) and hasattr(source, 'decoders'):
     try:
@@ -123,22 +145,34 @@ def image_names(source, indices: np.ndarray) -> list[str]:
       reader = dataclasses.replace(source, decoders={'image': tfds.decode.SkipDecoding()})
     except (TypeError, ValueError, ImportError):
       reader = source
-  names = []
+  out: dict[str, list] = {k: [] for k in keys}
   for i in indices:
-    name = reader[int(i)].get('image_name', str(int(i)))
-    names.append(name.decode('utf-8') if isinstance(name, bytes) else str(name))
-  return names
+    record = reader[int(i)]
+    for k in keys:
+      value = record.get(k)
+      out[k].append(value.decode('utf-8') if isinstance(value, bytes) else value)
+  return {k: (None if any(v is None for v in values) else values) for k, values in out.items()}
 
 
-def write_predictions(path: pathlib.Path, names: list[str], results: dict, nmes: np.ndarray) -> None:
-  """predictions.json: per image its name, position, NME, and predicted and ground-truth landmarks in
-  0-based original image pixels (x, y)."""
-  records = [{'image_name': name, 'index': int(i), 'nme': float(nme),
-              'landmarks': np.round(pred.astype(np.float64), 3).tolist(),
+def image_names(source, indices: np.ndarray) -> list[str]:
+  """The 'image_name' of each record at `indices` (its position when it has none), without decoding
+  the images (record_fields)."""
+  names = record_fields(source, indices, ('image_name',))['image_name']
+  return [str(n) for n in names] if names is not None else [str(int(i)) for i in indices]
+
+
+def write_predictions(path: pathlib.Path, names: list[str], results: dict, nmes: np.ndarray,
+                      extra: dict[str, list] | None = None,
+                      coordinates: str = '0-based original image pixels (x, y)') -> None:
+  """predictions.json: per image its name, position, NME, the `extra` fields (e.g. video and frame),
+  and predicted and ground-truth landmarks in `coordinates` (0-based original image pixels)."""
+  extra = extra or {}
+  records = [{'image_name': name, 'index': int(i), **{k: jsonable(v[n]) for k, v in extra.items()},
+              'nme': float(nme), 'landmarks': np.round(pred.astype(np.float64), 3).tolist(),
               'ground_truth': np.round(gt.astype(np.float64), 3).tolist()}
-             for name, i, nme, pred, gt in zip(names, results['index'], nmes, results['pred_px'],
-                                              results['gt_px'])]
-  path.write_text(json.dumps({'coordinates': '0-based original image pixels (x, y)', 'images': records}))
+             for n, (name, i, nme, pred, gt) in enumerate(zip(names, results['index'], nmes, results['pred_px'],
+                                                              results['gt_px']))]
+  path.write_text(json.dumps({'coordinates': coordinates, 'images': records}))
 
 
 def ced_curves(nmes: np.ndarray, attributes: np.ndarray | None, layout: Layout, threshold: float) -> dict:

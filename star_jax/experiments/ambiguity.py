@@ -134,7 +134,7 @@ def score_checkpoint(workdir: pathlib.Path, config) -> dict:
   graph, params, batch_stats = models.split(loaded.model)
   predict = jax.jit(models.make_predict_fn(graph, decode=config.model.decode))
   mesh = mesh_lib.make_mesh()
-  source = build.load_source(config.data, config.data.test_split)
+  source = build.load_source(config.data, config.data.test_split, layout=config.layout)
   with jax.set_mesh(mesh):
     results = scoring.predict_split(lambda images: predict(params, batch_stats, images),
                                     pipeline.eval_batches(config, source), mesh, int(config.data.image_size))

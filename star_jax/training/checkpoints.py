@@ -22,10 +22,12 @@ import pathlib
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers as cm
 
+from star_jax import layouts
 from star_jax.layouts import get_layout
 from star_jax.models import create_model
 from star_jax.training.state import TrainState
@@ -46,10 +48,18 @@ def _pure(model_or_state) -> dict:
   return model_or_state
 
 
+def stored_config(config: ml_collections.ConfigDict) -> dict:
+  """The config as a checkpoint stores it: a plain dict, with a layout file's layout written out as
+  its JSON text (layouts.portable), so that the checkpoint loads without the file."""
+  out = config.to_dict()
+  out['layout'] = layouts.portable(config.layout)
+  return out
+
+
 def model_save_args(*, model, config, ema=None) -> dict:
   """The Composite items of a model checkpoint: {'model', 'config'[, 'ema']} -> ocp.args."""
   items = {'model': ocp.args.StandardSave(_pure(model)),
-           'config': ocp.args.JsonSave(config.to_dict())}
+           'config': ocp.args.JsonSave(stored_config(config))}
   if ema is not None:
     items['ema'] = ocp.args.StandardSave(_pure(ema))
   return items
@@ -190,14 +200,16 @@ def load_model(path, *, step: int | None = None, weights: str | None = None) -> 
 
 
 def check_compatible(stored: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError unless a checkpoint with config `stored` can be run under `config`: the same
-  landmark layout, at the same input size."""
+  """Raises ValueError unless a checkpoint with config `stored` can be run under `config`: layouts of
+  the same points and edges (300W and 300VW share theirs; a layout file may copy a built-in one), at
+  the same input size."""
   want, have = get_layout(config.layout), get_layout(stored.layout)
-  if want.name != have.name or want.num_points != have.num_points:
+  if not layouts.same_geometry(want, have):
+    edges = ' with other edges' if want.num_points == have.num_points else ''
     raise ValueError(
         f'it predicts the {have.name} layout ({have.num_points} points), but the config evaluates '
-        f'{config.data.name!r} in the {want.name} layout ({want.num_points} points): pass the config of the '
-        f'dataset the checkpoint was trained on')
+        f'{config.data.name!r} in the {want.name} layout ({want.num_points} points{edges}): pass the config '
+        f'of the dataset the checkpoint was trained on')
   if int(stored.data.image_size) != int(config.data.image_size):
     raise ValueError(
         f'it was trained on {stored.data.image_size}x{stored.data.image_size} crops, but the config '
@@ -298,9 +310,13 @@ def initialize_from(path: str, config: ml_collections.ConfigDict, state: TrainSt
       loaded = load_model(path, weights='model')
     except (FileNotFoundError, ValueError) as e:
       raise InitFromError(f'{where}: {e}') from None
-    if strict and get_layout(loaded.config.layout).name != get_layout(config.layout).name:
-      raise InitFromError(f'{where} was trained in the {loaded.config.layout} layout, this config is '
-                          f'{config.layout}: set config.init_from_strict=False to load all but the heads')
+    have, want = get_layout(loaded.config.layout), get_layout(config.layout)
+    # The same points on the same edges fit, whatever the names (300W into 300VW, or into your own
+    # data in a layout file based on 300W).
+    if strict and not layouts.same_geometry(have, want):
+      raise InitFromError(f'{where} was trained in the {have.name} layout, this config is {want.name} '
+                          f'({have.num_points} vs {want.num_points} points, or other edges): set '
+                          'config.init_from_strict=False to load all but the heads')
     weights, kept = _fit(nnx.to_pure_dict(nnx.state(loaded.model)), template, strict, where)
     ema = weights
     if loaded.weights == 'model' and _has_item(loaded.directory, loaded.step, 'ema'):
@@ -310,6 +326,10 @@ def initialize_from(path: str, config: ml_collections.ConfigDict, state: TrainSt
   params, batch_stats = _with_tree(state.params, state.batch_stats, weights)
   state = state.replace(params=params, batch_stats=batch_stats)
   if state.ema_params is not None:
+    # The EMA gets arrays of its own: it shares leaves with the weights when the source has no EMA,
+    # or when leaves are kept fresh (both from one template), and the train step donates the state,
+    # where one buffer cannot be donated twice.
+    ema = jax.tree.map(np.array, ema)
     ema_params, ema_batch_stats = _with_tree(state.ema_params, state.ema_batch_stats, ema)
     state = state.replace(ema_params=ema_params, ema_batch_stats=ema_batch_stats)
   summary['kept_fresh'] = kept

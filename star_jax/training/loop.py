@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from star_jax import cli
 from star_jax import models
 from star_jax.data import build
 from star_jax.data import pipeline
@@ -55,8 +56,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ================================================================================================
   # Data
   # ================================================================================================
-  train_source = build.load_source(config.data, config.data.train_split)
-  test_source = build.load_source(config.data, config.data.test_split)
+  try:
+    train_source = build.load_source(config.data, config.data.train_split, layout=config.layout)
+    test_source = build.load_source(config.data, config.data.test_split, layout=config.layout)
+  except (FileNotFoundError, ImportError, ValueError) as e:
+    # A dataset that is not built or cannot be (a missing file, a malformed annotation: the message
+    # names the file and line): the user's to fix, printed without a traceback by the train command.
+    raise cli.UserError(str(e)) from None
   steps_per_epoch = state_lib.steps_per_epoch(config, len(train_source))
   total_steps = state_lib.total_steps(config, steps_per_epoch)
   train_iter = iter(pipeline.train_dataset(config, train_source, seed=config.seed))

@@ -35,7 +35,7 @@ WFLW_TO_COFW = np.array(
      16],                                          # 28 chin
     np.int32)
 
-_POINT_MAPS = {'WFLW': None, '300W': WFLW_TO_300W, 'COFW': WFLW_TO_COFW}
+_POINT_MAPS = {'WFLW': None, '300W': WFLW_TO_300W, '300VW': WFLW_TO_300W, 'COFW': WFLW_TO_COFW}
 
 
 def point_map(layout_name: str) -> np.ndarray:
