@@ -48,11 +48,11 @@ MAX_MISSES = 2
 # ---- Smoothing ----------------------------------------------------------------------------------
 
 class OneEuroFilter:
-  """The One Euro filter of a set of 2-D points, e.g. one face's (N, 2) landmarks.
+  """The One Euro filter of a set of K vectors of dimension D, e.g. one face's (N, 2) landmarks.
 
-  Each point gets an exponential smoothing whose cut-off frequency is
-  min_cutoff + beta * speed, speed being the point's (low-passed, at d_cutoff) speed in units of
-  `scale` per second (`scale`: the face size in px, given with each sample). Frequencies in Hz.
+  Each row gets an exponential smoothing whose cut-off frequency is min_cutoff + beta * speed, speed
+  being the norm of the row's rate of change (itself low-passed at d_cutoff), divided by `scale`
+  (given with each sample: a number or (K, 1)). Frequencies in Hz, times in seconds.
   """
 
   def __init__(self, min_cutoff: float = 1.0, beta: float = 0.5, d_cutoff: float = 1.0):
@@ -69,8 +69,8 @@ class OneEuroFilter:
     tau = 1.0 / (2.0 * math.pi * cutoff)
     return 1.0 / (1.0 + tau / dt)
 
-  def __call__(self, x: np.ndarray, t: float, scale: float = 1.0) -> np.ndarray:
-    """The filtered (N, 2) points at time t (seconds, increasing); the first sample passes unchanged."""
+  def __call__(self, x: np.ndarray, t: float, scale=1.0) -> np.ndarray:
+    """The filtered (K, D) values at time t (seconds, increasing); the first sample passes unchanged."""
     x = np.asarray(x, np.float64)
     if self._x is None or self._x.shape != x.shape or t <= self._t:
       self._x, self._dx, self._t = x.copy(), np.zeros_like(x), float(t)
@@ -78,11 +78,58 @@ class OneEuroFilter:
     dt = float(t) - self._t
     dx = (x - self._x) / dt
     self._dx = self._dx + self._alpha(self.d_cutoff, dt) * (dx - self._dx)
-    speed = np.linalg.norm(self._dx, axis=-1, keepdims=True) / max(float(scale), 1e-9)
+    speed = np.linalg.norm(self._dx, axis=-1, keepdims=True) / np.maximum(np.asarray(scale, np.float64), 1e-9)
     alpha = self._alpha(self.min_cutoff + self.beta * speed, dt)
     self._x = self._x + alpha * (x - self._x)
     self._t = float(t)
     return self._x.copy()
+
+
+class LandmarkSmoother:
+  """Temporal smoothing of one face's (N, 2) landmarks, pose and shape apart.
+
+  Each frame's landmarks P are split into a pose, the similarity (centroid c, scale s, angle a) that
+  best maps the previous smoothed shape onto P (least squares), and a shape, P brought back by that
+  similarity into the face's own frame (units: the RMS distance of the landmarks from their centroid,
+  about a third of the face). The shape is One-Euro-filtered with (min_cutoff, beta); the pose, which
+  is averaged over all N points and so N times less noisy, with `pose_min_cutoff` and `pose_beta`
+  (speeds: centroid in face radii per second, log-scale and angle per second). The rigid motion of a
+  moving head then shows almost no lag while the jitter of the individual points is filtered out.
+  """
+
+  def __init__(self, min_cutoff: float = 1.0, beta: float = 0.5, pose_min_cutoff: float = 4.0,
+               pose_beta: float = 5.0):
+    self.shape_filter = OneEuroFilter(min_cutoff, beta)
+    self.pose_filter = OneEuroFilter(pose_min_cutoff, pose_beta)
+    self._shape = None     # (N,) complex: the smoothed shape, in the face's frame
+    self._angle = 0.0
+
+  def __call__(self, points: np.ndarray, t: float) -> np.ndarray:
+    """The smoothed (N, 2) landmarks (image px) at time t (seconds)."""
+    z = np.asarray(points, np.float64) @ np.array([1.0, 1j])
+    centre = z.mean()
+    if self._shape is None or len(self._shape) != len(z):
+      radius = max(float(np.sqrt(np.mean(np.abs(z - centre) ** 2))), 1e-9)
+      self._shape, self._angle = (z - centre) / radius, 0.0
+      self.shape_filter.reset()
+      self.pose_filter.reset()
+      self.shape_filter(np.stack([self._shape.real, self._shape.imag], -1), t)
+      self.pose_filter(np.array([[centre.real, centre.imag], [math.log(radius), 0.0]]), t)
+      return np.asarray(points, np.float64).copy()
+    ref = self._shape - self._shape.mean()
+    # The similarity ref -> z as one complex factor (scale and rotation) and the centroid.
+    factor = np.vdot(ref, z - centre) / np.vdot(ref, ref)
+    scale = abs(factor)
+    # Unwrapped next to the last angle, so that the filter never sees a 2 pi jump.
+    angle = self._angle + math.remainder(np.angle(factor) - self._angle, 2 * math.pi)
+    shape = (z - centre) / factor + self._shape.mean()
+    pose = self.pose_filter(np.array([[centre.real, centre.imag], [math.log(scale), angle]]), t,
+                            scale=np.array([[scale], [1.0]]))
+    smooth = self.shape_filter(np.stack([shape.real, shape.imag], -1), t) @ np.array([1.0, 1j])
+    self._shape, self._angle = smooth, float(pose[1, 1])
+    factor_hat = math.exp(pose[1, 0]) * complex(math.cos(pose[1, 1]), math.sin(pose[1, 1]))
+    out = factor_hat * (smooth - self._shape.mean()) + complex(pose[0, 0], pose[0, 1])
+    return np.stack([out.real, out.imag], -1)
 
 
 def jitter(predicted: np.ndarray, truth: np.ndarray) -> float:
@@ -116,7 +163,7 @@ class _Track:
   id: int
   landmarks: np.ndarray
   misses: int = 0
-  smoother: OneEuroFilter | None = None
+  smoother: LandmarkSmoother | None = None
 
 
 def _side(box) -> float:
@@ -180,7 +227,7 @@ class FaceTracker:
     self.stats = {'detections': 0, 'lost': 0, 'started': 0, 'dropped': 0}
 
   def _new_track(self, landmarks: np.ndarray) -> _Track:
-    smoother = OneEuroFilter(self.min_cutoff, self.beta) if self.smooth else None
+    smoother = LandmarkSmoother(self.min_cutoff, self.beta) if self.smooth else None
     track = _Track(self._next_id, landmarks, smoother=smoother)
     self._next_id += 1
     self.stats['started'] += 1
@@ -216,8 +263,7 @@ class FaceTracker:
     for tr in self.tracks:
       face = out[tr.id]
       if tr.smoother is not None:
-        size = _side(crop_lib.landmarks_box(face.result.landmarks))
-        face.landmarks = tr.smoother(face.result.landmarks, t, scale=size).astype(np.float32)
+        face.landmarks = tr.smoother(face.result.landmarks, t).astype(np.float32)
     return [out[k] for k in sorted(out)]
 
   def _detect(self, frame: np.ndarray, out: dict[int, TrackedFace]) -> None:
