@@ -12,7 +12,6 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config
 from benchmarks import video as bench
 from star_jax import predict
 from star_jax.inference import face_detect
@@ -188,19 +187,8 @@ def test_predict_command_on_a_video(clip, tmp_path, monkeypatch, capsys):
     annotated.release()
 
 
-@pytest.fixture(scope='module')
-def tiny_checkpoint(tmp_path_factory):
-  """The tiny official WFLW network (random weights) converted to a star_jax checkpoint."""
-  from star_jax import convert_pytorch
-
-  config = load_config('wflw', 'tiny')
-  config.model.nstack, config.model.channels = 4, 32
-  out = tmp_path_factory.mktemp('ckpt') / 'tiny_wflw'
-  convert_pytorch.convert_checkpoint(str(REPO / 'tests' / 'data' / 'tiny_wflw_checkpoint.pkl'), config, str(out))
-  return out
-
-
-def test_predict_command_on_a_folder_of_frames(clip, tiny_checkpoint, tmp_path, capsys):
+def test_predict_command_on_a_folder_of_frames(clip, tiny_wflw_checkpoint, tmp_path, capsys):
+  tiny_checkpoint = tiny_wflw_checkpoint
   # A real (tiny, untrained) network: a folder of frames is a video with --video, photos without.
   frames, _ = clip
   folder = tmp_path / 'frames'
