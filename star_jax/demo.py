@@ -40,7 +40,8 @@ _PAGE = """<!doctype html>
  form {{ display: flex; flex-wrap: wrap; gap: .8rem; align-items: center; padding: .8rem; background: #f3f4f6;
         border-radius: .5rem; }}
  button {{ padding: .4rem 1.2rem; }} #status {{ margin: .8rem 0; min-height: 1.2rem; }}
- #status.error {{ color: #b00020; }} #result {{ max-width: 100%; border-radius: .3rem; }}
+ #status.error {{ color: #b00020; }}
+ #result {{ max-width: 100%; min-width: min(100%, 480px); border-radius: .3rem; }}
  table {{ border-collapse: collapse; font-size: .9rem; margin: .6rem 0; }}
  td, th {{ border: 1px solid #ddd; padding: .2rem .6rem; text-align: right; }}
 </style></head>

@@ -1,8 +1,10 @@
-"""Landmarks on your own photos.
+"""Landmarks on your own photos and videos.
 
   python -m star_jax.predict --checkpoint DIR photo.jpg more/photos/ --output OUT
       [--box x1,y1,x2,y2] [--faces largest|best|all] [--detector blazeface|haar] [--min_face_size 32]
       [--min_face_score 0.6] [--show_ambiguity] [--batch_size 8] [--norefine]
+  python -m star_jax.predict --checkpoint DIR clip.mp4 --output OUT [--smooth] [--redetect_every 15]
+  python -m star_jax.predict --checkpoint DIR frames/ --video [--fps 25] --output OUT [--smooth]
 
 For every image: find the faces (offline: by default MediaPipe's BlazeFace CNN, shipped in the
 package and run by OpenCV; `--detector haar` for OpenCV's Haar cascade) or take the face box given by
@@ -19,8 +21,22 @@ dlib, not by a detector box, which is looser and sits higher on the face. So aft
 the detector's (or --box's) crop we crop again by the bounding box of our own predicted landmarks,
 with the demo's rule, and predict once more. --norefine keeps the first pass.
 
+Videos: a file with a video extension (.mp4, .avi, .mov, .mkv, .webm, ...: whatever OpenCV reads) is
+a video; a folder is a folder of photos, unless --video is given: then each folder is the frames of one
+video, in the natural order of the file names (frame2 before frame10), at --fps. Faces are detected on
+the first frame and then tracked: each frame is cropped by the bounding box of the previous frame's
+landmarks (one network pass per face); the detector runs again every --redetect_every frames, to
+confirm the tracks and find new faces (--faces all), and at once when a track is lost (see
+star_jax/inference/video.py). --smooth filters the landmarks over time (One Euro filters on the head's
+pose and the face's shape). Writes OUT/<name>_landmarks.mp4 (the annotated video),
+OUT/<name>_landmarks.csv (a row per face and frame: frame, time_s, track, box_source, detector_score,
+box, x0, y0, x1, y1, ...) and OUT/<name>_landmarks.json (every frame's faces, the tracking summary and
+the frames/s), and prints the frames/s.
+
 The checkpoint is any star_jax checkpoint directory or training workdir (trained here, or converted
-from the official PyTorch release with `python -m star_jax.convert_pytorch`).
+from the official PyTorch release with `python -m star_jax.convert_pytorch`), or an official .pkl
+itself, converted in memory (--config says which config, by default the one of its number of points).
+The same is available in Python: star_jax.FaceLandmarker (star_jax/inference/landmarker.py).
 """
 
 from __future__ import annotations

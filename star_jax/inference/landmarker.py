@@ -18,6 +18,8 @@ backend (an exported model, a test oracle) plugs in through its constructor.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import pathlib
 from typing import Any, Callable, Sequence
@@ -168,6 +170,20 @@ def load_official(path: os.PathLike | str, config=None, weights: str = 'net'):
   return model, config
 
 
+@contextlib.contextmanager
+def _quiet_orbax_skips():
+  """Drops Orbax's warning, for each item of a training checkpoint that a reader does not ask for
+  (optimizer state, data iterator), that it 'could not be restored': expected, and noise to a user."""
+  def keep(record):
+    return 'could not be restored' not in record.getMessage()
+  logger = logging.getLogger('absl')
+  logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    logger.removeFilter(keep)
+
+
 # ---- The landmarker -----------------------------------------------------------------------------
 
 class FaceLandmarker:
@@ -242,7 +258,8 @@ class FaceLandmarker:
         raise ValueError('config= is for official .pkl files; a checkpoint directory carries its own config')
       # Only the choices the caller made: load_model's defaults decide the rest.
       chosen = {k: v for k, v in (('step', step), ('weights', weights)) if v is not None}
-      loaded = checkpoints.load_model(p, **chosen)
+      with _quiet_orbax_skips():
+        loaded = checkpoints.load_model(p, **chosen)
       model, cfg, step, weights = loaded.model, loaded.config, loaded.step, loaded.weights
     else:
       if step is not None:
