@@ -201,7 +201,9 @@ def _predict(argv: list[str]) -> int:
         continue
       written += 1
       print(f'{source.path}: {summary["num_frames"]} frames ({summary["frames_with_face"]} with a face) in '
-            f'{summary["seconds"]:.1f} s, {summary["frames_per_second"]:.1f} frames/s; written '
+            f'{summary["seconds"]:.1f} s, {summary["frames_per_second"]:.1f} frames/s'
+            + (f' ({summary["frames_per_second_after_first"]:.1f} after the first, which compiles)'
+               if summary['frames_per_second_after_first'] else '') + '; written '
             f'{", ".join(pathlib.Path(p).name for p in summary["outputs"].values())} to {out_dir}')
   return 0 if written else 1
 
