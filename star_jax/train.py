@@ -86,7 +86,8 @@ def write_samples(config, folder: pathlib.Path, count: int = 4) -> list[pathlib.
 
 def last_word(config, workdir: str, final: dict, argv: list[str]) -> str:
   """What the run ends with: its result (NME / FR / AUC of the final and the EMA weights, when it
-  evaluated) and the exact commands to evaluate it and to predict with it."""
+  evaluated) and the exact commands to evaluate it and to predict with it. For the synthetic faces
+  it also writes a few test faces to <workdir>/samples, for the predict command to run on."""
   from star_jax import layouts  # pylint: disable=import-outside-toplevel
 
   workdir_path = pathlib.Path(workdir).absolute()
@@ -102,7 +103,7 @@ def last_word(config, workdir: str, final: dict, argv: list[str]) -> str:
         lines.append(f'  {label:8s} {100 * final[f"{name}/nme"]:7.2f}% {100 * final[f"{name}/fr"]:7.2f}% '
                      f'{final[f"{name}/auc"]:7.3f}')
   else:
-    lines.append('(no evaluation in this invocation: the run was already complete)')
+    lines.append('(no evaluation in this invocation: it stopped before the end, or the run was already complete)')
   lines.append('next:')
   lines.append('  ' + quote(['python', '-m', 'star_jax.evaluate', *_config_args(argv), '--checkpoint', workdir_path]))
   if config.data.name == 'synthetic_faces':
