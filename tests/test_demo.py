@@ -60,7 +60,7 @@ def _browser_missing() -> str:
     try:
       __import__(module)
     except ImportError:
-      return f"Python package {module} is not installed (pip install -e '.[test,demo]')"
+      return f"Python package {module} is not installed (pip install -e '.[test]')"
   for path, package in ((CHROMIUM, 'chromium'), (CHROMEDRIVER, 'chromium-driver')):
     if not os.path.isfile(path):
       return f'{path} is missing (apt-get install {package}; .ci/run installs it)'
