@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import cv2
@@ -26,6 +26,7 @@ import tensorflow_datasets as tfds
 
 from star_jax import layouts
 from star_jax.data import crop
+from star_jax.data.annotations import AnnotationError
 
 # The STAR README sends to ADNet's metadata: links in the "Resources" table of this page.
 STAR_METADATA_URL = 'https://github.com/huangyangyu/ADNet'
@@ -135,7 +136,14 @@ class FaceLandmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   Subclasses set LAYOUT, HOMEPAGE, MANUAL_DOWNLOAD_INSTRUCTIONS and EXTRA_FEATURES, and implement
   `_split_generators` / `_generate_examples` with the helpers below. Files are written as
   array_record unless the caller asks otherwise, so `tfds.data_source` reads them without TensorFlow.
+
+  A malformed annotation or unreadable image stops the build with an AnnotationError naming the file
+  and line, unless the builder is made with `skip_bad_examples=True`: then such examples are left
+  out, logged, and listed per split in the dataset's metadata ('skipped': count and messages).
   """
+
+  # At most this many messages per split are kept in the metadata (the count is always exact).
+  MAX_SKIPPED_LISTED = 1000
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
@@ -143,8 +151,21 @@ class FaceLandmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   HOMEPAGE = ''
   EXTRA_FEATURES: dict[str, Any] = {}
 
-  def __init__(self, *, file_format=None, **kwargs):
+  def __init__(self, *, file_format=None, skip_bad_examples: bool = False, **kwargs):
+    self.skip_bad_examples = bool(skip_bad_examples)
+    self._skipped: dict[str, list[str]] = {}
     super().__init__(file_format=file_format or 'array_record', **kwargs)
+
+  def _skipper(self, split: str) -> Callable[[AnnotationError], None] | None:
+    """None when bad examples stop the build; else the function that records one of `split`."""
+    if not self.skip_bad_examples:
+      return None
+    skipped = self._skipped.setdefault(split, [])
+
+    def skip(error: Exception) -> None:
+      skipped.append(str(error))
+      logging.warning('%s %s: skipping a bad example: %s', self.name, split, error)
+    return skip
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -167,7 +188,7 @@ class FaceLandmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
           problem='missing or empty manual download folder')) from None
 
   def _crop_rule(self, manual_dir: pathlib.Path, split: str) -> crop.CropRule:
-    rule = crop.rule_for_split(manual_dir, split, self.LAYOUT.num_points)
+    rule = crop.rule_for_split(manual_dir, split, self.LAYOUT.num_points, skip=self._skipper(split))
     logging.info('%s %s: crop rule %s', self.name, split, rule.name)
     return rule
 
@@ -178,6 +199,13 @@ class FaceLandmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     self.info.metadata.setdefault('crop_rule', {})[split] = rule.name
     self.info.metadata.setdefault('crop', {})[split] = summary
     logging.info('%s %s: %d faces%s; crop %s', self.name, split, count, detail, summary)
+    if self.skip_bad_examples:
+      skipped = self._skipped.get(split, [])
+      self.info.metadata.setdefault('skipped', {})[split] = {
+          'count': len(skipped), 'examples': skipped[:self.MAX_SKIPPED_LISTED]}
+      if skipped:
+        logging.warning('%s %s: skipped %d bad examples (listed in the dataset metadata), e.g. %s', self.name,
+                        split, len(skipped), skipped[:3])
     if rule.fallbacks:
       logging.warning('%s %s: %d faces not in %s got the box rule, e.g. %s', self.name, split,
                       len(rule.fallbacks), rule.table.source, rule.fallbacks[:5])

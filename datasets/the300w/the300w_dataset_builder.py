@@ -11,7 +11,9 @@ import pathlib
 import numpy as np
 
 from star_jax import layouts
+from star_jax.data import annotations
 from star_jax.data import crop
+from star_jax.data.annotations import AnnotationError
 from star_jax_datasets import common
 
 HOMEPAGE = 'https://ibug.doc.ic.ac.uk/resources/300-W/'
@@ -28,48 +30,48 @@ FOLDERS = {
 def read_pts(path) -> np.ndarray:
   """Reads an iBUG .pts file: (68, 2) float32 landmarks, converted to 0-based pixels.
 
-  The format: 'version: 1', 'n_points: 68', '{', 68 lines 'x y', '}'. iBUG coordinates are 1-based
-  (MATLAB convention), so 1 is subtracted.
+  The format: header lines 'key: value' ('version: 1', 'n_points: 68'), '{', 68 lines 'x y', '}';
+  blank lines anywhere, nothing else after '}'. iBUG coordinates are 1-based (MATLAB convention),
+  so 1 is subtracted.
 
   Raises:
-    ValueError: naming the file and line, for a malformed file.
+    AnnotationError (a ValueError) naming the file and line, for a malformed file.
   """
   path = pathlib.Path(path)
-  lines = [(i, line.strip()) for i, line in
-           enumerate(path.read_text(encoding='utf-8', errors='replace').splitlines(), start=1)]
-  lines = [(i, line) for i, line in lines if line]
-  header = {}
   points = []
-  in_points = False
-  for line_no, line in lines:
-    where = f'{path}:{line_no}'
-    if line == '{':
-      in_points = True
-    elif line == '}':
-      in_points = False
-    elif in_points:
+  state = 'header'  # -> 'points' at '{' -> 'done' at '}'
+  open_line = last_line = 0
+  for line_no, line in enumerate(annotations.text_lines(path.read_bytes(), str(path)), start=1):
+    line = line.strip()
+    if not line:
+      continue
+    where, last_line = f'{path}:{line_no}', line_no
+    if state == 'header' and line == '{':
+      state, open_line = 'points', line_no
+    elif state == 'header':
+      key, colon, value = line.partition(':')
+      if not colon:
+        raise AnnotationError(where, f"expected a header line 'key: value' or '{{', got {line[:60]!r}")
+      if key.strip() == 'n_points' and value.strip() != str(NUM_POINTS):
+        raise AnnotationError(where, f'n_points is {value.strip()[:20]}, expected {NUM_POINTS}')
+    elif state == 'points' and line == '}':
+      if len(points) != NUM_POINTS:
+        raise AnnotationError(where, f'expected {NUM_POINTS} points between {{ (line {open_line}) and }}, '
+                                     f'got {len(points)}')
+      state = 'done'
+    elif state == 'points':
       values = line.split()
-      try:
-        if len(values) != 2:
-          raise ValueError
-        points.append((float(values[0]), float(values[1])))
-      except ValueError:
-        raise ValueError(f'{where}: expected a point "x y", got {line[:60]!r}') from None
-    elif ':' in line:
-      key, value = line.split(':', 1)
-      header[key.strip()] = (value.strip(), where)
+      if len(values) != 2:
+        raise AnnotationError(where, f'expected a point "x y", got {line[:60]!r}')
+      points.append(annotations.numbers(values, where, 'point coordinates'))
     else:
-      raise ValueError(f'{where}: unexpected line {line[:60]!r} outside the point list')
-  if 'n_points' in header:
-    value, where = header['n_points']
-    if value != str(NUM_POINTS):
-      raise ValueError(f'{where}: n_points is {value}, expected {NUM_POINTS}')
-  if len(points) != NUM_POINTS:
-    raise ValueError(f'{path}: expected {NUM_POINTS} points between {{ and }}, got {len(points)}')
-  landmarks = np.array(points, np.float32) - 1.0
-  if not np.all(np.isfinite(landmarks)):
-    raise ValueError(f'{path}: coordinates must be finite')
-  return landmarks
+      raise AnnotationError(where, f"unexpected line {line[:60]!r} after the point list's closing }}")
+  if not last_line:
+    raise AnnotationError(str(path), 'the file is empty')
+  if state != 'done':
+    what = "no '{' opens the point list" if state == 'header' else "the point list has no closing '}'"
+    raise AnnotationError(f'{path}:{last_line}', f'the file ends, but {what}')
+  return np.array(points, np.float32) - 1.0
 
 
 def _image_of(pts_path: pathlib.Path) -> pathlib.Path | None:
@@ -110,6 +112,7 @@ class Builder(common.FaceLandmarkBuilder):
 
   def _generate_examples(self, manual_dir: pathlib.Path, split: str):
     rule = self._crop_rule(manual_dir, split)
+    skip = self._skipper(split)
     index = 0
     counts = []
     for folder, attributes in FOLDERS[split]:
@@ -119,18 +122,31 @@ class Builder(common.FaceLandmarkBuilder):
                                 f'one (see {HOMEPAGE})')
       counts.append(f'{folder} {len(pts_files)}')
       for pts_path in pts_files:
-        image_path = _image_of(pts_path)
-        if image_path is None:
-          raise FileNotFoundError(f'{pts_path}: no image beside it (looked for '
-                                  f'{pts_path.stem} with suffix {"/".join(IMAGE_SUFFIXES)})')
-        landmarks = read_pts(pts_path)
-        # No face box comes with 300W: the landmarks' bounding box stands in for it.
-        box = crop.landmarks_box(landmarks)
-        image_name = image_path.relative_to(manual_dir).as_posix()
-        scale, center = rule(image_name, landmarks, box)
-        yield index, common.face_record(
-            image=common.record_image(image_path.read_bytes(), str(image_path)),
-            landmarks=landmarks, box=box, scale=scale, center=center, attributes=attributes,
-            image_name=image_name)
+        try:
+          record = self._record(manual_dir, pts_path, attributes, rule)
+        except (AnnotationError, FileNotFoundError) as e:
+          if skip is None:
+            raise
+          skip(e)
+          continue
+        yield index, record
         index += 1
     self._finish_split(split, rule, index, f' ({", ".join(counts)})')
+
+  def _record(self, manual_dir: pathlib.Path, pts_path: pathlib.Path, attributes, rule) -> dict:
+    """The record of one .pts file and its image; errors name the file (and line)."""
+    image_path = _image_of(pts_path)
+    if image_path is None:
+      raise FileNotFoundError(f'{pts_path}: no image beside it (looked for '
+                              f'{pts_path.stem} with suffix {"/".join(IMAGE_SUFFIXES)})')
+    landmarks = read_pts(pts_path)
+    # No face box comes with 300W: the landmarks' bounding box stands in for it.
+    box = crop.landmarks_box(landmarks)
+    image_name = image_path.relative_to(manual_dir).as_posix()
+    try:
+      scale, center = rule(image_name, landmarks, box)
+      image = common.record_image(image_path.read_bytes(), str(image_path))
+    except (ValueError, OSError) as e:
+      raise AnnotationError(str(pts_path), f'{e}') from None
+    return common.face_record(image=image, landmarks=landmarks, box=box, scale=scale, center=center,
+                              attributes=attributes, image_name=image_name)

@@ -82,14 +82,14 @@ def test_malformed_pts_names_file_and_line(tmp_path):
   lines = pts.read_text().splitlines()
   lines[10] = '12.5 oops'
   pts.write_text('\n'.join(lines) + '\n')
-  with pytest.raises(ValueError, match=r'image_0001\.pts:11: expected a point'):
+  with pytest.raises(ValueError, match=r'image_0001\.pts:11: point coordinates must be finite numbers'):
     build(tmp_path / 'raw', tmp_path / 'data')
 
 
 def test_read_pts_checks_point_count(tmp_path):
   pts = tmp_path / 'a.pts'
   pts.write_text('version: 1\nn_points: 68\n{\n1 2\n3 4\n}\n')
-  with pytest.raises(ValueError, match=r'a\.pts: expected 68 points .* got 2'):
+  with pytest.raises(ValueError, match=r'a\.pts:6: expected 68 points .* got 2'):
     the300w.read_pts(pts)
   pts.write_text('version: 1\nn_points: 49\n{\n1 2\n}\n')
   with pytest.raises(ValueError, match=r'a\.pts:2: n_points is 49'):

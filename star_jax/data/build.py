@@ -1,23 +1,34 @@
 """Builds the TFDS datasets of star_jax without TensorFlow, and opens them as random-access sources.
 
   python -m star_jax.data.build --dataset wflw --manual_dir ~/data/WFLW --data_dir ~/tensorflow_datasets
+      [--skip_bad_examples]
 
 The `tfds build` command line needs TensorFlow and Apache Beam; this goes through the Python API
 instead (`download_and_prepare` with a manual folder) and writes array_record files, which
 `tfds.data_source` reads with no TensorFlow installed.
+
+A malformed annotation or an unreadable image stops the build with an error naming the file and line;
+--skip_bad_examples (config.data.skip_bad_examples for builds started by training) leaves such
+examples out instead, and says how many and which (also in the dataset's metadata, 'skipped'). TFDS
+writes into a temporary 'incomplete.*' folder and renames it when done, so an interrupted build leaves
+no half dataset; the next build removes that folder and starts again. One build of a dataset runs
+at a time (a lock file beside it).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import pathlib
 import shlex
+import shutil
 
 from absl import flags
 from absl import logging
 import tensorflow_datasets as tfds
 
 from star_jax import cli
+from star_jax.data.annotations import AnnotationError
 
 # Registry: dataset name -> module holding its `Builder`; imported lazily, so that one missing or
 # broken builder does not break the others.
@@ -45,13 +56,17 @@ def needs_manual_download(name: str) -> bool:
   return bool(getattr(builder_class(name), 'MANUAL_DOWNLOAD_INSTRUCTIONS', None))
 
 
-def get_builder(name: str, *, config: str = '', data_dir: str = '') -> tfds.core.DatasetBuilder:
+def get_builder(name: str, *, config: str = '', data_dir: str = '',
+                skip_bad_examples: bool = False) -> tfds.core.DatasetBuilder:
   """The builder of `name` (and `config`; '' = default) writing array_record under `data_dir`.
 
-  `data_dir` '' means TFDS's default: $TFDS_DATA_DIR, else ~/tensorflow_datasets.
+  `data_dir` '' means TFDS's default: $TFDS_DATA_DIR, else ~/tensorflow_datasets. skip_bad_examples:
+  a build leaves out (and lists) malformed examples instead of stopping at the first.
   """
   cls = builder_class(name)
   kwargs = {'data_dir': data_dir or None, 'file_format': 'array_record'}
+  if skip_bad_examples:
+    kwargs['skip_bad_examples'] = True
   if config:
     # Builders that make configs from their names (synthetic_faces) resolve them here.
     kwargs['config'] = cls.config_for(config) if hasattr(cls, 'config_for') else config
@@ -69,13 +84,43 @@ def build_command(name: str, *, config: str = '', manual_dir: str = '', data_dir
   return ' '.join(shlex.quote(a) if not a.startswith('/path/') else a for a in args)
 
 
-def build(name: str, *, config: str = '', manual_dir: str = '',
-          data_dir: str = '') -> tfds.core.DatasetBuilder:
+BUILD_LOCK = '.build_lock'
+
+
+def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str = '') -> None:
+  """Builds `builder`'s dataset unless it is built already.
+
+  One build per dataset at a time (a lock file in the dataset's folder; a second build stops with
+  WorkdirBusyError naming the first). The temporary folders of interrupted builds are removed first.
+  """
+  from star_jax.training import workdir  # pylint: disable=import-outside-toplevel
+
+  if builder.is_prepared():
+    return
+  variant = pathlib.Path(builder.data_path)  # <data_dir>/<name>/<config>/<version>
+  variant.parent.mkdir(parents=True, exist_ok=True)
+  with workdir.Lock.acquire(variant.parent, name=BUILD_LOCK, what='dataset'):
+    if builder.is_prepared():  # built by another process while we waited for nothing
+      return
+    for stale in sorted(variant.parent.glob(f'incomplete.*_{variant.name}')):
+      logging.warning('removing %s, left by an interrupted build of %s', stale, builder.name)
+      shutil.rmtree(stale, ignore_errors=True)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
+
+
+def build(name: str, *, config: str = '', manual_dir: str = '', data_dir: str = '',
+          skip_bad_examples: bool = False) -> tfds.core.DatasetBuilder:
   """Builds a dataset (a no-op when it is already built) and returns its builder."""
-  builder = get_builder(name, config=config, data_dir=data_dir)
-  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
-  builder.download_and_prepare(download_config=download_config)
+  builder = get_builder(name, config=config, data_dir=data_dir, skip_bad_examples=skip_bad_examples)
+  prepare(builder, manual_dir)
   return builder
+
+
+def skipped_examples(builder: tfds.core.DatasetBuilder) -> dict[str, dict]:
+  """{split: {'count', 'examples'}} of the examples its build skipped ({} when it skipped none or was
+  built without skip_bad_examples)."""
+  metadata = builder.info.metadata or {}
+  return {split: entry for split, entry in dict(metadata.get('skipped', {})).items() if entry.get('count')}
 
 
 def _field(cfg, key: str, default=''):
@@ -102,13 +147,13 @@ def load_source(data_cfg, split: str, *, build_if_missing: bool = True):
   name = _field(data_cfg, 'name')
   config, data_dir = _field(data_cfg, 'config'), _field(data_cfg, 'data_dir')
   manual_dir = _field(data_cfg, 'manual_dir')
-  builder = get_builder(name, config=config, data_dir=data_dir)
+  builder = get_builder(name, config=config, data_dir=data_dir,
+                        skip_bad_examples=bool(_field(data_cfg, 'skip_bad_examples', False)))
   if not builder.is_prepared():
     manual = needs_manual_download(name)
     if build_if_missing and (manual_dir or not manual):
       logging.info('building %s into %s', name, builder.data_dir)
-      download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
-      builder.download_and_prepare(download_config=download_config)
+      prepare(builder, manual_dir)
     else:
       command = build_command(name, config=config, manual_dir=manual_dir, data_dir=data_dir)
       why = ('set data.manual_dir to the folder of the raw files to build it here, or build it with'
@@ -142,6 +187,9 @@ def _build(argv: list[str]) -> int:
                       'synthetic_faces)', flag_values=fv)
   flags.DEFINE_string('data_dir', '', 'TFDS data dir (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)',
                       flag_values=fv)
+  flags.DEFINE_bool('skip_bad_examples', False, 'leave out examples with a malformed annotation or an '
+                    'unreadable image (listed at the end and in the metadata) instead of stopping',
+                    flag_values=fv)
   rest = command.parse()
   if rest:
     raise flags.Error(f'unexpected arguments: {" ".join(rest)}')
@@ -150,12 +198,26 @@ def _build(argv: list[str]) -> int:
   if needs_manual_download(fv.dataset) and not fv.manual_dir:
     raise flags.Error(f'--manual_dir is required for {fv.dataset}; the builder says:\n'
                       f'{builder_class(fv.dataset).MANUAL_DOWNLOAD_INSTRUCTIONS}')
-  builder = build(fv.dataset, config=fv.config, manual_dir=fv.manual_dir, data_dir=fv.data_dir)
+  from star_jax.training import workdir  # pylint: disable=import-outside-toplevel
+  try:
+    builder = build(fv.dataset, config=fv.config, manual_dir=fv.manual_dir, data_dir=fv.data_dir,
+                    skip_bad_examples=fv.skip_bad_examples)
+  except AnnotationError as e:
+    raise cli.UserError(f'{e}\n(--skip_bad_examples leaves such examples out and lists them)') from None
+  except (FileNotFoundError, workdir.WorkdirBusyError) as e:
+    raise cli.UserError(str(e)) from None
   splits = ', '.join(f'{k} {v.num_examples}' for k, v in sorted(builder.info.splits.items()))
   print(f'{builder.name}: wrote {splits} records to {os.path.abspath(builder.data_dir)}')
   crop_rule = builder.info.metadata.get('crop_rule') if builder.info.metadata else None
   if crop_rule:
     print(f'crop rule per split: {crop_rule}')
+  for split, entry in skipped_examples(builder).items():
+    listed = entry['examples']
+    print(f'{split}: skipped {entry["count"]} bad examples:')
+    for message in listed[:20]:
+      print(f'  {message}')
+    if entry['count'] > 20:
+      print(f'  ... (all of them in {os.path.abspath(builder.data_dir)}/dataset_info.json, metadata "skipped")')
   return 0
 
 
