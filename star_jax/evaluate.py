@@ -140,9 +140,12 @@ def _evaluate(argv: list[str]) -> int:
     dummy = mesh_lib.to_global({'image': np.zeros((local, size, size, 3), np.uint8)}, mesh)['image']
     jax.block_until_ready(predict(params, batch_stats, dummy))
   t0 = time.perf_counter()
-  with jax.set_mesh(mesh):
-    results = scoring.predict_split(lambda images: predict(params, batch_stats, images),
-                                    pipeline.eval_batches(config, source), mesh, size, progress=fv.progress)
+  try:
+    with jax.set_mesh(mesh):
+      results = scoring.predict_split(lambda images: predict(params, batch_stats, images),
+                                      pipeline.eval_batches(config, source), mesh, size, progress=fv.progress)
+  except pipeline.BadRecordError as e:  # a damaged record of the dataset, named
+    raise cli.UserError(f'{config.data.name} {split}: {e}') from None
   wall = time.perf_counter() - t0
   summary = scoring.score(results, layout, norm)
   nmes = metrics.nme_per_image(results['pred'], results['gt'], layout, norm)

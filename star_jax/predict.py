@@ -121,7 +121,7 @@ def _predict(argv: list[str]) -> int:
   def warn(message: str):
     tqdm.tqdm.write(f'warning: {message}', file=sys.stderr)
 
-  if not os.path.isdir(fv.checkpoint):
+  if not os.path.exists(fv.checkpoint):
     raise cli.UserError(f'checkpoint directory {fv.checkpoint!r} does not exist')
   try:
     loaded = checkpoints.load_model(fv.checkpoint, step=fv.step, weights=None if fv.use_ema else 'model')
