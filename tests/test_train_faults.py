@@ -147,6 +147,18 @@ def test_truncated_latest_checkpoint_and_empty_step_folder_fall_back_and_finish(
   _assert_same_losses(workdir, reference, [9, 10])
 
 
+def test_no_checkpoint_that_restores_is_an_error_naming_each_and_moving_nothing(reference, tfds_dir, tmp_path):
+  workdir = _copy(reference, tmp_path)
+  for step in (8, 10):
+    _truncate_arrays(workdir / 'checkpoints' / str(step))
+  proc = _train(workdir, tfds_dir, 12, status=1)
+  err = proc.stderr
+  assert f'error: no checkpoint in {workdir / "checkpoints"} restores; nothing was moved or deleted' in err, err[-3000:]
+  assert '  step 10: ValueError: OUT_OF_RANGE' in err and '  step 8: ValueError: OUT_OF_RANGE' in err
+  _no_traceback(err)
+  assert _steps(workdir) == [8, 10] and not (workdir / 'checkpoints_corrupt').exists()
+
+
 def test_enospc_in_the_checkpoint_writer_stops_and_keeps_the_last_checkpoint(reference, tfds_dir, tmp_path):
   from star_jax.training import checkpoints
   workdir = _copy(reference, tmp_path)
