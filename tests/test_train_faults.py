@@ -218,3 +218,23 @@ def test_a_changed_model_is_refused_naming_the_config_fields(reference, tfds_dir
   assert 'model.channels: 32 -> 16' in err and 'stored (' in err
   _no_traceback(err)
   assert _steps(workdir) == [8, 10] and not (workdir / 'checkpoints_corrupt').exists()   # nothing moved
+
+
+def test_a_second_train_on_a_held_workdir_is_refused_and_a_stale_lock_is_taken_over(reference, tfds_dir, tmp_path):
+  from star_jax.training import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+
+  workdir = _copy(reference, tmp_path)
+  before = _steps(workdir)
+  with workdir_lib.Lock.acquire(workdir):   # this process stands for a run in progress
+    refused = _train(workdir, tfds_dir, 12, status=1)
+  assert f'in use by process {os.getpid()} on host' in refused.stderr
+  _no_traceback(refused.stderr)
+  assert _steps(workdir) == before and not (workdir / 'lock').exists()
+
+  # A lock left by a process that died (kill -9): the next run takes it over, says so, and finishes.
+  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+  (workdir / 'lock').write_text(json.dumps({'pid': int(dead.stdout), 'host': __import__('socket').gethostname(),
+                                            'started': 'earlier'}))
+  taken = _train(workdir, tfds_dir, 12)
+  assert f'process {int(dead.stdout)}' in taken.stderr and 'stale' in taken.stderr.lower(), taken.stderr[-3000:]
+  assert _steps(workdir)[-1] == 12 and not (workdir / 'lock').exists()

@@ -130,7 +130,7 @@ def test_malformed_annotations_name_the_file_and_line(tmp_path):
   lines = pts.read_text().splitlines()
   lines[10] = '12.5 oops'
   pts.write_text('\n'.join(lines) + '\n')
-  with pytest.raises(ValueError, match=r'takeo\.pts:11: expected a point "x y"'):
+  with pytest.raises(ValueError, match=r"takeo\.pts:11: point coordinates must be finite numbers, got 'oops'"):
     make(tmp_path)
   # The point count against the layout: 68-point files with the 29-point COFW layout.
   pts.write_text('\n'.join(lines[:10] + ['1 2'] + lines[11:]) + '\n')
