@@ -72,6 +72,7 @@ def test_untuned_environment_restores_the_callers(monkeypatch):
 
 
 def test_status_reports_what_is_on(monkeypatch):
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')   # (on a GPU machine the tuning is 'off' whatever is set)
   monkeypatch.setattr(cpu_tuning, '_jaxlib_version', lambda: '0.10.2')
   monkeypatch.setenv('STAR_JAX_CPU_TUNING', '1')
   monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=1')
