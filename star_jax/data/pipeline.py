@@ -198,6 +198,13 @@ def _read_options(config) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(1, int(config.data.prefetch)))
 
 
+def _init_worker(worker_index: int, worker_count: int) -> None:
+  """In each Grain worker process: OpenCV on one thread. The workers are the parallelism; OpenCV's own
+  pool (one thread per core by default) in each of them would oversubscribe the cores."""
+  del worker_index, worker_count
+  cv2.setNumThreads(1)
+
+
 def _maybe_multiprocess(ds: grain.IterDataset, config) -> grain.IterDataset:
   workers = int(config.data.num_workers)
   if workers <= 0:
@@ -206,7 +213,7 @@ def _maybe_multiprocess(ds: grain.IterDataset, config) -> grain.IterDataset:
   if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags
     flags.FLAGS.mark_as_parsed()
   return ds.mp_prefetch(grain.MultiprocessingOptions(
-      num_workers=workers, per_worker_buffer_size=max(1, int(config.data.prefetch))))
+      num_workers=workers, per_worker_buffer_size=max(1, int(config.data.prefetch))), worker_init_fn=_init_worker)
 
 
 def _seeds(seed: int) -> tuple[int, int]:
