@@ -26,8 +26,8 @@ import tensorflow_datasets as tfds
 
 from star_jax import layouts
 from star_jax.data import crop
-from star_jax.data import annotations
 from star_jax.data.annotations import AnnotationError
+from star_jax.data.annotations import read_pts  # noqa: F401  (the builders' .pts reader)
 
 # The STAR README sends to ADNet's metadata: links in the "Resources" table of this page.
 STAR_METADATA_URL = 'https://github.com/huangyangyu/ADNet'
@@ -120,63 +120,6 @@ def record_image(data: bytes, source: str) -> bytes:
   except Exception:  # pylint: disable=broad-except
     keep = False  # OpenCV reads it, PIL does not: re-encode what OpenCV decoded
   return data if keep else encode_rgb(bgr[..., ::-1])
-
-
-def read_pts(path, num_points: int, layout_name: str = '') -> np.ndarray:
-  """Reads an iBUG / menpo .pts file: (num_points, 2) float32 landmarks, converted to 0-based pixels.
-
-  The format: header lines 'key: value' ('version: 1', 'n_points: N'), '{', N lines 'x y', '}';
-  blank lines anywhere, nothing else after '}'. Coordinates are plain finite decimals. iBUG
-  coordinates are 1-based (MATLAB convention), so 1 is subtracted.
-
-  Args:
-    path: the file.
-    num_points: the points the layout expects.
-    layout_name: the layout's name, for messages.
-
-  Raises:
-    AnnotationError (a ValueError) naming the file and line, for a malformed file or a point count
-    other than num_points.
-  """
-  path = pathlib.Path(path)
-  note = f' (the {layout_name} layout)' if layout_name else ''
-  points = []
-  state = 'header'  # -> 'points' at '{' -> 'done' at '}'
-  open_line = last_line = 0
-  for line_no, line in enumerate(annotations.text_lines(path.read_bytes(), str(path)), start=1):
-    line = line.strip()
-    if not line:
-      continue
-    where, last_line = f'{path}:{line_no}', line_no
-    if state == 'header' and line == '{':
-      state, open_line = 'points', line_no
-    elif state == 'header':
-      key, colon, value = line.partition(':')
-      if not colon:
-        raise AnnotationError(where, f"expected a header line 'key: value' or '{{', got {line[:60]!r}")
-      if key.strip() == 'n_points' and value.strip() != str(num_points):
-        raise AnnotationError(where, f'n_points is {value.strip()[:20]}, expected {num_points}{note}')
-    elif state == 'points' and line == '}':
-      if len(points) != num_points:
-        raise AnnotationError(where, f'expected {num_points} points{note} between {{ (line {open_line}) and }}, '
-                                     f'got {len(points)}')
-      state = 'done'
-    elif state == 'points':
-      values = line.split()
-      if len(values) != 2:
-        raise AnnotationError(where, f'expected a point "x y", got {line[:60]!r}')
-      points.append(annotations.numbers(values, where, 'point coordinates'))
-    else:
-      raise AnnotationError(where, f"unexpected line {line[:60]!r} after the point list's closing }}")
-  if not last_line:
-    raise AnnotationError(str(path), 'the file is empty')
-  if state == 'header':
-    raise AnnotationError(f'{path}:{last_line}', "the file ends with no point list (the points go between "
-                                                 "lines '{' and '}')")
-  if state == 'points':
-    raise AnnotationError(f'{path}:{last_line}', f"the file ends, but the point list opened at line {open_line} "
-                                                 "is not closed by a line '}'")
-  return np.array(points, np.float32) - 1.0
 
 
 def missing_files_message(dataset: str, manual_dir, missing: list[str], instructions: str,
