@@ -116,6 +116,12 @@ def last_word(config, workdir: str, final: dict, argv: list[str]) -> str:
       if f'{name}/nme' in final:
         lines.append(f'  {label:8s} {100 * final[f"{name}/nme"]:7.2f}% {100 * final[f"{name}/fr"]:7.2f}% '
                      f'{final[f"{name}/auc"]:7.3f}')
+    best = final.get('best')
+    if best:
+      rule = ('the official model selection: the lower NME of the weights and their EMA at each evaluation'
+              if best['rule'] == 'official' else f'model selection: {best["rule"]}')
+      lines.append(f'best checkpoint ({rule}): step {best["step"]}, {best["weights"]} weights, NME '
+                   f'{100 * best["nme"]:.2f}%; evaluate and predict use it by default (--step, --weights to choose)')
   else:
     lines.append('(no evaluation in this invocation: it stopped before the end, or the run was already complete)')
   lines.append('next:')
