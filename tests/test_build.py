@@ -92,7 +92,7 @@ def test_crop_rule_counts_and_summary():
   assert rule.summary() == {'rule': 'official_tsv', 'metadata_file': 'test.tsv', 'matched': 1,
                             'box_rule_fallbacks': 1, 'metadata_minus_raw_median_offset': [1.0, 1.0],
                             'metadata_minus_raw_max_mean_distance': pytest.approx(np.sqrt(2), abs=1e-4),
-                            'landmarks': crop.TSV_LANDMARKS}
+                            'landmarks': crop.RAW_LANDMARKS}   # the crop alone was asked for
   assert crop.CropRule(None).summary() == {'rule': 'box_rule', 'landmarks': crop.RAW_LANDMARKS}
 
 

@@ -241,6 +241,7 @@ class CropRule:
     self.fallbacks = []          # image names that fell back to the box rule
     self._offsets = []           # metadata landmarks minus ours, per matched face (mean over points)
     self._distances = []         # mean point distance between the two, per matched face
+    self._gives_landmarks = False  # whether the builder takes the landmarks too (`crop`), or the crop alone
 
   @property
   def name(self) -> str:
@@ -248,6 +249,10 @@ class CropRule:
 
   def crop(self, image_name: str, landmarks, box) -> FaceCrop:
     """The crop and the record's landmarks of the face with (N, 2) `landmarks` and (4,) `box`."""
+    self._gives_landmarks = True
+    return self._crop(image_name, landmarks, box)
+
+  def _crop(self, image_name: str, landmarks, box) -> FaceCrop:
     raw = np.asarray(landmarks, np.float32)
     if self.table is not None:
       row = self.table.lookup(image_name, raw)
@@ -264,8 +269,9 @@ class CropRule:
     return FaceCrop(scale, center, raw, False)
 
   def __call__(self, image_name: str, landmarks, box) -> tuple[float, np.ndarray]:
-    """(scale, center (2,) float32) of the face (`crop` without the landmarks)."""
-    face = self.crop(image_name, landmarks, box)
+    """(scale, center (2,) float32) of the face: the crop alone, for builders whose records keep their own
+    landmarks (300VW: the official code has no metadata for it, so a file there is ours for the crop)."""
+    face = self._crop(image_name, landmarks, box)
     return face.scale, face.center
 
   def summary(self) -> dict:
@@ -282,7 +288,8 @@ class CropRule:
         out['metadata_minus_raw_median_offset'] = [
             round(float(v), 4) for v in np.median(np.stack(self._offsets), axis=0)]
         out['metadata_minus_raw_max_mean_distance'] = round(max(self._distances), 4)
-    out['landmarks'] = TSV_LANDMARKS if self.table is not None and self.matched else RAW_LANDMARKS
+    official = self.table is not None and self.matched and self._gives_landmarks
+    out['landmarks'] = TSV_LANDMARKS if official else RAW_LANDMARKS
     return out
 
   def check(self) -> None:

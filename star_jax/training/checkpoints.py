@@ -17,8 +17,10 @@ saves, with the step's Orbax metrics, 'nme' = the lower of the two, 'best_weight
 it was ('model' or 'ema') and 'step'. The best checkpoint is the step with the lowest 'nme' (the
 earliest on a tie, as the official trainer's strict `<`), read with its 'best_weights': the official
 trainer keeps that network as `best_model.pkl`, whose `net` its tester evaluates (`best_checkpoint`,
-`load_model(step='best')`). Steps saved before this rule (metrics without 'best_weights') were ranked
-by the EMA's NME alone: they are read by that rule, as their EMA weights.
+`load_model(step='best')`). Workdirs trained before this rule have no metrics saved with their steps
+(Orbax writes them only when `best_fn` is set): nothing ranks them, and 'best' falls back to the latest
+step with its EMA weights, what the readers loaded before. A step whose metrics lack 'best_weights'
+(its 'nme' was the EMA's) is ranked by that 'nme' and read as its EMA weights.
 
 What can go wrong, and what happens (README, "What happens when things go wrong"): Orbax writes each
 step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a killed save leaves only
