@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging as std_logging
 import os
 import pathlib
 import shutil
@@ -459,6 +460,17 @@ def check_compatible(stored: ml_collections.ConfigDict, config: ml_collections.C
 # Training checkpoints (save and exact resume)
 # ================================================================================================
 
+class _NoMissingMetricsWarning(std_logging.Filter):
+  """Drops Orbax's warning for a save without metrics: with `best_fn` set it warns at every checkpoint
+  that is not an evaluation's, which is as intended here (such steps are kept only as the latest)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return 'did not provide metrics' not in record.getMessage()
+
+
+_METRICS_FILTER = _NoMissingMetricsWarning()
+
+
 def training_manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManager:
   """The trainer's manager: keeps the latest `keep` steps and the best one (the lowest eval 'nme':
   by the official rule the better of the weights and their EMA; see `select_weights`)."""
@@ -475,6 +487,7 @@ def training_manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManage
   # the earlier steps.
   options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=rank, best_mode='min',
                                          enable_async_checkpointing=False, create=True)
+  logging.get_absl_logger().addFilter(_METRICS_FILTER)   # the same object: added once however often called
   # Handlers named up front, so that a step's item metadata (shapes) can be read before restoring it
   # and a partial restore (the config alone) knows every item.
   handlers = {'model': ocp.StandardCheckpointHandler(), 'ema': ocp.StandardCheckpointHandler(),
