@@ -1,5 +1,7 @@
 """Builds WFLW from a tiny manual folder in the real formats (extracted and tarballs)."""
 
+import json
+import pathlib
 import tarfile
 
 import numpy as np
@@ -76,6 +78,15 @@ def test_official_tsv_gives_scale_and_center(tmp_path):
   np.testing.assert_allclose(meta['crop']['test']['metadata_minus_raw_median_offset'], [0.5, 0.5], atol=1e-3)
   # The metadata survives a reload from disk.
   assert tfds.builder_from_directory(builder.data_dir).info.metadata['landmarks']['test'] == crop.TSV_LANDMARKS
+  # A build made before the records took the file's landmarks (no 'landmarks' in its metadata) is named
+  # when loaded.
+  from star_jax.data import build as build_lib
+  assert not build_lib._warn_if_tsv_landmarks_missing(builder)   # pylint: disable=protected-access
+  metadata_file = pathlib.Path(builder.data_dir) / 'metadata.json'
+  metadata = json.loads(metadata_file.read_text())
+  del metadata['landmarks']
+  metadata_file.write_text(json.dumps(metadata))
+  assert build_lib._warn_if_tsv_landmarks_missing(tfds.builder_from_directory(builder.data_dir))  # pylint: disable=protected-access
 
 
 def test_tsv_row_with_nan_landmarks_never_wins_the_match(tmp_path):
