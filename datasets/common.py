@@ -2,7 +2,9 @@
 
 Every builder (WFLW, 300W, COFW, and the synthetic faces with the same contract) yields records with:
   'image'       encoded JPEG / PNG bytes, RGB, 3 channels (greyscale sources converted);
-  'landmarks'   float32 (N, 2), 0-based pixel (x, y);
+  'landmarks'   float32 (N, 2), 0-based pixel (x, y): the raw annotation's, or, for a face matched
+                in the official metadata file (<manual_dir>/<split>.tsv), that file's (the official
+                code's; the dataset metadata's 'landmarks' says which, per split);
   'box'         float32 (4,) x_min, y_min, x_max, y_max;
   'scale'       float32, crop scale (face side / 200 px), see star_jax/data/crop.py;
   'center'      float32 (2,) crop centre (center_w, center_h);
@@ -199,6 +201,9 @@ class FaceLandmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     summary = rule.summary()
     self.info.metadata.setdefault('crop_rule', {})[split] = rule.name
     self.info.metadata.setdefault('crop', {})[split] = summary
+    # Where the records' landmarks come from: with the official metadata, its own (as the official
+    # code trains and tests on them), for the faces matched in it.
+    self.info.metadata.setdefault('landmarks', {})[split] = summary['landmarks']
     logging.info('%s %s: %d faces%s; crop %s', self.name, split, count, detail, summary)
     if self.skip_bad_examples:
       skipped = self._skipped.get(split, [])

@@ -13,6 +13,7 @@ changes results (see star_jax/training/workdir.py, FREE_KEYS, for the fields tha
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import shlex
 
@@ -118,6 +119,17 @@ def last_word(config, workdir: str, final: dict, argv: list[str]) -> str:
                      f'{final[f"{name}/auc"]:7.3f}')
   else:
     lines.append('(no evaluation in this invocation: it stopped before the end, or the run was already complete)')
+  best = final.get('best') if final else None
+  if best is None:
+    # Evaluations of earlier invocations (a resumed or already complete run) are ranked too.
+    from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
+    found = checkpoints.best_checkpoint(workdir_path)
+    best = dataclasses.asdict(found) if found is not None else None
+  if best:
+    rule = ('the official model selection: the lower NME of the weights and their EMA at each evaluation'
+            if best['rule'] == 'official' else f'model selection: {best["rule"]}')
+    lines.append(f'best checkpoint ({rule}): step {best["step"]}, {best["weights"]} weights, NME '
+                 f'{100 * best["nme"]:.2f}%; evaluate and predict use it by default (--step, --weights to choose)')
   lines.append('next:')
   lines.append('  ' + quote(['python', '-m', 'star_jax.evaluate', *_config_args(argv), '--checkpoint', workdir_path]))
   if config.data.name == 'synthetic_faces':

@@ -183,7 +183,7 @@ class Builder(common.FaceLandmarkBuilder):
   1. Download the colour COFW release (`COFW_color.zip`) from {HOMEPAGE}
      (also linked from http://www.vision.caltech.edu/xpburgos/ICCV13/).
   2. Put `{MAT_FILES['train']}` and `{MAT_FILES['test']}` in the manual folder.
-  3. Optional, for the crop behind the published STAR numbers: download ADNet's COFW metadata
+  3. Optional, for the crop and landmarks behind the published STAR numbers: download ADNet's COFW metadata
      `train.tsv` and `test.tsv` (the STAR README's pick; links in the "Resources" table of
      {common.STAR_METADATA_URL}) into the same folder.
      Without them the crop comes from the COFW face boxes by the STAR authors' rule.
@@ -207,10 +207,10 @@ class Builder(common.FaceLandmarkBuilder):
     for index, face in faces(manual_dir / name, split, skip=self._skipper(split)):
       # The .mat files name no images: the name is the file and the face's 0-based index.
       image_name = f'{name}/{index:04d}'
-      scale, center = rule(image_name, face['landmarks'], face['box'])
+      cropped = rule.crop(image_name, face['landmarks'], face['box'])
       yield index, common.face_record(
-          image=common.encode_rgb(face['rgb']), landmarks=face['landmarks'], box=face['box'],
-          scale=scale, center=center, attributes=[int(face['occluded'].any())],
+          image=common.encode_rgb(face['rgb']), landmarks=cropped.landmarks, box=face['box'],
+          scale=cropped.scale, center=cropped.center, attributes=[int(face['occluded'].any())],
           image_name=image_name, occluded=face['occluded'])
       count += 1
     self._finish_split(split, rule, count)

@@ -54,7 +54,7 @@ class Builder(common.FaceLandmarkBuilder):
      ("Download" / "Facial point annotations").
   2. Extract them into the manual folder as `afw/`, `helen/trainset/`, `helen/testset/`,
      `lfpw/trainset/`, `lfpw/testset/` and `ibug/`.
-  3. Optional, for the crop behind the published STAR numbers: download ADNet's 300W metadata
+  3. Optional, for the crop and landmarks behind the published STAR numbers: download ADNet's 300W metadata
      `train.tsv` and `test.tsv` (the STAR README's pick; links in the "Resources" table of
      {common.STAR_METADATA_URL}) into the same folder.
      Without them the crop comes from the landmarks' bounding box by the STAR authors' rule.
@@ -105,9 +105,9 @@ class Builder(common.FaceLandmarkBuilder):
     box = crop.landmarks_box(landmarks)
     image_name = image_path.relative_to(manual_dir).as_posix()
     try:
-      scale, center = rule(image_name, landmarks, box)
+      cropped = rule.crop(image_name, landmarks, box)
       image = common.record_image(image_path.read_bytes(), str(image_path))
     except (ValueError, OSError) as e:
       raise AnnotationError(str(pts_path), f'{e}') from None
-    return common.face_record(image=image, landmarks=landmarks, box=box, scale=scale, center=center,
-                              attributes=attributes, image_name=image_name)
+    return common.face_record(image=image, landmarks=cropped.landmarks, box=box, scale=cropped.scale,
+                              center=cropped.center, attributes=attributes, image_name=image_name)

@@ -130,7 +130,7 @@ class Builder(common.FaceLandmarkBuilder):
      from {HOMEPAGE}.
   2. Put both in the manual folder, as they are or extracted: `{IMAGES_DIR}/` and
      `WFLW_annotations/{LIST_DIR}/{LIST_FILES['train']}` (and the test list).
-  3. Optional, for the crop behind the published STAR numbers: download ADNet's WFLW metadata
+  3. Optional, for the crop and landmarks behind the published STAR numbers: download ADNet's WFLW metadata
      `train.tsv` and `test.tsv` (the STAR README's pick; links in the "Resources" table of
      {common.STAR_METADATA_URL}) into the same folder.
      Without them the crop comes from the WFLW face boxes by the STAR authors' rule.
@@ -177,7 +177,7 @@ class Builder(common.FaceLandmarkBuilder):
         continue
       for face in by_image[path]:
         try:
-          scale, center = rule(path, face.landmarks, face.box)
+          cropped = rule.crop(path, face.landmarks, face.box)
         except ValueError as e:
           error = AnnotationError(f'{list_source}:{face.line}', str(e))
           if skip is None:
@@ -186,7 +186,7 @@ class Builder(common.FaceLandmarkBuilder):
           continue
         count += 1
         yield face.index, common.face_record(
-            image=image, landmarks=face.landmarks, box=face.box, scale=scale, center=center,
+            image=image, landmarks=cropped.landmarks, box=face.box, scale=cropped.scale, center=cropped.center,
             attributes=face.attributes, image_name=f'{IMAGES_DIR}/{path}')
     self._finish_split(split, rule, count, f' in {len(by_image)} images')
 

@@ -196,12 +196,32 @@ def load_source(data_cfg, split: str, *, build_if_missing: bool = True, layout=N
              if manual and build_if_missing else 'build it with')
       raise FileNotFoundError(f'dataset {name!r} is not built in {builder.data_dir}; {why}:\n'
                               f'  {command}')
+  _warn_if_tsv_landmarks_missing(builder)
   # What tfds.data_source(name, split=..., data_dir=...) returns, without resolving the name again.
   source = builder.as_data_source(split=split)
   level = float(_field(data_cfg, 'relabel_ambiguity', -1.0))
   if level >= 0 and split == 'train':
     source = relabelled(source, builder, level)
   return source
+
+
+# The builders whose records take a metadata file's landmarks along with its crop (star_jax/data/crop.py).
+TSV_LANDMARK_BUILDERS = ('wflw', 'the300w', 'cofw')
+
+
+def _warn_if_tsv_landmarks_missing(builder) -> bool:
+  """Warns (and returns True) for a build that took its crop from official metadata files before the
+  records took their landmarks too: its records hold the raw annotations' landmarks, not the official ones.
+  Such builds record no 'landmarks' in their metadata."""
+  metadata = builder.info.metadata or {}
+  official = [split for split, rule in dict(metadata.get('crop_rule') or {}).items() if rule == 'official_tsv']
+  if builder.name not in TSV_LANDMARK_BUILDERS or not official or 'landmarks' in metadata:
+    return False
+  logging.warning('%s in %s was built from the official metadata files (%s) before builds took their landmarks '
+                  'with the crop: its records hold the raw annotations\' landmarks, where the official code trains '
+                  'and tests on the files\'. Delete that folder and build again to use them.', builder.name,
+                  builder.data_dir, ', '.join(f'{s}.tsv' for s in official))
+  return True
 
 
 def relabelled(source, builder, level: float):

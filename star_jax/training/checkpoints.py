@@ -12,6 +12,16 @@ iterator's position) and 'meta' ({'step'}). Readers restore with `ocp.args.Compo
 items they need, so they ignore the rest. The trainer keeps the latest N steps and the best by eval
 NME, together (`AnyPreservationPolicy`: `max_to_keep` with `best_fn` can delete the newest).
 
+Model selection (the official protocol): each evaluation scores both the weights and their EMA and
+saves, with the step's Orbax metrics, 'nme' = the lower of the two, 'best_weights' = which of the two
+it was ('model' or 'ema') and 'step'. The best checkpoint is the step with the lowest 'nme' (the
+earliest on a tie, as the official trainer's strict `<`), read with its 'best_weights': the official
+trainer keeps that network as `best_model.pkl`, whose `net` its tester evaluates (`best_checkpoint`,
+`load_model(step='best')`). Workdirs trained before this rule have no metrics saved with their steps
+(Orbax writes them only when `best_fn` is set): nothing ranks them, and 'best' falls back to the latest
+step with its EMA weights, what the readers loaded before. A step whose metrics lack 'best_weights'
+(its 'nme' was the EMA's) is ranked by that 'nme' and read as its EMA weights.
+
 What can go wrong, and what happens (README, "What happens when things go wrong"): Orbax writes each
 step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a killed save leaves only
 that temporary folder, which the trainer deletes at start-up (`clean_stale_tmp`). A step that does
@@ -24,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging as std_logging
 import os
 import pathlib
 import shutil
@@ -46,6 +57,9 @@ from star_jax.models import create_model
 from star_jax.training.state import TrainState
 
 WEIGHTS = ('ema', 'model')
+# config.model_selection: 'official' scores an evaluation by the better of the weights and their EMA
+# (the official trainer); 'ema' by the EMA alone (star_jax before it followed the official protocol).
+MODEL_SELECTIONS = ('official', 'ema')
 # Orbax writes a step into '<step>.orbax-checkpoint-tmp' (items into '<item>.orbax-checkpoint-tmp')
 # and renames it when complete.
 TMP_MARKER = '.orbax-checkpoint-tmp'
@@ -201,26 +215,131 @@ def _metadata_tree(meta):
   return getattr(meta, 'tree', meta)
 
 
+def select_weights(scores: dict, selection: str = 'official') -> tuple[float, str]:
+  """(score, weights) of one evaluation: `scores` holds 'model/nme' and, with an EMA, 'ema/nme'.
+
+  selection 'official': the lower of the two NMEs and whose it is; the weights win a tie, as in the
+  official trainer, which scores `net` before `net_ema` and replaces its best only on a strictly lower
+  NME. 'ema': the EMA's NME (the weights' without an EMA).
+  """
+  if selection not in MODEL_SELECTIONS:
+    raise ValueError(f'model_selection must be one of {MODEL_SELECTIONS}, got {selection!r}')
+  if 'ema/nme' not in scores:
+    return float(scores['model/nme']), 'model'
+  if selection == 'ema' or float(scores['ema/nme']) < float(scores['model/nme']):
+    return float(scores['ema/nme']), 'ema'
+  return float(scores['model/nme']), 'model'
+
+
+@dataclasses.dataclass(frozen=True)
+class Best:
+  """The best checkpoint of a training run by the model selection rule.
+
+  step: its step. weights: 'model' or 'ema', the weights that scored `nme` there. nme: the score.
+  rule: 'official' (the better of weights and EMA at each evaluation), 'ema' (config.model_selection
+  'ema': the EMA alone), or 'ema (written before the official rule)' for steps whose metrics have no
+  'best_weights' (workdirs trained before star_jax followed the official protocol).
+  """
+  step: int
+  weights: str
+  nme: float
+  rule: str
+
+
+LEGACY_RULE = 'ema (written before the official rule)'
+
+
+def _step_score(metrics, has_ema: bool) -> tuple[float, str, str] | None:
+  """(nme, weights, rule) that a step's saved metrics record; None without an evaluation."""
+  if not isinstance(metrics, dict) or not isinstance(metrics.get('nme'), (int, float)):
+    return None
+  weights = metrics.get('best_weights')
+  if weights in WEIGHTS:
+    return float(metrics['nme']), weights, str(metrics.get('selection', 'official'))
+  # Saved before the official rule: 'nme' was the EMA's when the run had one, and the EMA was ranked.
+  return float(metrics['nme']), 'ema' if has_ema else 'model', LEGACY_RULE
+
+
+def _best(manager: ocp.CheckpointManager) -> Best | None:
+  best = None
+  for step in sorted(manager.all_steps()):
+    try:
+      metrics = manager.metrics(step)
+    except Exception:  # pylint: disable=broad-except  (unreadable metrics: the step is not ranked)
+      continue
+    score = _step_score(metrics, _has_item(manager.directory, step, 'ema'))
+    # Strictly lower: the earliest step wins a tie, as the official trainer's `best_metric > cur_metric`.
+    if score is not None and np.isfinite(score[0]) and (best is None or score[0] < best.nme):
+      best = Best(step=int(step), weights=score[1], nme=score[0], rule=score[2])
+  return best
+
+
+def best_checkpoint(path) -> Best | None:
+  """The best step of a checkpoint directory or training workdir and its winning weights (see the
+  module docstring); None when no kept step holds an evaluation (a converted checkpoint, a run that
+  never evaluated)."""
+  directory = resolve_checkpoint_dir(path).absolute()
+  if not directory.is_dir():
+    return None
+  with _reader(directory, create=False) as manager:
+    return _best(manager)
+
+
 @dataclasses.dataclass
 class LoadedModel:
   """A model read back from a checkpoint, and what exactly was read.
 
   model: the network in eval mode. config: the config stored with it (the model was rebuilt from
   it). step: the checkpoint step. weights: 'ema' or 'model', the item the weights came from.
-  directory: the checkpoint directory (absolute).
+  directory: the checkpoint directory (absolute). best: the directory's best checkpoint by the model
+  selection rule (None when no step holds an evaluation). chosen_by: how (step, weights) were chosen,
+  in words, for reports.
   """
   model: nnx.Module
   config: ml_collections.ConfigDict
   step: int
   weights: str
   directory: pathlib.Path
+  best: Best | None = None
+  chosen_by: str = ''
+
+  @property
+  def is_best(self) -> bool | None:
+    """Whether the step and weights read are the best by the model selection rule (None: the
+    directory records no evaluation to rank by)."""
+    if self.best is None:
+      return None
+    return (self.step, self.weights) == (self.best.step, self.best.weights)
+
+  def describe(self) -> dict:
+    """What was read, for JSON reports: step, weights, best_by_protocol, chosen_by, best."""
+    return {'step': self.step, 'weights': self.weights, 'best_by_protocol': self.is_best,
+            'chosen_by': self.chosen_by, 'best': dataclasses.asdict(self.best) if self.best else None}
 
 
-def load_model(path, *, step: int | None = None, weights: str | None = None) -> LoadedModel:
+def parse_step(value) -> int | str | None:
+  """A --step value: None, 'best', 'latest' or a step number (int or digits); ValueError otherwise."""
+  if value is None or isinstance(value, int):
+    return value
+  text = str(value).strip().lower()
+  if text in ('best', 'latest'):
+    return text
+  if text.isdigit():
+    return int(text)
+  raise ValueError(f"step must be 'best', 'latest' or a step number, got {value!r}")
+
+
+def load_model(path, *, step: int | str | None = None, weights: str | None = None) -> LoadedModel:
   """Builds the model from a checkpoint's config and restores its weights.
 
-  path: a checkpoint directory or a training workdir. step: None for the latest. weights: 'ema',
-  'model', or None for the EMA weights when the step has them, else 'model'.
+  path: a checkpoint directory or a training workdir.
+  step: a step number; 'latest' or None for the latest step; 'best' for the best checkpoint by the
+    model selection rule (`best_checkpoint`: the official protocol), or the latest step when no step
+    holds an evaluation.
+  weights: 'ema' or 'model'. None: for step 'best' or a step number, the weights that won that
+    step's evaluation (its recorded 'best_weights'; for 'best' the best checkpoint's winning weights);
+    for the latest step (step None or 'latest', unchanged from before the official protocol), and for
+    a step without an evaluation, the EMA weights when the step has them, else 'model'.
   Raises FileNotFoundError for a missing directory, step or item; CorruptCheckpointError for a step
   that cannot be read (truncated, incomplete, not a star_jax checkpoint); CheckpointMismatchError when
   stored arrays do not fit the config's model (naming the key and both shapes); NonFiniteWeightsError
@@ -228,6 +347,7 @@ def load_model(path, *, step: int | None = None, weights: str | None = None) -> 
   """
   if weights is not None and weights not in WEIGHTS:
     raise ValueError(f'weights must be one of {WEIGHTS} or None, got {weights!r}')
+  step = parse_step(step)
   if not pathlib.Path(path).exists():
     raise FileNotFoundError(f'checkpoint directory {pathlib.Path(path).absolute()} does not exist')
   if not pathlib.Path(path).is_dir():
@@ -239,10 +359,20 @@ def load_model(path, *, step: int | None = None, weights: str | None = None) -> 
     steps = manager.all_steps()
     if not steps:
       raise FileNotFoundError(f'no checkpoint in {directory} (no step subdirectories)')
-    if step is None:
+    best = _best(manager)
+    chosen = []
+    by_evaluation = step not in (None, 'latest')
+    if step == 'best' and best is not None:
+      step = best.step
+      chosen.append(f'the best checkpoint by the {best.rule} model selection (NME {best.nme:.6g})')
+      by_evaluation = 'best'
+    elif step in (None, 'latest', 'best'):
+      chosen.append('the latest step' + (' (no step holds an evaluation to rank by)' if step == 'best' else ''))
       step = manager.latest_step()
     elif step not in steps:
       raise FileNotFoundError(f'{directory} has no step {step}; it has {sorted(steps)}')
+    else:
+      chosen.append(f'step {step} as asked')
 
     def unreadable(item: str, error: BaseException) -> CorruptCheckpointError:
       others = sorted(s for s in steps if s != step)
@@ -265,9 +395,23 @@ def load_model(path, *, step: int | None = None, weights: str | None = None) -> 
       raise FileNotFoundError(f'{directory} step {step} has no "model" item (it has '
                               f'{sorted(k for k, v in (metadata or {}).items() if v is not None)})')
     if weights is None:
-      weights = 'ema' if 'ema' in present else 'model'
+      score = None
+      if by_evaluation:
+        try:
+          score = _step_score(manager.metrics(step), 'ema' in present)
+        except Exception:  # pylint: disable=broad-except  (unreadable metrics: as a step without any)
+          pass
+      if score is not None and score[1] in present:
+        weights = score[1]
+        chosen.append('with the weights that won there' if by_evaluation == 'best' else
+                      f'the weights that won its evaluation ({score[2]} rule)')
+      else:
+        weights = 'ema' if 'ema' in present else 'model'
+        chosen.append('its EMA weights' if weights == 'ema' else 'its only weights')
     elif weights not in present:
       raise FileNotFoundError(f'{directory} step {step} has no {weights!r} weights (it has {sorted(present)})')
+    else:
+      chosen.append(f'the {weights!r} weights as asked')
 
     # The model is built concretely and its random initial values are overwritten: numpy
     # initialisation takes about a second for the full model, whereas nnx.eval_shape spends ~5-8 s
@@ -290,7 +434,8 @@ def load_model(path, *, step: int | None = None, weights: str | None = None) -> 
   nnx.replace_by_pure_dict(state, restored[weights])
   model = nnx.merge(graphdef, state)
   model.eval()
-  return LoadedModel(model=model, config=config, step=int(step), weights=weights, directory=directory)
+  return LoadedModel(model=model, config=config, step=int(step), weights=weights, directory=directory, best=best,
+                     chosen_by=', '.join(chosen))
 
 
 def check_compatible(stored: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
@@ -315,15 +460,34 @@ def check_compatible(stored: ml_collections.ConfigDict, config: ml_collections.C
 # Training checkpoints (save and exact resume)
 # ================================================================================================
 
+class _NoMissingMetricsWarning(std_logging.Filter):
+  """Drops Orbax's warning for a save without metrics: with `best_fn` set it warns at every checkpoint
+  that is not an evaluation's, which is as intended here (such steps are kept only as the latest)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return 'did not provide metrics' not in record.getMessage()
+
+
+_METRICS_FILTER = _NoMissingMetricsWarning()
+
+
 def training_manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManager:
-  """The trainer's manager: keeps the latest `keep` steps and the one with the lowest eval NME."""
+  """The trainer's manager: keeps the latest `keep` steps and the best one (the lowest eval 'nme':
+  by the official rule the better of the weights and their EMA; see `select_weights`)."""
+  # Lower NME is better; on a tie the earliest step, as `_best` and the official trainer choose (sorts
+  # are stable, so the step must be in the key).
+  rank = lambda m: (m['nme'], m.get('step', 0))  # noqa: E731
   policy = cm.AnyPreservationPolicy([
       cm.LatestN(n=keep),
-      # Lower NME is better: sort descending so the last (kept) one is the smallest.
-      cm.BestN(get_metric_fn=lambda m: m['nme'], reverse=True, n=1, keep_checkpoints_without_metrics=False),
+      # Sorted descending, the last (kept) one is the best.
+      cm.BestN(get_metric_fn=rank, reverse=True, n=1, keep_checkpoints_without_metrics=False),
   ])
-  options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False,
-                                         create=True)
+  # best_fn too: without it Orbax keeps the metrics in memory only and never writes them with the step
+  # (workdirs written before this have none), so a resumed run, and `best_checkpoint`, could not rank
+  # the earlier steps.
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=rank, best_mode='min',
+                                         enable_async_checkpointing=False, create=True)
+  logging.get_absl_logger().addFilter(_METRICS_FILTER)   # the same object: added once however often called
   # Handlers named up front, so that a step's item metadata (shapes) can be read before restoring it
   # and a partial restore (the config alone) knows every item.
   handlers = {'model': ocp.StandardCheckpointHandler(), 'ema': ocp.StandardCheckpointHandler(),
@@ -441,7 +605,11 @@ def _has_item(directory: pathlib.Path, step: int, item: str) -> bool:
 
 def save_training(manager: ocp.CheckpointManager, step: int, state: TrainState, data_iter,
                   config: ml_collections.ConfigDict, metrics: dict | None = None):
-  """Saves `state` and the data iterator at `step` (metrics: the eval results, for best-N)."""
+  """Saves `state` and the data iterator at `step`.
+
+  metrics: the step's evaluation (loop.run_eval: 'nme', 'best_weights', per-weights scores), saved as
+  the step's Orbax metrics for best-N and `best_checkpoint`; numbers are stored as floats, text as is.
+  """
   ema = None
   if state.ema_params is not None:
     ema = _model_tree(state.ema_params, state.ema_batch_stats)
@@ -451,7 +619,11 @@ def save_training(manager: ocp.CheckpointManager, step: int, state: TrainState, 
       'meta': ocp.args.JsonSave({'step': int(step)}),
       'data_iter': grain.checkpoint.CheckpointSave(data_iter),
   })
-  metrics = {k: float(v) for k, v in metrics.items()} if metrics else None
+  if metrics:
+    metrics = {k: v if isinstance(v, str) else float(v) for k, v in metrics.items()}
+    metrics['step'] = int(step)
+  else:
+    metrics = None
   manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
 

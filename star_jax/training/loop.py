@@ -12,6 +12,7 @@ a `WriteFailedError` saying what was kept. A resumed run takes the newest checkp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import signal
@@ -91,6 +92,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   newest = checkpoints.newest_config(manager)
   if newest is not None:
     _check_config(config, newest[1], newest[0], allow_config_change)
+  if config.get('model_selection', 'official') not in checkpoints.MODEL_SELECTIONS:
+    raise cli.UserError(f'config.model_selection must be one of {", ".join(checkpoints.MODEL_SELECTIONS)}, got '
+                        f'{config.model_selection!r}')
   layout = get_layout(config.layout)
   mesh = mesh_lib.make_mesh()
   replicated = mesh_lib.replicated(mesh)
@@ -188,9 +192,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                                       config.data.image_size)
       summary = scoring.score(results, layout)
       out.update({f'{name}/{k}': v for k, v in summary.items() if isinstance(v, (int, float))})
-    out['nme'] = out['ema/nme'] if config.ema else out['model/nme']
+    # The official model selection: the score of this evaluation is the better of the weights and
+    # their EMA, and the winner is recorded (saved with the checkpoint; see checkpoints.select_weights).
+    selection = config.get('model_selection', 'official')
+    out['nme'], out['best_weights'] = checkpoints.select_weights(out, selection)
+    out['selection'] = selection
     write_scalars(step, {f'eval/{k}': v for k, v in out.items()})
-    logging.info('step %d eval: %s', step, {k: round(v, 5) for k, v in out.items() if 'nme' in k})
+    logging.info('step %d eval: %s; scored: %s weights', step,
+                 {k: round(v, 5) for k, v in out.items() if 'nme' in k}, out['best_weights'])
     seconds['eval'] += time.perf_counter() - t0
     return out
 
@@ -237,12 +246,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         last = step == total_steps
         if step % config.log_every_steps == 0 or last:
           sync_metrics(step)
-        if step % eval_every == 0 or last:
+        evaluated = step % eval_every == 0 or last
+        if evaluated:
           sync_metrics(step)
           last_eval = run_eval(step)
-        if step % ckpt_every == 0 or last or stop['requested']:
+        # Every evaluated step is saved too: the official trainer writes best_model.pkl at any
+        # evaluation that improves on the best, so the best must not fall between checkpoints (the
+        # preservation policy keeps only the latest few and the best).
+        if step % ckpt_every == 0 or evaluated or stop['requested']:
           sync_metrics(step)
-          save(step, last_eval if step % eval_every == 0 or last else None)
+          save(step, last_eval if evaluated else None)
         if stop['requested']:
           logging.warning('SIGTERM: saved step %d in %s; exiting', step, workdir)
           break
@@ -257,6 +270,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   if not last_eval:
     return {}
   final = dict(last_eval, **{f'seconds/{k}': v for k, v in seconds.items()})
+  # The run's best checkpoint so far (earlier invocations included): what evaluate and predict load
+  # by default.
+  best = checkpoints.best_checkpoint(checkpoint_dir)
+  if best is not None:
+    final['best'] = dataclasses.asdict(best)
   if is_main:
     _write(lambda: workdir_lib.atomic_write_text(workdir / 'final_metrics.json', json.dumps(final, indent=2)),
            workdir / 'final_metrics.json', last_saved, writer.last_step, checkpoint_dir)

@@ -39,7 +39,9 @@ CONFIG_CHANGES_FILE = 'config_changes.jsonl'
 # matter when a dataset is (re)built. Everything else (optimiser, schedule, batch size, model, loss,
 # augmentation, dataset, seed, the evaluation subset) is a change of results.
 FREE_KEYS = (
+    # model_selection decides which checkpoint is kept as the best, not what is trained.
     'progress', 'log_every_steps', 'eval_every_epochs', 'checkpoint_every_epochs', 'keep_checkpoints',
+    'model_selection',
     'total_steps', 'num_epochs', 'eval_batch_size',
     'data.data_dir', 'data.manual_dir', 'data.num_workers', 'data.prefetch', 'data.num_threads',
     'data.skip_bad_examples',

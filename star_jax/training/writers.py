@@ -65,7 +65,8 @@ class MetricWriter:
     if not self.enabled:
       return
     self._jsonl.append_line(json.dumps({'step': int(step), 'time': time.time(), **scalars}))
-    self._tb.scalars(step, scalars)
+    # Text fields (the eval's 'best_weights') go to the JSON lines only: TensorBoard takes numbers.
+    self._tb.scalars(step, {k: v for k, v in scalars.items() if not isinstance(v, str)})
     self.last_step = int(step)
 
   def close(self):
