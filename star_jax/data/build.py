@@ -213,9 +213,11 @@ def _warn_if_tsv_landmarks_missing(builder) -> bool:
   """Warns (and returns True) for a build that took its crop from official metadata files before the
   records took their landmarks too: its records hold the raw annotations' landmarks, not the official ones.
   Such builds record no 'landmarks' in their metadata."""
+  if getattr(builder, 'name', None) not in TSV_LANDMARK_BUILDERS:   # the others take no landmarks from a TSV
+    return False
   metadata = builder.info.metadata or {}
   official = [split for split, rule in dict(metadata.get('crop_rule') or {}).items() if rule == 'official_tsv']
-  if builder.name not in TSV_LANDMARK_BUILDERS or not official or 'landmarks' in metadata:
+  if not official or 'landmarks' in metadata:
     return False
   logging.warning('%s in %s was built from the official metadata files (%s) before builds took their landmarks '
                   'with the crop: its records hold the raw annotations\' landmarks, where the official code trains '
