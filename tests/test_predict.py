@@ -416,7 +416,7 @@ def test_predict_command_with_box_and_ambiguity(tiny_checkpoint, photos, tmp_pat
   # Einstein's face (~25 px) is below the default --min_face_size in this copy: give its box (from
   # the annotation).
   out = tmp_path / 'out'
-  box = tuple(round(v, 1) for v in crop_lib.landmarks_box(_read_pts(data_dir / 'real_faces' / 'einstein.pts')))
+  box = tuple(round(float(v), 1) for v in crop_lib.landmarks_box(_read_pts(data_dir / 'real_faces' / 'einstein.pts')))
   status = predict.main(['predict', '--checkpoint', str(tiny_checkpoint), str(photos / 'einstein.jpg'), '--output',
                          str(out), '--box', ','.join(map(str, box)), '--show-ambiguity'])
   assert status == 0
