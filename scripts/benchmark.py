@@ -1,13 +1,16 @@
 """Speed benchmarks of star_jax, one section per part of the system.
 
-  python scripts/benchmark.py loss|model|data|train|eval|export|video|all [--json OUT.json] [--official PATH] [--repeats N]
+  python scripts/benchmark.py loss|model|data|train|eval|export|video|infer|all [--json OUT.json] [--official PATH]
+      [--official_python PYTHON] [--repeats N] [--small]
 
 Prints a table on stdout and writes the rows as JSON. Runs on the default JAX backend (the GPU when
 one is present). `--official PATH` points at a checkout of the official PyTorch code
 (github ZhenglinZhou/STAR) to time it side by side; that needs PyTorch installed, star_jax does not.
 Each section lives in `benchmarks/<section>.py` (a folder of the repository, not of the installed
 library) and returns a list of row dicts: {'section', 'name', 'value', 'unit', 'notes'}; the official
-code is loaded by `benchmarks/official.py`.
+code is loaded by `benchmarks/official.py`. Sections that run the official code in a child process
+(train, infer) start it with `--official_python` (default: this interpreter), which needs PyTorch and
+numpy, not JAX. `--small` runs the sections that have one (infer) on a tiny network, as a smoke test.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from star_jax import cli  # pylint: disable=wrong-import-position
 
-SECTIONS = ('loss', 'model', 'data', 'train', 'eval', 'export', 'video')
+SECTIONS = ('loss', 'model', 'data', 'train', 'eval', 'export', 'video', 'infer')
 
 
 def _benchmark(argv: list[str]) -> int:
@@ -33,6 +36,9 @@ def _benchmark(argv: list[str]) -> int:
   fv = command.fv
   flags.DEFINE_string('json', 'benchmark.json', 'where to write the rows (JSON)', flag_values=fv)
   flags.DEFINE_string('official', '', 'checkout of the official PyTorch STAR code', flag_values=fv)
+  flags.DEFINE_string('official_python', '', 'Python interpreter with PyTorch for the official code\'s child '
+                      'process (infer; default: this one)', flag_values=fv)
+  flags.DEFINE_bool('small', False, 'tiny network instead of the full one (infer), for a smoke test', flag_values=fv)
   flags.DEFINE_integer('repeats', None, 'timed repetitions, the median is reported (default: 10, or 3 for '
                        'the full-network sections on a CPU, where one call takes seconds)', flag_values=fv)
   rest = command.parse()
