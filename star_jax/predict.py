@@ -161,8 +161,8 @@ def load_landmarker(fv, box, **options):
   if onnx:
     path = pathlib.Path(fv.model if fv.model is not None else fv.checkpoint)
     if not path.is_file():
-      raise cli.UserError(f'ONNX model {fv.model!r} does not exist' if not path.exists() else
-                          f'--model {fv.model!r} is a directory; give the .onnx file (a checkpoint directory '
+      raise cli.UserError(f'ONNX model {str(path)!r} does not exist' if not path.exists() else
+                          f'--model {str(path)!r} is a directory; give the .onnx file (a checkpoint directory '
                           'goes to --checkpoint)')
   else:
     path = pathlib.Path(fv.checkpoint)
