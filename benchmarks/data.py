@@ -6,12 +6,14 @@ decode, augmentation (flip, random geometry, warp, RandomTexture) and all target
 shared machine) and by wall time. Rows:
 
 * ours, one example at a time in one thread (OpenCV limited to one thread);
-* ours through the Grain pipeline (`train_dataset`, batches of 32, config.data.num_threads threads);
+* ours through the Grain pipeline (`train_dataset`, batches of 32, config.data.num_threads threads), and
+  with `--workers 0,8,15` with that many worker processes (config.data.num_workers) each: what the
+  input pipeline can feed a GPU step, to compare with the train section's images/s;
 * with `--official PATH` (and PyTorch + pandas importable): the official `AlignmentDataset.__getitem__`
   on the same image (a temporary tsv), one thread, and a same-draws parity check: both pipelines fed
   the same random draws, the largest differences of their images and targets.
 
-  python scripts/benchmark.py data [--official /path/to/STAR] [--repeats 10]
+  python scripts/benchmark.py data [--official /path/to/STAR] [--repeats 10] [--workers 0,1,2]
 """
 
 from __future__ import annotations
@@ -212,6 +214,45 @@ def _official_rows(path: str, record: dict, repeats: int, ours_rate: float) -> t
 
 # ---- Ours -------------------------------------------------------------------------------------------
 
+def worker_counts(args) -> list[int]:
+  """`--workers` as a list of worker-process counts (empty when not given)."""
+  given = getattr(args, 'workers', '') or ''
+  counts = [int(w) for w in given.split(',') if w.strip()]
+  if any(w < 0 for w in counts):
+    raise ValueError(f'--workers must be counts >= 0, got {given!r}')
+  return counts
+
+
+def _worker_rows(args, config, source, batch: int) -> list[dict]:
+  """The Grain training stream with config.data.num_workers worker processes (mp_prefetch), for each
+  count of `--workers`: samples/s by wall time, after a warm-up that starts the workers and fills
+  their buffers. What a GPU step can be fed: compare with the train section's images/s."""
+  from star_jax.data import pipeline as input_pipeline  # pylint: disable=import-outside-toplevel
+  rows = []
+  for workers in worker_counts(args):
+    config.data.num_workers = workers
+    t_start = time.perf_counter()
+    it = iter(input_pipeline.train_dataset(config, source, seed=0, process_index=0, process_count=1))
+    try:
+      for _ in range(2 + 2 * workers):   # worker start-up and their first batches
+        next(it)
+      warmup = time.perf_counter() - t_start
+      steps = max(8, 4 * workers)
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        next(it)
+      seconds = time.perf_counter() - t0
+    finally:
+      getattr(it, 'close', lambda: None)()
+    rate = steps * batch / seconds
+    rows.append({'name': f'ours Grain train_dataset, {workers} worker processes (wall)', 'value': rate,
+                 'unit': 'samples/s', 'workers': workers, 'cpu_count': os.cpu_count(), 'batch': batch,
+                 'notes': f'{steps} batches of {batch} after a {warmup:.1f} s warm-up; {config.data.num_threads} '
+                          f'threads per process; {os.cpu_count()} CPU cores on this machine'})
+  config.data.num_workers = 0
+  return rows
+
+
 def run(args) -> list[dict]:
   from star_jax.data import pipeline as input_pipeline  # pylint: disable=import-outside-toplevel
   repeats = benchmarks.repeats(args)
@@ -247,6 +288,8 @@ def run(args) -> list[dict]:
                  'value': rate, 'unit': 'samples/s',
                  'notes': f'batches of {batch}; {cpu_rate:.0f} samples per CPU-second; {os.cpu_count()} '
                           'CPU cores on this machine'})
+
+    rows += _worker_rows(args, config, source, batch)
 
     if getattr(args, 'official', ''):
       official, why = _official_rows(args.official, record, repeats, ours_rate)

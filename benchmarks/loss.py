@@ -2,7 +2,9 @@
 
 Times `jax.jit(jax.value_and_grad(star_loss))` on the default JAX backend and, when `--official PATH`
 is given and PyTorch imports, the official STARLoss_v2 forward + backward on the same input (loaded
-from that checkout at run time; its eigendecomposition runs on the CPU, as the official code does).
+from that checkout at run time; its eigendecomposition runs on the CPU, as the official code does). The
+official loss runs on the GPU when ours does (`--official_device` chooses), moving its covariances to
+the CPU for the eigendecomposition as shipped.
 """
 
 from __future__ import annotations
@@ -31,22 +33,28 @@ def _inputs(seed: int = 0):
   return maps.astype(np.float32), targets
 
 
-def _official_step(path, maps, targets):
-  """A no-argument function running the official STARLoss_v2 forward + backward, or (None, why not)."""
+def _official_step(path, maps, targets, device: str = 'cpu'):
+  """A no-argument function running the official STARLoss_v2 forward + backward on `device` (its
+  eigendecomposition on the CPU, as shipped), or (None, why not)."""
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
     return None, 'PyTorch is not installed: official timing skipped'
   star_v2 = official.losses(path).STARLoss_v2()
-  heatmap = torch.from_numpy(np.ascontiguousarray(maps.transpose(0, 3, 1, 2)))   # NCHW
-  target = torch.from_numpy(targets)
+  device = torch.device(device)
+  cuda = device.type == 'cuda'
+  heatmap = torch.from_numpy(np.ascontiguousarray(maps.transpose(0, 3, 1, 2))).to(device)   # NCHW
+  target = torch.from_numpy(targets).to(device)
 
   def step():
     h = heatmap.clone().requires_grad_(True)
     star_v2(h, target).backward()
-    return h.grad
+    if cuda:
+      torch.cuda.synchronize(device)
+    return h.grad.cpu()
 
-  return step, f'torch {torch.__version__}, {torch.get_num_threads()} threads, eigh on CPU'
+  where = torch.cuda.get_device_name(device) if cuda else f'{torch.get_num_threads()} threads'
+  return step, f'torch {torch.__version__}, {where}, eigh on CPU'
 
 
 def _interleaved_medians(fns, repeats):
@@ -76,7 +84,10 @@ def run(args):
   name = 'star_loss fwd+bwd, jit (B32 N98 64x64)'
   note = f'{jax.default_backend()}, median of {repeats}'
   official = getattr(args, 'official', '')
-  step, official_note = _official_step(official, maps, targets) if official else (None, '')
+  device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
+  if getattr(args, 'official_device', 'auto') not in (None, '', 'auto'):
+    device = args.official_device
+  step, official_note = _official_step(official, maps, targets, device) if official else (None, '')
   if step is None:   # ours alone
     rows = [{'name': name, 'value': benchmarks.median_time(ours, repeats, warmup=2) * 1e3, 'unit': 'ms',
              'notes': note}]

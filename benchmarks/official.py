@@ -190,7 +190,8 @@ def module(path: str, name: str) -> types.ModuleType:
 
 
 def train_step(path: str, batch_np: dict, *, nstack: int = 4, layout: layouts_lib.Layout = layouts_lib.WFLW,
-               image_size: int = 256, channels: int = 256, decay: float = 0.5 ** (128 / 10000.0)):
+               image_size: int = 256, channels: int = 256, decay: float = 0.5 ** (128 / 10000.0),
+               device: str = 'cpu'):
   """The official training step on `batch_np`: returns (run_one_step(anomaly: bool) -> loss, note).
 
   Follows the official trainer (utility.forward_backward, compute_loss, accumulate_net) with its
@@ -199,16 +200,26 @@ def train_step(path: str, batch_np: dict, *, nstack: int = 4, layout: layouts_li
   (lr 1e-3); EMA decay 0.5 ** (128 / 10000) over parameters and floating-point buffers (integer
   buffers copied). The labels are moved to float tensors once, outside the timing, as the batch is.
   `batch_np`: channels-last numpy arrays as our input pipeline makes them ('image' uint8 RGB).
+  `device`: the torch device of the networks, the batch, Adam and the EMA ('cpu', 'cuda', 'cuda:1'...),
+  as the official trainer puts them on its GPU (STARLoss_v2 still takes its eigendecomposition on the
+  CPU there, as shipped). On a CUDA device each step ends with `torch.cuda.synchronize`, so that the
+  caller's clock around `run_one_step` times the whole step; the official per-term `.item()` calls sync
+  too. The note names the device, and `run_one_step.peak_bytes()` is torch's peak CUDA memory (0 on a
+  CPU).
   """
   import torch  # pylint: disable=import-outside-toplevel
   loss_pkg = losses(path)
   torch.manual_seed(0)
+  device = torch.device(device)
+  cuda = device.type == 'cuda'
+  if cuda:
+    torch.backends.cudnn.benchmark = True   # as the official set_environment (lib/utility.py) does
 
   def build():
     return network(path, layout, image_size=image_size, nstack=nstack, channels=channels)
 
-  net = build().float().train()
-  net_ema = build().float().eval()
+  net = build().float().to(device).train()
+  net_ema = build().float().to(device).eval()
   net_ema.load_state_dict(net.state_dict())
   criterions = []
   for _ in range(nstack):
@@ -217,10 +228,10 @@ def train_step(path: str, batch_np: dict, *, nstack: int = 4, layout: layouts_li
   optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
   # Official input: (pixel - 127.5) / 127.5, NCHW, BGR. Labels NCHW, one list entry per output.
   image = torch.from_numpy((batch_np['image'][..., ::-1].astype(np.float32) - 127.5) / 127.5)
-  image = image.permute(0, 3, 1, 2).contiguous()
-  per_stack = [torch.from_numpy(batch_np['landmarks']),
-               torch.from_numpy(batch_np['pointmaps']).permute(0, 3, 1, 2).contiguous(),
-               torch.from_numpy(batch_np['edgemaps']).permute(0, 3, 1, 2).contiguous()]
+  image = image.permute(0, 3, 1, 2).contiguous().to(device)
+  per_stack = [torch.from_numpy(batch_np['landmarks']).to(device),
+               torch.from_numpy(batch_np['pointmaps']).permute(0, 3, 1, 2).contiguous().to(device),
+               torch.from_numpy(batch_np['edgemaps']).permute(0, 3, 1, 2).contiguous().to(device)]
   labels = nstack * per_stack
   ema_params = dict(net_ema.named_parameters())
   ema_buffers = dict(net_ema.named_buffers())
@@ -246,7 +257,21 @@ def train_step(path: str, batch_np: dict, *, nstack: int = 4, layout: layouts_li
           ema_buffers[key].mul_(decay).add_(b, alpha=1 - decay)
         else:
           ema_buffers[key].copy_(b)
-    return float(total.detach())
+    loss = float(total.detach())
+    if cuda:
+      # Reading the loss already waited for the EMA kernels queued before it on the same stream; the
+      # explicit sync makes the end of the step independent of that.
+      torch.cuda.synchronize(device)
+    return loss
 
-  note = f'torch {torch.__version__}, {torch.get_num_threads()} threads'
+  def peak_bytes() -> int:
+    return int(torch.cuda.max_memory_allocated(device)) if cuda else 0
+
+  run_one_step.peak_bytes = peak_bytes
+  if cuda:
+    note = (f'torch {torch.__version__}, {torch.cuda.get_device_name(device)} (cuda), cudnn.benchmark, '
+            f'cudnn.allow_tf32 {torch.backends.cudnn.allow_tf32}, matmul.allow_tf32 '
+            f'{torch.backends.cuda.matmul.allow_tf32}')
+  else:
+    note = f'torch {torch.__version__}, {torch.get_num_threads()} threads'
   return run_one_step, note

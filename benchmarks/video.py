@@ -26,6 +26,8 @@ import zlib
 import cv2
 import numpy as np
 
+from star_jax.data import annotations
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PHOTO = REPO / 'tests' / 'data' / 'real_faces_full' / 'takeo.png'
 # Out-of-photo pixels repeat the border: they move with the photo, and hold no second face.
@@ -33,10 +35,8 @@ PAD = 160
 
 
 def read_pts(path: pathlib.Path) -> np.ndarray:
-  """iBUG .pts (1-based) -> (N, 2) 0-based pixels."""
-  lines = pathlib.Path(path).read_text().splitlines()
-  start = lines.index('{') + 1
-  return np.array([[float(v) for v in line.split()] for line in lines[start:lines.index('}')]]) - 1.0
+  """A 68-point iBUG .pts file (1-based) -> (68, 2) float32 0-based pixels (the datasets' reader)."""
+  return annotations.read_pts(path, 68)
 
 
 def load_photo(photo: pathlib.Path = PHOTO) -> tuple[np.ndarray, np.ndarray]:

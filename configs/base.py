@@ -18,6 +18,7 @@ def get_base_config(layout: str, dataset: str) -> ml_collections.ConfigDict:
   c.data.config = ''                # TFDS builder config ('' = the builder's default)
   c.data.data_dir = ''              # TFDS data dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
   c.data.manual_dir = ''            # where the hand-downloaded raw files are, to build a missing dataset
+  c.data.skip_bad_examples = False  # a build started here leaves out (and lists) malformed examples
   c.data.train_split = 'train'      # split to train on
   c.data.test_split = 'test'        # split to evaluate on
   c.data.num_workers = 0            # Grain worker processes (0: in the main process; best on 2 cores)
@@ -86,6 +87,9 @@ def get_base_config(layout: str, dataset: str) -> ml_collections.ConfigDict:
   c.eval_every_epochs = 1           # evaluate model and EMA on the test split
   c.checkpoint_every_epochs = 1     # save a checkpoint (also on SIGTERM and at the end)
   c.keep_checkpoints = 3            # latest N kept, besides the best by NME
+  c.model_selection = 'official'    # the best checkpoint: 'official' = the lower NME of the weights and
+                                    # their EMA at each evaluation (the official trainer's best_model.pkl),
+                                    # 'ema' = the EMA's NME alone (star_jax before the official protocol)
   c.progress = True                 # progress bar with images/s and ETA
   return c
 

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from star_jax import cli
+from star_jax.data import annotations
 from star_jax.data import crop as crop_lib
 from star_jax.inference import face_detect
 
@@ -32,10 +33,8 @@ MIN_SIDE = 450  # small photos are enlarged so that the boxes and labels stay re
 
 
 def read_pts(path: pathlib.Path) -> np.ndarray:
-  """iBUG .pts (1-based) -> (N, 2) 0-based pixels."""
-  lines = path.read_text().splitlines()
-  start = lines.index('{') + 1
-  return np.array([[float(v) for v in line.split()] for line in lines[start:lines.index('}')]]) - 1.0
+  """A 68-point iBUG .pts file (1-based) -> (68, 2) float32 0-based pixels (the datasets' reader)."""
+  return annotations.read_pts(path, 68)
 
 
 def is_annotated(box, truth) -> bool:

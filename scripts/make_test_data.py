@@ -461,7 +461,7 @@ def make_train_step(src: Sources, out: pathlib.Path) -> None:
   spec = importlib.util.spec_from_file_location('make_train_step_golden', REPO / 'scripts' / 'make_train_step_golden.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  if module.main(['--reference', str(_input(src.reference, 'train_step.npz')),
+  if module.main(['make_train_step_golden.py', '--reference', str(_input(src.reference, 'train_step.npz')),
                   '--output', str(out / 'train_step_golden.npz')]):
     raise cli.UserError('make_train_step_golden.py failed (see above)')
 

@@ -1,7 +1,7 @@
 """Makes tests/data/train_step_golden.npz, the compact golden data of tests/test_train_step_parity.py.
 
   python scripts/make_train_step_golden.py --reference PATH/train_step.npz \
-      --output tests/data/train_step_golden.npz [--radius-from OLD_GOLDEN.npz]
+      --output tests/data/train_step_golden.npz [--radius_from OLD_GOLDEN.npz]
 
 Input: the float64 reference of three official training steps (train_step.npz, described in the
 reference README). Output: what the test needs from it, about a quarter of the size. `decode` turns
@@ -32,18 +32,19 @@ so a 1e-8 comparison needs them. They are computed here
 with PyTorch (the same float32 operations as the official code), which must therefore be installed,
 on a CPU whose MKL rounds as the reference machine's did (an AMD EPYC / AVX2 machine did); the test
 shows it (step-1 losses within 1e-12 with the right values, ~1e-6 off with wrong ones).
-`--radius-from` instead copies them from an earlier output of this script (no PyTorch needed).
+`--radius_from` instead copies them from an earlier output of this script (no PyTorch needed).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import pathlib
-import sys
 
+from absl import flags
 import numpy as np
+
+from star_jax import cli
 
 FORMAT = 'star_jax train_step golden v1'
 RADIUS_SIZES = (64, 16)   # input side (stem CoordConv) and map side (hourglass CoordConvs)
@@ -203,15 +204,19 @@ def decode(stored) -> dict:
   return out
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--reference', required=True, help='the shared float64 train_step.npz')
-  parser.add_argument('--output', required=True, help='where to write the compact golden .npz')
-  parser.add_argument('--radius-from', default='',
-                      help='copy the official radius channels from this earlier output instead of '
-                           'computing them with PyTorch')
-  args = parser.parse_args(argv)
-
+def _make(argv: list[str]) -> int:
+  command = cli.Command(__doc__, argv)
+  fv = command.fv
+  flags.DEFINE_string('reference', None, 'the shared float64 train_step.npz', flag_values=fv)
+  flags.DEFINE_string('output', None, 'where to write the compact golden .npz', flag_values=fv)
+  flags.DEFINE_string('radius_from', '', 'copy the official radius channels from this earlier output instead of '
+                      'computing them with PyTorch', flag_values=fv)
+  if command.parse():
+    raise flags.Error('no positional arguments are taken')
+  command.require('reference', 'output')
+  args = fv
+  if not pathlib.Path(args.reference).is_file():
+    raise cli.UserError(f'--reference {args.reference} is not a file')
   with np.load(args.reference) as f:
     reference = {k: f[k] for k in f.files}
   stored, errors = encode(reference)
@@ -223,9 +228,8 @@ def main(argv=None) -> int:
     try:
       import torch  # pylint: disable=import-outside-toplevel
     except ImportError:
-      print('PyTorch is needed for the official CoordConv radius channels (see the module '
-            'docstring), or pass --radius-from an earlier output', file=sys.stderr)
-      return 2
+      raise cli.UserError('PyTorch is needed for the official CoordConv radius channels (see the module '
+                          'docstring), or pass --radius_from an earlier output') from None
     radius = {n: official_radius_with_torch(n) for n in RADIUS_SIZES}
     source = f'torch {torch.__version__}: torch.sqrt (MKL VML) on a CPU'
   for n, r in radius.items():
@@ -244,5 +248,9 @@ def main(argv=None) -> int:
   return 0
 
 
+def main(argv=None) -> int:
+  return cli.guarded(_make, argv, __doc__)
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(main)

@@ -7,8 +7,10 @@ tester does, and compare every published figure with ours.
 
 The dataset is built from the hand-downloaded files in --manual_dir when it is not built yet (with the
 ADNet / STAR metadata train.tsv / test.tsv there, as behind the published numbers). --pytorch converts
-an official checkpoint (its `net`, what the official tester evaluates); --checkpoint is one of ours
-(its default weights). Prints and writes OUT/reproduce.md and OUT/reproduce.json: for every published
+an official checkpoint (its `net`, what the official tester evaluates); --checkpoint is one of ours:
+its best checkpoint by the official protocol, with the weights that won there (--step and --weights
+choose others). The table names the step and weights scored and whether they are the best by the
+official protocol. Prints and writes OUT/reproduce.md and OUT/reproduce.json: for every published
 row (overall and per subset, each normalisation the paper reports) the published value, ours, the
 difference, and the verdict against the tolerance (default: the paper's rounding, which a converted
 official checkpoint on the official metadata must reach). Exit status 0 when every row is reproduced,
@@ -52,6 +54,10 @@ def _reproduce(argv: list[str]) -> int:
   flags.DEFINE_string('data_dir', None, "TFDS data dir (default: the config's)", flag_values=fv)
   flags.DEFINE_string('pytorch', None, 'official PyTorch STAR checkpoint (.pkl)', flag_values=fv)
   flags.DEFINE_string('checkpoint', None, 'star_jax checkpoint directory or training workdir', flag_values=fv)
+  flags.DEFINE_string('step', None, "--checkpoint: 'best' (the default), 'latest' or a step number", flag_values=fv)
+  flags.DEFINE_enum('weights', None, ['model', 'ema'], "--checkpoint: the weights (default: those that won the "
+                    "step's evaluation); --pytorch: model is the .pkl's net (the default), ema its net_ema",
+                    flag_values=fv)
   flags.DEFINE_string('output', 'reproduce', 'where the table goes', flag_values=fv)
   flags.DEFINE_string('tolerance', '', "metric=allowed difference, paper units (default: the paper's "
                       'rounding, nme=0.005,fr=0.005,auc=0.0005)', flag_values=fv)
@@ -66,6 +72,7 @@ def _reproduce(argv: list[str]) -> int:
   from star_jax import config_lib  # pylint: disable=import-outside-toplevel
   from star_jax import convert_pytorch  # pylint: disable=import-outside-toplevel
   from star_jax.data import build  # pylint: disable=import-outside-toplevel
+  from star_jax.evaluation import report  # pylint: disable=import-outside-toplevel
   from star_jax.evaluation import reproduce  # pylint: disable=import-outside-toplevel
   from star_jax.evaluation import scoring  # pylint: disable=import-outside-toplevel
   from star_jax.layouts import get_layout  # pylint: disable=import-outside-toplevel
@@ -87,18 +94,22 @@ def _reproduce(argv: list[str]) -> int:
 
   # ---- The model: converted, or ours ----
   with tempfile.TemporaryDirectory(prefix='star_jax_reproduce_') as tmp:
-    directory = fv.checkpoint
+    directory, step, weights = fv.checkpoint, fv.step or 'best', fv.weights
     if fv.pytorch:
+      if fv.step is not None:
+        raise cli.UserError('--step is for --checkpoint; an official .pkl holds one network')
       if not os.path.isfile(fv.pytorch):
         raise cli.UserError(f'PyTorch checkpoint {fv.pytorch} does not exist')
       directory = os.path.join(tmp, 'converted')
+      official = 'net_ema' if fv.weights == 'ema' else 'net'
       try:
         # The official tester evaluates `net` of best_model.pkl.
-        convert_pytorch.convert_checkpoint(fv.pytorch, config, directory, weights='net')
+        convert_pytorch.convert_checkpoint(fv.pytorch, config, directory, weights=official)
       except (ValueError, OSError, KeyError) as e:
         raise cli.UserError(f'cannot convert {fv.pytorch} for the {config.layout} config: {e}') from None
+      step, weights = 'latest', 'model'
     try:
-      loaded = checkpoints.load_model(directory)
+      loaded = checkpoints.load_model(directory, step=checkpoints.parse_step(step), weights=weights)
       checkpoints.check_compatible(loaded.config, config)
     except (FileNotFoundError, ValueError) as e:
       raise cli.UserError(f'cannot use the checkpoint: {e}') from None
@@ -109,14 +120,22 @@ def _reproduce(argv: list[str]) -> int:
   if not table:
     raise cli.UserError(f'no published numbers for {config.data.name!r} in the {layout.name} layout')
   markdown = reproduce.markdown(table)
-  what = fv.pytorch or f'{fv.checkpoint} (step {loaded.step}, {loaded.weights} weights)'
+  if fv.pytorch:
+    chosen = {'step': None, 'weights': official, 'best_by_protocol': official == 'net',
+              'chosen_by': "the .pkl's net, what the official tester evaluates" if official == 'net' else
+              "the .pkl's net_ema, as asked", 'best': None}
+    what = f'{fv.pytorch} ({official}{report.selection_note(chosen)})'
+  else:
+    chosen = loaded.describe()
+    what = f'{fv.checkpoint} (step {loaded.step}, {loaded.weights} weights{report.selection_note(chosen)})'
   text = (f'# Reproducing the published {layout.name} table\n\n- model: {what}\n- data: {config.data.name} '
           f'{config.data.test_split}, {len(results["pred"])} images\n\n{markdown}\n')
   out = pathlib.Path(fv.output)
   out.mkdir(parents=True, exist_ok=True)
   (out / 'reproduce.md').write_text(text)
   (out / 'reproduce.json').write_text(json.dumps({
-      'model': what, 'dataset': str(config.data.name), 'num_images': int(len(results['pred'])),
+      'model': what, **chosen, 'dataset': str(config.data.name),
+      'num_images': int(len(results['pred'])),
       'rows': [dict(vars(r), difference=r.difference, verdict=r.verdict) for r in table]}, indent=1))
   print(text)
   ok = reproduce.all_reproduced(table)

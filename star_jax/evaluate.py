@@ -1,13 +1,24 @@
 """Evaluate a checkpoint on a dataset's test split: NME, FR and AUC overall and per subset.
 
   python -m star_jax.evaluate --config configs/wflw.py --checkpoint DIR [--norm ocular|pupil]
-      [--use_ema|--nouse_ema] [--step N] [--output OUT]
+      [--step best|latest|N] [--weights model|ema] [--output OUT]
   python -m star_jax.evaluate --config configs/wflw.py --pytorch WFLW_STARLoss_NME_4_02_FR_2_32_AUC_0_605.pkl
 
 (`python scripts/evaluate.py ...` is the same command.) --checkpoint is a star_jax checkpoint
 directory or a training workdir (trained here, or written by `python -m star_jax.convert_pytorch`);
 --pytorch converts an official PyTorch checkpoint on the fly (into a temporary folder; PyTorch is not
-needed). The dataset comes from the config and can be changed from the command line, e.g.
+needed).
+
+Which weights (the official protocol): by default the best checkpoint of the run with the weights
+that won there. The official trainer scores the network and its EMA at every evaluation and keeps
+whichever has the lowest NME so far as best_model.pkl, whose `net` its tester evaluates; our trainer
+records the same choice with each evaluated checkpoint (README, "Relation to the official code").
+--step chooses a step ('best', 'latest' or a number; with a number the weights default to the ones
+that won that step's evaluation) and --weights the weights (model or ema; --use_ema / --nouse_ema
+are the same as --weights=ema / model). Workdirs trained before the official protocol rank by the
+EMA alone. For --pytorch the default is the `.pkl`'s `net`, what the official tester evaluates
+(--weights=ema: its `net_ema`). Reports say which step and weights were scored, how they were chosen
+and whether they are the best by the official protocol. The dataset comes from the config and can be changed from the command line, e.g.
 `--config.data.data_dir=~/tensorflow_datasets`, `--config.data.max_eval_examples=100`,
 `--config.eval_batch_size=16`.
 
@@ -50,13 +61,14 @@ def _flags(argv):
                       'checkpoints/)', flag_values=fv)
   flags.DEFINE_string('pytorch', None, 'official PyTorch STAR checkpoint (.pkl), converted on the fly',
                       flag_values=fv)
-  flags.DEFINE_integer('step', None, 'checkpoint step (default: the latest)', flag_values=fv)
+  flags.DEFINE_string('step', None, "checkpoint step: 'best' (the default: the best by the official "
+                      "protocol), 'latest' or a step number", flag_values=fv)
+  flags.DEFINE_enum('weights', None, ['model', 'ema'], 'the weights to evaluate (default: those that won the '
+                    "step's evaluation; for --pytorch the .pkl's net, i.e. model)", flag_values=fv)
   flags.DEFINE_enum('norm', None, ['ocular', 'pupil'],
                     "NME normalisation (default: the layout's: ocular for WFLW and 300W, pupil for COFW)",
                     flag_values=fv)
-  flags.DEFINE_bool('use_ema', None, 'evaluate the EMA weights when the checkpoint has them (default: yes '
-                    "for --checkpoint; for --pytorch the official tester's choice, 'net', i.e. no)",
-                    flag_values=fv)
+  flags.DEFINE_bool('use_ema', None, 'the same as --weights=ema (--nouse_ema: --weights=model)', flag_values=fv)
   flags.DEFINE_string('output', None, "where the report goes (default '<checkpoint>_eval')", flag_values=fv)
   flags.DEFINE_bool('progress', True, 'show a progress bar', flag_values=fv)
   rest = command.parse()
@@ -68,13 +80,26 @@ def _flags(argv):
   return fv, command.config
 
 
+def weights_choice(weights: str | None, use_ema: bool | None) -> str | None:
+  """'model', 'ema' or None (the default) from --weights and the older --use_ema / --nouse_ema."""
+  from_use_ema = None if use_ema is None else ('ema' if use_ema else 'model')
+  if weights is not None and from_use_ema is not None and weights != from_use_ema:
+    raise cli.UserError(f'--weights={weights} and --{"" if use_ema else "no"}use_ema contradict each other: '
+                        'give one of them')
+  return weights or from_use_ema
+
+
 def _load(fv, config, tmp: str):
-  """The model to evaluate: (LoadedModel, where it came from, the weights' name for the report)."""
+  """The model to evaluate: (LoadedModel, where it came from, what was read for the report: step, weights,
+  best_by_protocol, chosen_by, best)."""
   from star_jax import convert_pytorch  # pylint: disable=import-outside-toplevel
   from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
 
+  weights = weights_choice(fv.weights, fv.use_ema)
   if fv.pytorch:
-    use_ema = bool(fv.use_ema) if fv.use_ema is not None else False
+    if fv.step is not None:
+      raise cli.UserError('--step is for --checkpoint directories; an official .pkl holds one network')
+    use_ema = weights == 'ema'
     where = f'PyTorch checkpoint {fv.pytorch}'
     if not os.path.isfile(fv.pytorch):
       raise cli.UserError(f'PyTorch checkpoint {fv.pytorch} does not exist')
@@ -83,20 +108,30 @@ def _load(fv, config, tmp: str):
       convert_pytorch.convert_checkpoint(fv.pytorch, config, directory, weights='net_ema' if use_ema else 'net')
     except (ValueError, OSError, KeyError) as e:
       raise cli.UserError(f'cannot convert {fv.pytorch} for the {config.layout} config: {e}') from None
+    step, weights = None, 'model'
   else:
-    use_ema = True if fv.use_ema is None else bool(fv.use_ema)
     where = f'checkpoint {fv.checkpoint}'
     directory = fv.checkpoint
+    try:
+      step = checkpoints.parse_step(fv.step if fv.step is not None else 'best')
+    except ValueError as e:
+      raise cli.UserError(f'--step: {e}') from None
   try:
-    loaded = checkpoints.load_model(directory, step=fv.step, weights=None if use_ema else 'model')
+    loaded = checkpoints.load_model(directory, step=step, weights=weights)
   except (FileNotFoundError, ValueError) as e:
     raise cli.UserError(f'cannot load the {where}: {e}') from None
-  weights = ('net_ema' if use_ema else 'net') if fv.pytorch else loaded.weights
+  described = loaded.describe()
+  if fv.pytorch:
+    # The official tester evaluates `net` (in best_model.pkl: the official trainer's best of the network
+    # and its EMA); the step of a converted checkpoint means nothing.
+    described = {'step': loaded.step, 'weights': 'net_ema' if use_ema else 'net', 'best_by_protocol': not use_ema,
+                 'chosen_by': "the .pkl's net_ema, as asked" if use_ema else
+                 "the .pkl's net, what the official tester evaluates", 'best': None}
   try:
     checkpoints.check_compatible(loaded.config, config)
   except ValueError as e:
     raise cli.UserError(f'{where}: {e}') from None
-  return loaded, where, weights
+  return loaded, where, described
 
 
 def _evaluate(argv: list[str]) -> int:
@@ -118,7 +153,8 @@ def _evaluate(argv: list[str]) -> int:
 
   # ---- The model ----
   with tempfile.TemporaryDirectory(prefix='star_jax_converted_') as tmp:
-    loaded, where, weights = _load(fv, config, tmp)
+    loaded, where, chosen = _load(fv, config, tmp)
+  weights = chosen['weights']
 
   # ---- The data ----
   split = config.data.test_split
@@ -129,9 +165,12 @@ def _evaluate(argv: list[str]) -> int:
   num_examples = pipeline.num_eval_examples(config, source)
 
   # ---- Predict ----
-  print(f'evaluating {where} (step {loaded.step}, {weights} weights) on {config.data.name}/'
-        f'{config.data.config or "default"} {split} ({num_examples} images)', flush=True)
-  results = scoring.evaluate_model(loaded.model, config, source, progress=fv.progress)
+  print(f'evaluating {where} (step {loaded.step}, {weights} weights{report.selection_note(chosen)}) on '
+        f'{config.data.name}/{config.data.config or "default"} {split} ({num_examples} images)', flush=True)
+  try:
+    results = scoring.evaluate_model(loaded.model, config, source, progress=fv.progress)
+  except pipeline.BadRecordError as e:  # a damaged record of the dataset, named
+    raise cli.UserError(f'{config.data.name} {split}: {e}') from None
   size = int(config.data.image_size)
   wall = results['wall_seconds']
   fields = report.record_fields(source, results['index'], ('image_name', 'video', 'frame', 'frame_offset'))
@@ -160,7 +199,7 @@ def _evaluate(argv: list[str]) -> int:
   info = {
       'checkpoint': os.path.abspath(fv.checkpoint) if fv.checkpoint else None,
       'pytorch': os.path.abspath(fv.pytorch) if fv.pytorch else None,
-      'step': loaded.step, 'weights': weights, 'layout': layout.name, 'num_points': layout.num_points,
+      **chosen, 'layout': layout.name, 'num_points': layout.num_points,
       'dataset': str(config.data.name), 'dataset_config': str(config.data.config), 'split': str(split),
       'data_dir': str(config.data.data_dir), 'num_images': int(len(nmes)), 'norm': norm,
       'threshold': layout.threshold, 'image_size': size, 'device': device,

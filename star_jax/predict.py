@@ -37,6 +37,9 @@ the frames/s), and prints the frames/s.
 The checkpoint is any star_jax checkpoint directory or training workdir (trained here, or converted
 from the official PyTorch release with `python -m star_jax.convert_pytorch`), or an official .pkl
 itself, converted in memory (--config says which config, by default the one of its number of points).
+By default a workdir's best checkpoint by the official protocol runs, with the weights that won there
+(--step best|latest|N and --weights model|ema choose; the JSON says which step and weights ran and
+whether they are the best); a .pkl's `net`, what the official tester runs (--weights=ema: `net_ema`).
 --model instead runs an ONNX file written by `python -m star_jax.export` in onnxruntime: the same
 outputs, and this path imports no JAX, so an install of numpy, opencv-python-headless, absl-py, tqdm
 and onnxruntime is enough (README, "Deploy").
@@ -115,9 +118,12 @@ def _flags(argv):
   flags.DEFINE_integer('batch_size', 8, 'faces per forward pass', lower_bound=1, flag_values=fv)
   flags.DEFINE_bool('refine', True, 'second pass cropped by the predicted landmarks, as the official demo '
                     'crops (--norefine keeps the first pass)', flag_values=fv)
-  flags.DEFINE_integer('step', None, 'checkpoint step (default: the latest)', flag_values=fv)
-  flags.DEFINE_bool('use_ema', True, 'use the EMA weights when the checkpoint has them (for an official .pkl: '
-                    "'net' unless --use_ema is given)", flag_values=fv)
+  flags.DEFINE_string('step', None, "checkpoint step: 'best' (the default: the best by the official protocol, "
+                      "the lower NME of the weights and their EMA at each evaluation), 'latest' or a number",
+                      flag_values=fv)
+  flags.DEFINE_enum('weights', None, ['model', 'ema'], "the weights (default: those that won the step's "
+                    "evaluation; for an official .pkl its net, i.e. model; ema: its net_ema)", flag_values=fv)
+  flags.DEFINE_bool('use_ema', None, 'the same as --weights=ema (--nouse_ema: --weights=model)', flag_values=fv)
   flags.DEFINE_string('config', None, 'for an official .pkl checkpoint only: wflw, 300w, cofw or a config file '
                       '(default: by its number of points, 98 wflw, 68 300w, 29 cofw)', flag_values=fv)
   flags.DEFINE_bool('video', False, 'treat every folder given as the frames of one video (in the natural '
@@ -137,7 +143,7 @@ def _flags(argv):
     raise flags.Error('give --checkpoint (a checkpoint) or --model (an exported ONNX file), one of them')
   command.require('output')
   if fv.model is not None:
-    ignored = [f'--{n}' for n in ('step', 'use_ema', 'config') if fv[n].present]
+    ignored = [f'--{n}' for n in ('step', 'use_ema', 'weights', 'config') if fv[n].present]
     if ignored:
       raise flags.Error(f'{", ".join(ignored)}: for --checkpoint only; an ONNX model holds the weights it was '
                         'exported with')
@@ -181,16 +187,31 @@ def load_landmarker(fv, box, **options):
       return landmarker_lib.FaceLandmarker.from_onnx(path, **common)
     except (FileNotFoundError, ValueError, ImportError) as e:
       raise cli.UserError(f'cannot run the ONNX model: {e}') from None
+  from star_jax.evaluate import weights_choice  # pylint: disable=import-outside-toplevel  (JAX: not for --model)
+  from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
+
+  weights = weights_choice(fv.weights, fv.use_ema)
   if path.is_dir():
-    kwargs = {'step': fv.step, 'weights': None if fv.use_ema else 'model'}
+    try:
+      step = checkpoints.parse_step(fv.step if fv.step is not None else 'best')
+    except ValueError as e:
+      raise cli.UserError(f'--step: {e}') from None
+    kwargs = {'step': step, 'weights': weights}
     if fv.config:
       raise cli.UserError('--config is for an official .pkl checkpoint; a checkpoint directory carries its own')
   else:
-    kwargs = {'config': fv.config, 'weights': 'net_ema' if fv.use_ema and fv['use_ema'].present else 'net'}
+    if fv.step is not None:
+      raise cli.UserError('--step is for checkpoint directories; an official .pkl holds one network')
+    kwargs = {'config': fv.config, 'weights': 'net_ema' if weights == 'ema' else 'net'}
   try:
     return landmarker_lib.FaceLandmarker.from_checkpoint(path, **common, **kwargs)
   except (FileNotFoundError, ValueError, KeyError) as e:
     raise cli.UserError(f'cannot load the checkpoint {fv.checkpoint!r}: {e}') from None
+
+
+def _selection(landmarker) -> dict:
+  """Which step and weights run, for the JSON files (a landmarker not made by from_checkpoint says less)."""
+  return landmarker.selection or {'step': landmarker.step, 'weights': landmarker.weights}
 
 
 def _predict(argv: list[str]) -> int:
@@ -219,8 +240,8 @@ def _predict(argv: list[str]) -> int:
     options = video.VideoOptions(faces=fv.faces, redetect_every=fv.redetect_every, smooth=fv.smooth,
                                  smooth_min_cutoff=fv.smooth_min_cutoff, smooth_beta=fv.smooth_beta, fps=fv.fps,
                                  show_ambiguity=fv.show_ambiguity, box=box)
-    info = {'checkpoint': landmarker.checkpoint, 'step': landmarker.step, 'weights': landmarker.weights,
-            'layout': str(landmarker.layout), 'detector': None if box is not None else fv.detector}
+    info = {'checkpoint': landmarker.checkpoint, **_selection(landmarker), 'layout': str(landmarker.layout),
+            'detector': None if box is not None else fv.detector}
     for source, stem in zip(videos, output_stems([v.path for v in videos])):
       summary = video.process_video(source, landmarker, out_dir, options, stem, warn, info)
       if summary is None:
@@ -267,7 +288,7 @@ def _predict_photos(fv, box, landmarker, paths, out_dir, warn) -> int:
     for (path, stem, image, _), results in zip(items, all_results):
       h, w = image.shape[:2]
       record = {'image': str(path), 'width': w, 'height': h, 'checkpoint': landmarker.checkpoint,
-                'step': landmarker.step, 'weights': landmarker.weights, 'layout': landmarker.layout,
+                **_selection(landmarker), 'layout': landmarker.layout,
                 'num_points': int(results[0].landmarks.shape[0]),
                 'detector': None if box is not None else fv.detector,
                 'coordinates': '0-based image pixels (x, y)',

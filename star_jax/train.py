@@ -5,10 +5,15 @@ from the command line: `--config.batch_size=64 --config.model.dtype=bfloat16`. T
 the latest checkpoint in --workdir. For several processes (hosts), start one per host with
 --coordinator, --num_processes and --process_id (or rely on the cluster's auto-detection with
 --distributed, see scripts/launch_multihost.sh).
+
+One run writes a workdir at a time (a second one stops at once). A resumed run refuses a config that
+changes results (see star_jax/training/workdir.py, FREE_KEYS, for the fields that may change) unless
+--allow_config_change is given; the change is then recorded in <workdir>/config_changes.jsonl.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import shlex
 
@@ -30,6 +35,9 @@ def _train(argv: list[str]) -> int:
                     '(SLURM, Open MPI, Kubernetes, Cloud TPU)', flag_values=fv)
   flags.DEFINE_string('cpu_collectives', None, "CPU cross-process collectives ('gloo'), for CPU clusters",
                       flag_values=fv)
+  flags.DEFINE_bool('allow_config_change', False, 'resume even when the config differs from the '
+                    "checkpoint's in fields that change results (recorded in <workdir>/config_changes.jsonl)",
+                    flag_values=fv)
   rest = command.parse()
   if rest:
     raise flags.Error(f'unexpected arguments: {" ".join(rest)}')
@@ -41,12 +49,19 @@ def _train(argv: list[str]) -> int:
     jax.distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id)
   elif fv.distributed:
     jax.distributed.initialize()
-  from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
-  from star_jax.training import loop  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from star_jax.data.annotations import AnnotationError
+  from star_jax.data.pipeline import BadRecordError
+  from star_jax.training import checkpoints
+  from star_jax.training import loop
+  from star_jax.training import workdir
+  # pylint: enable=import-outside-toplevel
   cli.setup_logging()
   try:
-    final = loop.train_and_evaluate(command.config, fv.workdir)
-  except checkpoints.InitFromError as e:
+    final = loop.train_and_evaluate(command.config, fv.workdir, allow_config_change=fv.allow_config_change)
+  except (workdir.WorkdirError, checkpoints.CheckpointError, checkpoints.InitFromError, loop.NonFiniteLossError,
+          BadRecordError, AnnotationError, FileNotFoundError) as e:
+    # Problems the user can act on: one message, no traceback (the log above says what happened).
     raise cli.UserError(str(e)) from None
   if jax.process_index() == 0:
     print(last_word(command.config, fv.workdir, final, argv), flush=True)
@@ -104,6 +119,17 @@ def last_word(config, workdir: str, final: dict, argv: list[str]) -> str:
                      f'{final[f"{name}/auc"]:7.3f}')
   else:
     lines.append('(no evaluation in this invocation: it stopped before the end, or the run was already complete)')
+  best = final.get('best') if final else None
+  if best is None:
+    # Evaluations of earlier invocations (a resumed or already complete run) are ranked too.
+    from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
+    found = checkpoints.best_checkpoint(workdir_path)
+    best = dataclasses.asdict(found) if found is not None else None
+  if best:
+    rule = ('the official model selection: the lower NME of the weights and their EMA at each evaluation'
+            if best['rule'] == 'official' else f'model selection: {best["rule"]}')
+    lines.append(f'best checkpoint ({rule}): step {best["step"]}, {best["weights"]} weights, NME '
+                 f'{100 * best["nme"]:.2f}%; evaluate and predict use it by default (--step, --weights to choose)')
   lines.append('next:')
   lines.append('  ' + quote(['python', '-m', 'star_jax.evaluate', *_config_args(argv), '--checkpoint', workdir_path]))
   if config.data.name == 'synthetic_faces':

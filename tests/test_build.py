@@ -90,8 +90,10 @@ def test_crop_rule_counts_and_summary():
   scale, center = rule('c.jpg', face + 60, [0, 0, 20, 40])           # not in the file: box rule
   assert scale == pytest.approx(20 / 200 * 1.05) and center.tolist() == [10, 20]
   assert rule.summary() == {'rule': 'official_tsv', 'metadata_file': 'test.tsv', 'matched': 1,
-                            'box_rule_fallbacks': 1, 'metadata_minus_raw_median_offset': [1.0, 1.0]}
-  assert crop.CropRule(None).summary() == {'rule': 'box_rule'}
+                            'box_rule_fallbacks': 1, 'metadata_minus_raw_median_offset': [1.0, 1.0],
+                            'metadata_minus_raw_max_mean_distance': pytest.approx(np.sqrt(2), abs=1e-4),
+                            'landmarks': crop.RAW_LANDMARKS}   # the crop alone was asked for
+  assert crop.CropRule(None).summary() == {'rule': 'box_rule', 'landmarks': crop.RAW_LANDMARKS}
 
 
 def test_rule_for_split_uses_the_split_file(tmp_path):
@@ -217,6 +219,7 @@ def test_load_source_builds_generated_datasets_without_manual_dir(tmp_path, monk
     def __init__(self, **kwargs):
       self.kwargs = kwargs
       self.data_dir = kwargs['data_dir']
+      self.data_path = tmp_path / 'synthetic_faces' / 'small' / '1.0.0'
 
     def is_prepared(self):
       return bool(built)

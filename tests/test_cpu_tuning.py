@@ -72,6 +72,7 @@ def test_untuned_environment_restores_the_callers(monkeypatch):
 
 
 def test_status_reports_what_is_on(monkeypatch):
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')   # (on a GPU machine the tuning is 'off' whatever is set)
   monkeypatch.setattr(cpu_tuning, '_jaxlib_version', lambda: '0.10.2')
   monkeypatch.setenv('STAR_JAX_CPU_TUNING', '1')
   monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=1')
@@ -86,3 +87,48 @@ def test_bad_switch_value_names_the_variable(monkeypatch):
   monkeypatch.setenv('STAR_JAX_CPU_TUNING', 'false')
   with pytest.raises(ValueError, match="STAR_JAX_CPU_TUNING must be 0 or 1, got 'false'"):
     cpu_tuning.enabled()
+
+
+# ---- Per backend: nothing of the CPU tuning where JAX will run on an accelerator ---------------------
+
+@pytest.mark.parametrize('platforms, expected', [
+    ('cuda', True), ('gpu', True), ('cuda,cpu', True), (' CUDA ', True), ('rocm', True), ('tpu', True),
+    ('cpu', False), ('cpu,cuda', False)])
+def test_accelerator_expected_from_jax_platforms(monkeypatch, platforms, expected):
+  monkeypatch.setenv('JAX_PLATFORMS', platforms)
+  monkeypatch.setattr(cpu_tuning, '_installed', lambda distribution: True)   # JAX_PLATFORMS decides
+  assert cpu_tuning.accelerator_expected() is expected
+
+
+def test_accelerator_expected_from_an_installed_plugin(monkeypatch):
+  monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+  for plugin in ('jax-cuda12-plugin', 'jax-cuda13-plugin', 'jax-rocm7-plugin', 'libtpu'):
+    monkeypatch.setattr(cpu_tuning, '_installed', lambda distribution, p=plugin: distribution == p)
+    assert cpu_tuning.accelerator_expected(), plugin
+  monkeypatch.setattr(cpu_tuning, '_installed', lambda distribution: False)
+  assert not cpu_tuning.accelerator_expected()
+
+
+def test_setup_process_does_nothing_for_an_accelerator(monkeypatch):
+  """On a GPU machine (JAX_PLATFORMS naming it, or a CUDA plugin installed) neither the XLA:CPU flag nor
+  the huge-page re-exec is applied, and the benchmarks report the tuning 'off'; the same process bound
+  for the CPU is tuned."""
+  monkeypatch.setenv('STAR_JAX_CPU_TUNING', '1')
+  monkeypatch.setattr(cpu_tuning, '_jaxlib_version', lambda: '0.10.2')   # a version the flag is added for
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.hugetlb=1')
+  reexecs = []
+  monkeypatch.setattr(cpu_tuning, 'reexec_with_malloc_tuning', lambda: reexecs.append(1))
+  for accelerator in ({'JAX_PLATFORMS': 'cuda'}, {'JAX_PLATFORMS': None, 'plugin': True}):
+    if accelerator['JAX_PLATFORMS']:
+      monkeypatch.setenv('JAX_PLATFORMS', accelerator['JAX_PLATFORMS'])
+    else:
+      monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+    monkeypatch.setattr(cpu_tuning, '_installed', lambda distribution: distribution == 'jax-cuda13-plugin')
+    cpu_tuning.setup_process()
+    assert reexecs == [] and 'XLA_FLAGS' not in os.environ
+    assert cpu_tuning.status() == 'off'
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  cpu_tuning.setup_process()
+  assert reexecs == [1] and 'xla_cpu' in os.environ['XLA_FLAGS']
+  assert cpu_tuning.status() == 'on'

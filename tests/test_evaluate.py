@@ -192,13 +192,16 @@ def test_evaluate_and_predict_a_training_workdir(tfds_dir, tmp_path, capsys):
                         env=dict(os.environ, JAX_PLATFORMS='cpu', **COMPILE_CACHE_ENV))
   assert proc.returncode == 0, proc.stderr[-3000:]
   # The trainer's checkpoint (with its optimizer state and data iterator) loads by its workdir, and
-  # our evaluation reproduces the trainer's own final evaluation of the EMA weights.
+  # our evaluation reproduces the trainer's own final evaluation of the weights that won it (the
+  # official model selection: the better of the weights and their EMA; its only evaluation is the best).
   out = tmp_path / 'report'
   assert _run(f'--checkpoint={workdir}', f'--config.data.data_dir={tfds_dir}', f'--output={out}',
               '--noprogress') == 0
   rows = json.loads((out / 'metrics.json').read_text())['rows']
   trainer_metrics = json.loads((workdir / 'final_metrics.json').read_text())
-  assert rows[0]['nme'] == pytest.approx(100 * trainer_metrics['ema/nme'], rel=1e-5)
+  assert rows[0]['nme'] == pytest.approx(100 * trainer_metrics['nme'], rel=1e-5)
+  info = json.loads((out / 'metrics.json').read_text())['info']
+  assert (info['step'], info['weights'], info['best_by_protocol']) == (2, trainer_metrics['best_weights'], True)
   # The predict command runs on it too.
   face = synthetic.generate(0, 'test', 0)
   image = tmp_path / 'face.png'

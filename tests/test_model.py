@@ -269,3 +269,22 @@ def test_matmul_weight_gradient_convolution_matches_autodiff(stride):
   ct = jax.random.normal(jax.random.key(8), y.shape)
   for a, b in zip(vjp(ct), vjp_ref(ct)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_only_convolution_gradient_is_chosen_on_the_cpu_alone(monkeypatch):
+  """`matmul_weight_gradients` (the XLA:CPU weight-gradient VJP) is chosen for wide 3x3 convolutions on
+  the CPU backend only: on a GPU (or TPU) the convolution keeps XLA's (cuDNN's) own gradient."""
+  from star_jax.models import layers
+  wide, narrow, small_map = (8, 64, 64, 128), (8, 64, 64, 64), (8, 16, 16, 256)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+  assert layers.matmul_weight_gradients(wide, 1)
+  assert not layers.matmul_weight_gradients(narrow, 1) and not layers.matmul_weight_gradients(small_map, 1)
+  conv = layers.Conv2d(128, 8, 3, rngs=nnx.Rngs(0))
+  graph, params = nnx.split(conv)
+  x = jnp.ones((1, 32, 32, 128))
+  grad_jaxpr = lambda: str(jax.make_jaxpr(jax.grad(lambda p: nnx.merge(graph, p)(x).sum()))(params))
+  assert 'scan' in grad_jaxpr()   # the per-tap matmul loop of conv_matmul_weight_grad
+  for backend in ('gpu', 'cuda', 'rocm', 'tpu'):
+    monkeypatch.setattr(jax, 'default_backend', lambda b=backend: b)
+    assert not layers.matmul_weight_gradients(wide, 1), backend
+    assert 'scan' not in grad_jaxpr() and 'conv_general_dilated' in grad_jaxpr(), backend

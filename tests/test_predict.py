@@ -13,16 +13,15 @@ import pytest
 from conftest import REPO, load_config
 from star_jax import drawing as plots
 from star_jax import predict
+from star_jax.data import annotations
 from star_jax.data import crop as crop_lib
 from star_jax.data import transforms
 from star_jax.inference import face_detect
 from star_jax.inference import predictor
 
 def _read_pts(path: pathlib.Path) -> np.ndarray:
-  """iBUG .pts (1-based) -> (N, 2) 0-based pixels."""
-  lines = path.read_text().splitlines()
-  start = lines.index('{') + 1
-  return np.array([[float(v) for v in line.split()] for line in lines[start:lines.index('}')]]) - 1.0
+  """A 68-point iBUG .pts file (1-based) -> (68, 2) float32 0-based pixels (the datasets' reader)."""
+  return annotations.read_pts(path, 68)
 
 
 def _rgb(path: pathlib.Path) -> np.ndarray:

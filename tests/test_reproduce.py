@@ -69,6 +69,7 @@ def test_reproduce_wflw_from_a_pkl_end_to_end(tmp_path):
   nme = doc['rows'][0]
   assert nme['published'] == 4.02 and nme['difference'] == pytest.approx(nme['ours'] - 4.02)
   assert nme['verdict'] == 'differs' and '| ocular | all | NME % | 4.02 |' in proc.stdout
+  assert (doc['weights'], doc['best_by_protocol']) == ('net', True) and 'official tester' in doc['chosen_by']
   # Ours is what the evaluate command reports for the same checkpoint and data (the official tester's
   # choice of weights, 'net').
   env = dict(os.environ, JAX_PLATFORMS='cpu', **COMPILE_CACHE_ENV)
@@ -100,7 +101,10 @@ def test_reproduce_300w_from_our_checkpoint(tmp_path):
   assert [(r['norm'], r['subset']) for r in rows] == [(n, s) for n in ('ocular', 'pupil')
                                                       for s in ('all', 'common', 'challenge')]
   assert {r['published'] for r in rows} == {2.87, 2.52, 4.32, 4.03, 3.50, 6.22}
-  assert '(step 3, model weights)' in (tmp_path / 'out' / 'reproduce.md').read_text()
+  # What was scored, and how it was chosen: no evaluation recorded, so the latest step and its only weights.
+  assert '(step 3, model weights; the latest step' in (tmp_path / 'out' / 'reproduce.md').read_text()
+  doc = json.loads((tmp_path / 'out' / 'reproduce.json').read_text())
+  assert (doc['step'], doc['weights'], doc['best_by_protocol']) == (3, 'model', None)
   # Bad input: a clear message, no traceback.
   bad = _run('--dataset', '300w', '--pytorch', tmp_path / 'none.pkl', '--output', tmp_path / 'o', '--data_dir',
              tmp_path / 'tfds', '--config', REPO / 'configs' / '300w.py:tiny')

@@ -61,8 +61,12 @@ def test_official_tsv_matched_by_landmarks(tmp_path):
   for i in range(3):
     assert test[i]['scale'] == pytest.approx(0.5 + i)
     np.testing.assert_allclose(test[i]['center'], [3.0 * i, 4.0 * i])
+    # The file's landmarks, 1-based as written, as the official code trains and tests on them.
+    phis = expected['test'][i]['phis']
+    np.testing.assert_allclose(test[i]['landmarks'], np.round(np.stack([phis[:29], phis[29:58]], -1), 3), atol=1e-3)
   summary = builder.info.metadata['crop']['test']
   assert summary['rule'] == 'official_tsv' and summary['matched'] == 3
+  assert builder.info.metadata['landmarks']['test'] == crop.TSV_LANDMARKS
   np.testing.assert_allclose(summary['metadata_minus_raw_median_offset'], [1, 1], atol=1e-3)
 
 

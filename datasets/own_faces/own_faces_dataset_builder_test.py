@@ -130,7 +130,7 @@ def test_malformed_annotations_name_the_file_and_line(tmp_path):
   lines = pts.read_text().splitlines()
   lines[10] = '12.5 oops'
   pts.write_text('\n'.join(lines) + '\n')
-  with pytest.raises(ValueError, match=r'takeo\.pts:11: expected a point "x y"'):
+  with pytest.raises(ValueError, match=r"takeo\.pts:11: point coordinates must be finite numbers, got 'oops'"):
     make(tmp_path)
   # The point count against the layout: 68-point files with the 29-point COFW layout.
   pts.write_text('\n'.join(lines[:10] + ['1 2'] + lines[11:]) + '\n')
@@ -207,10 +207,10 @@ def test_images_are_read_like_the_official_loader(tmp_path):
 
 
 @pytest.mark.parametrize('text, message', [
-    ('version: 1\n{\n1 2\n3 4\n}\n', r'a\.pts:5: expected 3 points \(the toy layout\) between \{ and \}, got 2'),
-    ('version: 1\n{\n1 2\nnan 4\n5 6\n}\n', r'a\.pts:4: coordinates must be finite'),
-    ('version: 1\n{\n1 2\n3 4\n5 6\n', r'a\.pts:2: the point list opened here is not closed'),
-    ('version: 1\nn_points: 3\n', r'a\.pts: no point list'),
+    ('version: 1\n{\n1 2\n3 4\n}\n', r'a\.pts:5: expected 3 points \(the toy layout\) between \{ \(line 2\) and \}, got 2'),
+    ('version: 1\n{\n1 2\nnan 4\n5 6\n}\n', r'a\.pts:4: point coordinates must be finite numbers'),
+    ('version: 1\n{\n1 2\n3 4\n5 6\n', r'a\.pts:5: the file ends, but the point list opened at line 2 is not closed'),
+    ('version: 1\nn_points: 3\n', r'a\.pts:2: the file ends with no point list'),
 ])
 def test_read_pts_names_the_line(tmp_path, text, message):
   from star_jax_datasets import common

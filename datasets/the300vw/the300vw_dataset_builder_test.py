@@ -107,6 +107,8 @@ def test_official_metadata_gives_the_crop(tmp_path):
   (tmp_path / 'raw' / 'test.tsv').write_text('\n'.join(r for s, r in rows if s != 'train') + '\n')
   builder = build(tmp_path / 'raw', tmp_path / 'data')
   assert set(builder.info.metadata['crop_rule'].values()) == {'official_tsv'}
+  # The crop alone: no official metadata exists for 300VW, its records keep the .pts landmarks.
+  assert set(builder.info.metadata['landmarks'].values()) == {crop.RAW_LANDMARKS}
   record = builder.as_data_source(split='test_category3')[1]
   assert record['scale'] == pytest.approx(0.32)
   np.testing.assert_allclose(record['center'] + record['frame_offset'], [102, 90])

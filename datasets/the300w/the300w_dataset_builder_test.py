@@ -82,7 +82,7 @@ def test_malformed_pts_names_file_and_line(tmp_path):
   lines = pts.read_text().splitlines()
   lines[10] = '12.5 oops'
   pts.write_text('\n'.join(lines) + '\n')
-  with pytest.raises(ValueError, match=r'image_0001\.pts:11: expected a point'):
+  with pytest.raises(ValueError, match=r'image_0001\.pts:11: point coordinates must be finite numbers'):
     build(tmp_path / 'raw', tmp_path / 'data')
 
 
@@ -105,3 +105,26 @@ def test_corrupt_image_and_missing_image_are_named(tmp_path):
   image.unlink()
   with pytest.raises(FileNotFoundError, match=r'2968560214_1\.pts: no image beside it'):
     build(tmp_path / 'raw', tmp_path / 'data')
+
+
+def test_official_tsv_gives_crop_and_landmarks(tmp_path):
+  placed = fake_data.write(tmp_path / 'raw', REAL_FACES)
+  faces = placed['test']
+  rows = []
+  for i in (2, 0):   # another order; the middle face is not in the file
+    # As 1-based as the .pts files: one pixel off our 0-based records, within the match distance.
+    points = pts_points(faces[i]['pts'])
+    rows.append('\t'.join(['./300W/' + faces[i]['image_name'], ','.join(['0'] * 10),
+                           ','.join(f'{v:.3f}' for v in points.reshape(-1)), str(1.25 + i), str(50.0 + i),
+                           str(60.0 + i)]))
+  (tmp_path / 'raw' / 'test.tsv').write_text('\n'.join(rows) + '\n')
+  builder = build(tmp_path / 'raw', tmp_path / 'data')
+  test = builder.as_data_source('test')
+  for i in (0, 2):
+    assert test[i]['scale'] == pytest.approx(1.25 + i)
+    np.testing.assert_allclose(test[i]['center'], [50.0 + i, 60.0 + i])
+    np.testing.assert_allclose(test[i]['landmarks'], pts_points(faces[i]['pts']), atol=1e-3)   # the file's
+  np.testing.assert_allclose(test[1]['landmarks'], pts_points(faces[1]['pts']) - 1, atol=1e-5)   # the .pts'
+  meta = builder.info.metadata
+  assert meta['crop']['test']['matched'] == 2 and meta['crop']['test']['box_rule_fallbacks'] == 1
+  assert meta['landmarks'] == {'train': crop.RAW_LANDMARKS, 'test': crop.TSV_LANDMARKS}

@@ -1,5 +1,7 @@
 """Builds WFLW from a tiny manual folder in the real formats (extracted and tarballs)."""
 
+import json
+import pathlib
 import tarfile
 
 import numpy as np
@@ -11,8 +13,8 @@ from star_jax_datasets.wflw import fake_data
 from star_jax_datasets.wflw import wflw_dataset_builder as wflw
 
 
-def build(raw, data):
-  builder = wflw.Builder(data_dir=str(data))
+def build(raw, data, **kwargs):
+  builder = wflw.Builder(data_dir=str(data), **kwargs)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(raw)))
   return builder
 
@@ -53,21 +55,57 @@ def test_official_tsv_gives_scale_and_center(tmp_path):
   lines = ['image_path\t5pts\tlandmarks\tscale\tcenter_w\tcenter_h\ttags']   # a header line
   # Official paths carry the authors' prefixes and backslashes; rows come in another order, and
   # the two faces of one image are told apart by their landmarks. The last face is left out.
+  # The file's landmarks are half a pixel off the list's (another convention): the records carry the
+  # file's, which the official code trains and tests on.
   for i in (1, 0):
     path = './rawImages/' + faces[i]['path'].replace('/', '\\')
-    lines.append(tsv_line(path, faces[i]['landmarks'], 1.5 + i, (10.0 + i, 20.0 + i)))
+    lines.append(tsv_line(path, faces[i]['landmarks'] + 0.5, 1.5 + i, (10.0 + i, 20.0 + i)))
   (tmp_path / 'raw' / 'test.tsv').write_text('\n'.join(lines) + '\n')
   builder = build(tmp_path / 'raw', tmp_path / 'data')
   test = builder.as_data_source('test')
   for i in (0, 1):
     assert test[i]['scale'] == pytest.approx(1.5 + i)
     np.testing.assert_allclose(test[i]['center'], [10.0 + i, 20.0 + i])
-  scale, center = crop.box_rule(faces[2]['box'])      # not in the file: the box rule
+    np.testing.assert_allclose(test[i]['landmarks'], np.round(faces[i]['landmarks'] + 0.5, 4), atol=1e-4)
+  scale, center = crop.box_rule(faces[2]['box'])      # not in the file: the box rule, its own landmarks
   assert test[2]['scale'] == pytest.approx(scale, rel=1e-6)
   np.testing.assert_allclose(test[2]['center'], center)
+  np.testing.assert_array_equal(test[2]['landmarks'], faces[2]['landmarks'])
   meta = builder.info.metadata
   assert meta['crop_rule'] == {'train': 'box_rule', 'test': 'official_tsv'}
   assert meta['crop']['test']['matched'] == 2 and meta['crop']['test']['box_rule_fallbacks'] == 1
+  assert meta['landmarks'] == {'train': crop.RAW_LANDMARKS, 'test': crop.TSV_LANDMARKS}
+  np.testing.assert_allclose(meta['crop']['test']['metadata_minus_raw_median_offset'], [0.5, 0.5], atol=1e-3)
+  # The metadata survives a reload from disk.
+  assert tfds.builder_from_directory(builder.data_dir).info.metadata['landmarks']['test'] == crop.TSV_LANDMARKS
+  # A build made before the records took the file's landmarks (no 'landmarks' in its metadata) is named
+  # when loaded.
+  from star_jax.data import build as build_lib
+  assert not build_lib._warn_if_tsv_landmarks_missing(builder)   # pylint: disable=protected-access
+  metadata_file = pathlib.Path(builder.data_dir) / 'metadata.json'
+  metadata = json.loads(metadata_file.read_text())
+  del metadata['landmarks']
+  metadata_file.write_text(json.dumps(metadata))
+  assert build_lib._warn_if_tsv_landmarks_missing(tfds.builder_from_directory(builder.data_dir))  # pylint: disable=protected-access
+
+
+def test_tsv_row_with_nan_landmarks_never_wins_the_match(tmp_path):
+  expected = fake_data.write(tmp_path / 'raw', num_train=2, num_test=2)
+  face = expected['test'][0]
+  nan_line = tsv_line(face['path'], face['landmarks'], 9.0, (1.0, 2.0)).replace(
+      ','.join(f'{v:.4f}' for v in face['landmarks'].reshape(-1)), ','.join(['nan'] * 196))
+  lines = [nan_line, tsv_line(face['path'], face['landmarks'], 1.5, (10.0, 20.0))]
+  (tmp_path / 'raw' / 'test.tsv').write_text('\n'.join(lines) + '\n')
+  # By default a NaN row is a malformed line: the build stops naming it.
+  with pytest.raises(ValueError, match=r'test\.tsv:1: the 98 landmarks must be finite numbers'):
+    build(tmp_path / 'raw', tmp_path / 'data')
+  # Leaving bad lines out, the proper row of the same image is the match.
+  builder = build(tmp_path / 'raw', tmp_path / 'data2', skip_bad_examples=True)
+  test = builder.as_data_source('test')
+  assert test[0]['scale'] == pytest.approx(1.5)
+  np.testing.assert_allclose(test[0]['center'], [10.0, 20.0])
+  meta = builder.info.metadata
+  assert meta['crop']['test']['matched'] == 1 and meta['skipped']['test']['count'] == 1
 
 
 def test_missing_files_are_listed_with_download_page(tmp_path):
@@ -91,7 +129,7 @@ def test_malformed_line_names_file_and_line(tmp_path):
   lines = path.read_text().splitlines()
   lines[1] = lines[1].replace(' ', ' x', 1)     # a non-number on line 2
   path.write_text('\n'.join(lines) + '\n')
-  with pytest.raises(ValueError, match=rf'{wflw.LIST_FILES["test"]}:2: malformed number'):
+  with pytest.raises(ValueError, match=rf'{wflw.LIST_FILES["test"]}:2: coordinates and box values must be finite'):
     build(tmp_path / 'raw', tmp_path / 'data')
   lines[1] = ' '.join(lines[1].split()[1:])      # a field short
   path.write_text('\n'.join(lines) + '\n')

@@ -7,7 +7,10 @@ when the dataset is built, by one of two rules:
 
 - 'official_tsv': taken from the metadata files the STAR authors used (ADNet's `train.tsv` /
   `test.tsv`), matched to a face by its image file name and its landmarks. This is the crop behind the
-  published numbers.
+  published numbers. A matched face also takes the file's landmarks: the official code trains and
+  tests on the metadata file's rows (image, landmarks, scale, centre), never on the raw annotations,
+  so the records carry the file's landmarks (`CropRule.crop`; the builders record this in the
+  dataset metadata, 'landmarks').
 - 'box_rule': derived from a face box by the rule the STAR authors gave for their metadata
   (github.com/ZhenglinZhou/STAR issues 13 and 22): scale = min(w, h) / 200 * 1.05, centre = the
   box centre.
@@ -21,8 +24,12 @@ import collections
 import dataclasses
 import os
 import pathlib
+from typing import Callable
 
 import numpy as np
+
+from star_jax.data import annotations
+from star_jax.data.annotations import AnnotationError
 
 FACE_SIDE_PX = 200.0    # scale 1 means a 200 px face: the unit of the official `scale`
 BOX_RULE_MARGIN = 1.05  # the STAR authors' margin on the shorter box side
@@ -78,59 +85,66 @@ class MetadataRow:
   line: int
 
 
-def _floats(text: str, where: str, what: str) -> np.ndarray:
-  try:
-    return np.array([float(v) for v in text.split(',')], np.float64)
-  except ValueError:
-    raise ValueError(f'{where}: {what} must be comma-separated numbers, got {text[:60]!r}') from None
+def _is_header(fields: list[str]) -> bool:
+  # A header names its columns: none of the landmark, scale and centre columns is a number. (A data
+  # line with one damaged field still has the others, so damage never turns a face into a header.)
+  return len(fields) >= 6 and not any(
+      annotations.is_number(v) for f in fields[2:6] for v in f.split(','))
 
 
-def read_metadata_tsv(path, num_points: int) -> list[MetadataRow]:
+def read_metadata_tsv(path, num_points: int,
+                      skip: Callable[[AnnotationError], None] | None = None) -> list[MetadataRow]:
   """Reads an ADNet / STAR metadata file (`train.tsv` / `test.tsv`).
 
   Each line is tab-separated: image path, 5 points "x,y,...", `num_points` points "x,y,...", scale,
   center_w, center_h, then optional comma-separated 0/1 tags (ignored here: the builders take the
   attributes from the raw annotations).
 
-  A first line whose scale column is not a number is taken for a header and skipped. The official
-  reader (pandas `read_csv` with its default header=0) always consumes the first line as a header,
-  so with a header-less file it silently drops the first face; we keep every face.
+  A first line whose landmark, scale and centre columns are all not numbers is a header and skipped.
+  The official reader (pandas `read_csv` with its default header=0) always consumes the first line as
+  a header, so with a header-less file it silently drops the first face; we keep every face.
+
+  skip: None to raise on the first malformed line; else called with each one's AnnotationError, and
+  the line is left out.
 
   Raises:
-    ValueError: naming the file and line, for a malformed line.
+    AnnotationError (a ValueError) naming the file and line, for a malformed line: a missing field,
+    a value that is not a finite number (NaN rows included), a non-positive scale.
   """
   path = pathlib.Path(path)
   rows = []
-  with open(path, encoding='utf-8') as f:
-    for line_no, line in enumerate(f, start=1):
-      line = line.rstrip('\r\n')
-      if not line.strip():
-        continue
-      fields = line.split('\t')
-      where = f'{path}:{line_no}'
-      if len(fields) < 6:
-        raise ValueError(f'{where}: expected at least 6 tab-separated fields (image path, 5 points, '
-                         f'{num_points} points, scale, center_w, center_h), got {len(fields)}')
-      try:
-        scale, center_w, center_h = float(fields[3]), float(fields[4]), float(fields[5])
-      except ValueError:
-        if not rows and line_no == 1:
-          continue  # a header line
-        raise ValueError(f'{where}: scale, center_w and center_h must be numbers, '
-                         f'got {fields[3:6]!r}') from None
-      points = _floats(fields[2], where, f'the {num_points} landmarks')
-      if points.size != 2 * num_points:
-        raise ValueError(f'{where}: expected {2 * num_points} landmark coordinates '
-                         f'({num_points} points), got {points.size}')
-      if not scale > 0:
-        raise ValueError(f'{where}: scale must be positive, got {scale}')
-      rows.append(MetadataRow(
-          image_path=fields[0].replace('\\', '/'),
-          landmarks=points.reshape(num_points, 2).astype(np.float32),
-          scale=scale,
-          center=np.array([center_w, center_h], np.float32),
-          line=line_no))
+  for line_no, line in enumerate(annotations.text_lines(path.read_bytes(), str(path)), start=1):
+    if not line.strip():
+      continue
+    fields = line.split('\t')
+    if line_no == 1 and _is_header(fields):
+      continue
+    try:
+      rows.append(_metadata_row(fields, num_points, f'{path}:{line_no}', line_no))
+    except AnnotationError as e:
+      if skip is None:
+        raise
+      skip(e)
   return rows
+
+
+def _metadata_row(fields: list[str], num_points: int, where: str, line_no: int) -> MetadataRow:
+  if len(fields) < 6:
+    raise AnnotationError(where, f'expected at least 6 tab-separated fields (image path, 5 points, '
+                                 f'{num_points} points, scale, center_w, center_h), got {len(fields)}')
+  if not fields[0].strip():
+    raise AnnotationError(where, 'the image path is empty')
+  scale = annotations.number(fields[3], where, 'scale, center_w and center_h')
+  center = annotations.numbers(fields[4:6], where, 'scale, center_w and center_h')
+  points = annotations.numbers(fields[2].split(','), where, f'the {num_points} landmarks')
+  if points.size != 2 * num_points:
+    raise AnnotationError(where, f'expected {2 * num_points} landmark coordinates ({num_points} points), '
+                                 f'got {points.size}')
+  if not scale > 0:
+    raise AnnotationError(where, f'scale must be positive, got {scale}')
+  landmarks = points.reshape(num_points, 2).astype(np.float32)
+  return MetadataRow(image_path=fields[0].replace('\\', '/'), landmarks=landmarks, scale=scale,
+                     center=center.astype(np.float32), line=line_no)
 
 
 def _mean_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -147,6 +161,10 @@ class CropTable:
   The nearest candidate by mean landmark distance is the match if that distance is within
   `max(2 px, 2% of the face's landmark box side)`: enough for a one-pixel convention shift
   (MATLAB 1-based vs 0-based), far below the distance to another face.
+
+  Rows whose landmarks are not all finite (NaN or inf: `read_metadata_tsv` refuses them, but rows
+  can come from elsewhere) never match: their distance is NaN, which `np.argmin` would pick as the
+  nearest. A table with no finite row at all is a ValueError.
   """
 
   def __init__(self, rows: list[MetadataRow], source: str):
@@ -155,14 +173,20 @@ class CropTable:
     self.source = source
     self.rows = rows
     self._landmarks = np.stack([r.landmarks for r in rows]).astype(np.float64)
+    usable = np.isfinite(self._landmarks).all(axis=(1, 2))
+    if not usable.any():
+      raise ValueError(f'{source}: every row of the metadata file has NaN or infinite landmarks; none can '
+                       'be matched to a face')
+    self.unusable = [rows[i].line for i in np.flatnonzero(~usable)]   # their line numbers
     self._by_name = collections.defaultdict(list)
     for i, row in enumerate(rows):
-      self._by_name[os.path.basename(row.image_path)].append(i)
-    self._all = np.arange(len(rows))
+      if usable[i]:
+        self._by_name[os.path.basename(row.image_path)].append(i)
+    self._all = np.flatnonzero(usable)
 
   @classmethod
-  def from_tsv(cls, path, num_points: int) -> CropTable:
-    return cls(read_metadata_tsv(path, num_points), str(path))
+  def from_tsv(cls, path, num_points: int, skip: Callable[[AnnotationError], None] | None = None) -> CropTable:
+    return cls(read_metadata_tsv(path, num_points, skip=skip), str(path))
 
   def lookup(self, image_name: str, landmarks) -> MetadataRow | None:
     """The row of the face with (N, 2) `landmarks` in `image_name`, or None when none is close."""
@@ -172,20 +196,43 @@ class CropTable:
                        f'shape {self._landmarks.shape[1:]}')
     candidates = self._by_name.get(os.path.basename(str(image_name).replace('\\', '/')))
     candidates = np.asarray(candidates) if candidates else self._all
+    if not np.isfinite(points).all():
+      return None   # a face without finite landmarks matches nothing (the raw parsers refuse those)
     distances = _mean_distance(points, self._landmarks[candidates])
+    # Non-finite rows are not candidates; this keeps a NaN distance from ever being the nearest.
+    distances = np.where(np.isnan(distances), np.inf, distances)
     best = int(np.argmin(distances))
     side = float(np.max(points.max(0) - points.min(0)))
-    if distances[best] > max(2.0, 0.02 * side):
+    if not distances[best] <= max(2.0, 0.02 * side):
       return None
     return self.rows[int(candidates[best])]
 
 
-class CropRule:
-  """Gives each face of one split its (scale, center) and keeps count of how.
+@dataclasses.dataclass(frozen=True)
+class FaceCrop:
+  """A face's crop and the landmarks its record carries.
 
-  With a `table`, faces found in it get the official crop ('official_tsv'); the others fall back
-  to the box rule and are counted and logged (a metadata file that lacks a few faces still gives the
-  rest their official crop). Without a table every face gets the box rule.
+  scale, center: the crop (see the module docstring). landmarks: (N, 2) float32, the metadata file's
+  when the face matched a row of it (`official`), else the raw annotation's.
+  """
+  scale: float
+  center: np.ndarray
+  landmarks: np.ndarray
+  official: bool
+
+
+# The dataset metadata's name for where the records' landmarks come from (CropRule.summary).
+TSV_LANDMARKS = 'official_tsv (faces matched in the metadata file carry its landmarks, the others the annotations\')'
+RAW_LANDMARKS = 'annotations'
+
+
+class CropRule:
+  """Gives each face of one split its (scale, center) and landmarks, and keeps count of how.
+
+  With a `table`, faces found in it get the official crop ('official_tsv') and the table's landmarks
+  (`crop`); the others fall back to the box rule and their own landmarks, and are counted and logged
+  (a metadata file that lacks a few faces still gives the rest their official crop). Without a table
+  every face gets the box rule.
   """
 
   def __init__(self, table: CropTable | None = None):
@@ -193,24 +240,39 @@ class CropRule:
     self.matched = 0
     self.fallbacks = []          # image names that fell back to the box rule
     self._offsets = []           # metadata landmarks minus ours, per matched face (mean over points)
+    self._distances = []         # mean point distance between the two, per matched face
+    self._gives_landmarks = False  # whether the builder takes the landmarks too (`crop`), or the crop alone
 
   @property
   def name(self) -> str:
     return OFFICIAL_TSV if self.table is not None else BOX_RULE
 
-  def __call__(self, image_name: str, landmarks, box) -> tuple[float, np.ndarray]:
-    """(scale, center (2,) float32) of the face with (N, 2) `landmarks` and (4,) `box`."""
+  def crop(self, image_name: str, landmarks, box) -> FaceCrop:
+    """The crop and the record's landmarks of the face with (N, 2) `landmarks` and (4,) `box`."""
+    self._gives_landmarks = True
+    return self._crop(image_name, landmarks, box)
+
+  def _crop(self, image_name: str, landmarks, box) -> FaceCrop:
+    raw = np.asarray(landmarks, np.float32)
     if self.table is not None:
-      row = self.table.lookup(image_name, landmarks)
+      row = self.table.lookup(image_name, raw)
       if row is not None:
         self.matched += 1
-        self._offsets.append((row.landmarks - np.asarray(landmarks, np.float32)).mean(0))
-        return float(row.scale), row.center.astype(np.float32)
+        self._offsets.append((row.landmarks - raw).mean(0))
+        self._distances.append(float(_mean_distance(raw.astype(np.float64), row.landmarks[None].astype(np.float64))[0]))
+        return FaceCrop(float(row.scale), row.center.astype(np.float32), row.landmarks.astype(np.float32), True)
       self.fallbacks.append(str(image_name))
     try:
-      return box_rule(box)
+      scale, center = box_rule(box)
     except ValueError as e:
       raise ValueError(f'{image_name}: {e}') from None
+    return FaceCrop(scale, center, raw, False)
+
+  def __call__(self, image_name: str, landmarks, box) -> tuple[float, np.ndarray]:
+    """(scale, center (2,) float32) of the face: the crop alone, for builders whose records keep their own
+    landmarks (300VW: the official code has no metadata for it, so a file there is ours for the crop)."""
+    face = self._crop(image_name, landmarks, box)
+    return face.scale, face.center
 
   def summary(self) -> dict:
     """What happened, for the dataset's metadata (JSON-serialisable)."""
@@ -219,10 +281,15 @@ class CropRule:
       out['metadata_file'] = os.path.basename(self.table.source)
       out['matched'] = self.matched
       out['box_rule_fallbacks'] = len(self.fallbacks)
+      if self.table.unusable:
+        out['rows_with_non_finite_landmarks'] = len(self.table.unusable)
       if self._offsets:
         # A consistent non-zero offset means the metadata uses another pixel convention.
         out['metadata_minus_raw_median_offset'] = [
             round(float(v), 4) for v in np.median(np.stack(self._offsets), axis=0)]
+        out['metadata_minus_raw_max_mean_distance'] = round(max(self._distances), 4)
+    official = self.table is not None and self.matched and self._gives_landmarks
+    out['landmarks'] = TSV_LANDMARKS if official else RAW_LANDMARKS
     return out
 
   def check(self) -> None:
@@ -234,9 +301,11 @@ class CropRule:
           f'dataset or split. Remove it to use the box rule instead.')
 
 
-def rule_for_split(manual_dir, split: str, num_points: int) -> CropRule:
-  """The CropRule of `split`: official when `<manual_dir>/<split>.tsv` exists, else the box rule."""
+def rule_for_split(manual_dir, split: str, num_points: int,
+                   skip: Callable[[AnnotationError], None] | None = None) -> CropRule:
+  """The CropRule of `split`: official when `<manual_dir>/<split>.tsv` exists, else the box rule.
+  skip: as for read_metadata_tsv (a skipped row's face falls back to the box rule)."""
   path = pathlib.Path(manual_dir) / f'{split}.tsv'
   if path.is_file():
-    return CropRule(CropTable.from_tsv(path, num_points))
+    return CropRule(CropTable.from_tsv(path, num_points, skip=skip))
   return CropRule(None)

@@ -104,6 +104,19 @@ def temporal_tables(summary: list[dict], videos: list[dict]) -> str:
   return '\n'.join(lines)
 
 
+def selection_note(info: dict) -> str:
+  """'; <how the step and weights were chosen>, <whether they are the best by the official protocol>'
+  for a report line ('' when `info` does not say)."""
+  parts = [info['chosen_by']] if info.get('chosen_by') else []
+  best = info.get('best')
+  if info.get('best_by_protocol') is True and not info.get('chosen_by', '').startswith('the best checkpoint'):
+    parts.append('the best by the official protocol')
+  elif info.get('best_by_protocol') is False and best:
+    parts.append(f'not the best by the official protocol, which is step {best["step"]} with the '
+                 f'{best["weights"]} weights')
+  return '; ' + '; '.join(parts) if parts else ''
+
+
 def markdown_report(info: dict, rows: list[dict], published: dict, nme_image: float | None,
                     temporal: dict | None = None) -> str:
   """The report: what was evaluated, the table, how to read it; with `temporal` ({'summary',
@@ -122,7 +135,7 @@ def markdown_report(info: dict, rows: list[dict], published: dict, nme_image: fl
   return '\n'.join([
       f'# Evaluation of {info["pytorch"] or info["checkpoint"]}',
       '',
-      f'- weights: {info["weights"]} (step {info["step"]})',
+      f'- weights: {info["weights"]} (step {info["step"]}){selection_note(info)}',
       f'- data: {split}, {info["num_images"]} images, layout {info["layout"]} ({info["num_points"]} points)',
       f'- date: {info["date"]}',
       '',

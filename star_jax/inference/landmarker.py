@@ -211,7 +211,8 @@ class FaceLandmarker:
       a network compiles for at most log2(batch_size) + 1 shapes.
 
   Attributes set by `from_checkpoint` for the record: config (the model's ConfigDict), checkpoint
-  (the path), step and weights (which stored weights were read: 'ema', 'model', 'net', 'net_ema').
+  (the path), step and weights (which stored weights were read: 'ema', 'model', 'net', 'net_ema'),
+  selection (how they were chosen and whether they are the best by the official protocol).
   """
 
   def __init__(self, network: Callable[[np.ndarray], dict], image_size: int, *, layout: str | None = None,
@@ -236,6 +237,9 @@ class FaceLandmarker:
     self.checkpoint: str | None = None
     self.step: int | None = None
     self.weights: str | None = None
+    # How the checkpoint's step and weights were chosen (checkpoints.LoadedModel.describe()): step,
+    # weights, best_by_protocol, chosen_by, best.
+    self.selection: dict | None = None
 
   @classmethod
   def from_checkpoint(cls, path: os.PathLike | str, *, config=None, step: int | None = None,
@@ -247,9 +251,11 @@ class FaceLandmarker:
     config: for a `.pkl` only: 'wflw', '300w', 'cofw', a config file ('configs/wflw.py[:arg]') or a
       ConfigDict; by default the official config of the state dict's number of points (98 WFLW,
       68 300W, 29 COFW).
-    step: a directory's checkpoint step (default: as `checkpoints.load_model` chooses).
-    weights: for a directory 'ema' or 'model' (default: as `checkpoints.load_model` chooses); for a
-      `.pkl` 'net' (default, what the official tester runs) or 'net_ema'.
+    step: a directory's checkpoint step: 'best' (the default: the best checkpoint by the official
+      protocol, the lower NME of the weights and their EMA at each evaluation), 'latest' or a number.
+    weights: for a directory 'ema' or 'model' (default: the weights that won the step's evaluation,
+      see `checkpoints.load_model`); for a `.pkl` 'net' (default, what the official tester runs) or
+      'net_ema'.
     covariances: also predict each point's covariance (the ambiguity); cheap, on by default.
     options: the constructor's keyword arguments (detector, faces, refine, batch_size, ...).
     A `.onnx` file goes to `from_onnx` (config=, step= and weights= do not apply to it).
@@ -269,11 +275,10 @@ class FaceLandmarker:
 
       if config is not None:
         raise ValueError('config= is for official .pkl files; a checkpoint directory carries its own config')
-      # Only the choices the caller made: load_model's defaults decide the rest.
-      chosen = {k: v for k, v in (('step', step), ('weights', weights)) if v is not None}
       with _quiet_orbax_skips():
-        loaded = checkpoints.load_model(p, **chosen)
+        loaded = checkpoints.load_model(p, step='best' if step is None else step, weights=weights)
       model, cfg, step, weights = loaded.model, loaded.config, loaded.step, loaded.weights
+      selection = loaded.describe()
     else:
       if step is not None:
         raise ValueError('step= is for checkpoint directories; an official .pkl holds one network')
@@ -281,9 +286,13 @@ class FaceLandmarker:
       if weights not in ('net', 'net_ema'):
         raise ValueError(f"weights of an official .pkl are 'net' or 'net_ema', got {weights!r}")
       model, cfg = load_official(p, config, weights)
+      selection = {'step': None, 'weights': weights, 'best_by_protocol': weights == 'net',
+                   'chosen_by': "the .pkl's net, what the official tester runs" if weights == 'net' else
+                   "the .pkl's net_ema, as asked", 'best': None}
     network = predictor.network_fn(model, with_covariance=covariances, decode=cfg.model.get('decode', 'landmarks'))
     out = cls(network, int(cfg.data.image_size), layout=get_layout(cfg.layout).name, **options)
     out.config, out.checkpoint, out.step, out.weights = cfg, str(path), step, weights
+    out.selection = selection
     return out
 
   @classmethod

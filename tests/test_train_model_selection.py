@@ -1,0 +1,207 @@
+"""The official model selection end to end: a short real training run records, at each evaluation, the
+better of the weights and their EMA; the best checkpoint is the argmin of those over the run; evaluate,
+predict and the Python API load it by default and say so; --step / --weights override it; workdirs
+written before the rule still load (star_jax/training/checkpoints.py, `best_checkpoint`)."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import COMPILE_CACHE_ENV, REPO, TINY_CONFIG as TINY
+from star_jax import evaluate
+from star_jax.training import checkpoints
+
+# 32 training faces at batch 16: 2 steps per epoch, an evaluation every epoch, 4 in all; checkpoints
+# only at evaluations (checkpoint_every_epochs=100) and only the latest one kept besides the best.
+RUN = ['--config.total_steps=8', '--config.batch_size=16', '--config.eval_every_epochs=1',
+       '--config.checkpoint_every_epochs=100', '--config.keep_checkpoints=1']
+
+
+@pytest.fixture(scope='module')
+def trained(tiny_tfds_dir, tmp_path_factory):
+  """(workdir, data dir, the train command's stdout) of a short run."""
+  workdir = tmp_path_factory.mktemp('selection') / 'run'
+  proc = subprocess.run([sys.executable, '-m', 'star_jax.train', TINY, f'--workdir={workdir}',
+                         f'--config.data.data_dir={tiny_tfds_dir}', '--config.progress=False', *RUN],
+                        cwd=REPO, capture_output=True, text=True, timeout=900,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu', **COMPILE_CACHE_ENV))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return workdir, tiny_tfds_dir, proc.stdout
+
+
+def _evaluations(workdir) -> dict[int, tuple[float, float]]:
+  """step -> (model NME, EMA NME) from metrics.jsonl."""
+  out = {}
+  for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines():
+    record = json.loads(line)
+    if 'eval/model/nme' in record:
+      out[record['step']] = (record['eval/model/nme'], record['eval/ema/nme'])
+  return out
+
+
+def _expected_best(evaluations) -> tuple[int, str, float]:
+  """The official rule recomputed: per evaluation the lower of the two (the network wins a tie), over
+  the run the lowest (the earliest step wins a tie)."""
+  best = None
+  for step in sorted(evaluations):
+    model, ema = evaluations[step]
+    score, weights = (ema, 'ema') if ema < model else (model, 'model')
+    if best is None or score < best[2]:
+      best = (step, weights, score)
+  return best
+
+
+def _run_evaluate(workdir, data_dir, out, *extra) -> int:
+  return evaluate.main(['evaluate', TINY, f'--checkpoint={workdir}', f'--config.data.data_dir={data_dir}',
+                        f'--output={out}', '--noprogress', *extra])
+
+
+def test_best_checkpoint_is_the_argmin_of_the_better_of_model_and_ema(trained):
+  workdir, _, stdout = trained
+  evaluations = _evaluations(workdir)
+  assert sorted(evaluations) == [2, 4, 6, 8]
+  step, weights, score = _expected_best(evaluations)
+  best = checkpoints.best_checkpoint(workdir)
+  assert (best.step, best.weights, best.rule) == (step, weights, 'official')
+  assert best.nme == pytest.approx(score, rel=1e-12)
+  # Each evaluation's record says which weights won it.
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  for record in (r for r in records if 'eval/nme' in r):
+    model, ema = evaluations[record['step']]
+    assert record['eval/nme'] == min(model, ema)
+    assert record['eval/best_weights'] == ('ema' if ema < model else 'model')
+  # The best step is kept, with the latest, whatever the other evaluations did.
+  kept = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert kept == sorted({step, 8})
+  # The run's final output names it.
+  final = json.loads((workdir / 'final_metrics.json').read_text())
+  assert final['best'] == {'step': step, 'weights': weights, 'nme': pytest.approx(score), 'rule': 'official'}
+  assert 'best checkpoint (the official model selection' in stdout and f'step {step}, {weights} weights' in stdout
+
+
+def test_evaluate_defaults_to_the_best_and_says_so(trained, tmp_path):
+  workdir, data_dir, _ = trained
+  step, weights, score = _expected_best(_evaluations(workdir))
+  assert _run_evaluate(workdir, data_dir, tmp_path / 'default') == 0
+  doc = json.loads((tmp_path / 'default' / 'metrics.json').read_text())
+  info = doc['info']
+  assert (info['step'], info['weights'], info['best_by_protocol']) == (step, weights, True)
+  assert info['best']['step'] == step and 'best checkpoint' in info['chosen_by']
+  # The same number the trainer recorded for that step's winning weights.
+  assert doc['rows'][0]['nme'] == pytest.approx(100 * score, rel=1e-5)
+  assert f'- weights: {weights} (step {step}); the best checkpoint' in (tmp_path / 'default' / 'report.md').read_text()
+
+
+def test_evaluate_step_and_weights_override_the_default(trained, tmp_path, capsys):
+  workdir, data_dir, _ = trained
+  evaluations = _evaluations(workdir)
+  step, weights, _ = _expected_best(evaluations)
+  other = 'model' if weights == 'ema' else 'ema'
+  assert _run_evaluate(workdir, data_dir, tmp_path / 'other', '--step', str(step), '--weights', other) == 0
+  doc = json.loads((tmp_path / 'other' / 'metrics.json').read_text())
+  info = doc['info']
+  assert (info['step'], info['weights'], info['best_by_protocol']) == (step, other, False)
+  assert doc['rows'][0]['nme'] == pytest.approx(100 * evaluations[step][0 if other == 'model' else 1], rel=1e-5)
+  assert 'not the best by the official protocol' in (tmp_path / 'other' / 'report.md').read_text()
+  # --step alone: that step's winning weights; the older --use_ema / --nouse_ema still choose the weights.
+  latest = max(evaluations)
+  assert _run_evaluate(workdir, data_dir, tmp_path / 'latest', '--step=latest', '--nouse_ema') == 0
+  info = json.loads((tmp_path / 'latest' / 'metrics.json').read_text())['info']
+  assert (info['step'], info['weights']) == (latest, 'model')
+  assert info['best_by_protocol'] == ((latest, 'model') == (step, weights))
+  # Contradictions and bad values: one line, no traceback.
+  capsys.readouterr()
+  assert _run_evaluate(workdir, data_dir, tmp_path / 'x', '--use_ema', '--weights=model') == 1
+  assert _run_evaluate(workdir, data_dir, tmp_path / 'x', '--step=soon') == 1
+  assert _run_evaluate(workdir, data_dir, tmp_path / 'x', '--step=3') == 1
+  err = capsys.readouterr().err
+  assert 'contradict' in err and "'best', 'latest' or a step number" in err and 'has no step 3' in err
+  assert 'Traceback' not in err
+
+
+def test_predict_and_the_python_api_default_to_the_best(trained, tmp_path):
+  import cv2
+  from star_jax import FaceLandmarker
+  from star_jax import predict
+  from star_jax.data import synthetic
+
+  workdir, _, _ = trained
+  step, weights, _ = _expected_best(_evaluations(workdir))
+  landmarker = FaceLandmarker.from_checkpoint(workdir, detector=None)
+  assert (landmarker.step, landmarker.weights, landmarker.selection['best_by_protocol']) == (step, weights, True)
+  chosen = FaceLandmarker.from_checkpoint(workdir, step=8, weights='ema', detector=None)
+  assert (chosen.step, chosen.weights) == (8, 'ema')
+  assert chosen.selection['best_by_protocol'] == ((8, 'ema') == (step, weights))
+
+  face = synthetic.generate(0, 'test', 0)
+  image = tmp_path / 'face.png'
+  cv2.imwrite(str(image), cv2.cvtColor(face.image, cv2.COLOR_RGB2BGR))
+  box = ','.join(str(float(v)) for v in face.box)
+  assert predict.main(['predict', '--checkpoint', str(workdir), str(image), '--output', str(tmp_path / 'a'),
+                       '--box', box]) == 0
+  record = json.loads((tmp_path / 'a' / 'face.json').read_text())
+  assert (record['step'], record['weights'], record['best_by_protocol']) == (step, weights, True)
+  assert predict.main(['predict', '--checkpoint', str(workdir), str(image), '--output', str(tmp_path / 'b'),
+                       '--box', box, '--step=8', '--weights=model']) == 0
+  record = json.loads((tmp_path / 'b' / 'face.json').read_text())
+  assert (record['step'], record['weights']) == (8, 'model')
+  assert record['best_by_protocol'] == ((8, 'model') == (step, weights))
+
+
+def _rewrite_metrics(workdir, edit):
+  """Applies `edit(metrics) -> metrics or None` to every step's saved metrics (None: remove them)."""
+  for path in pathlib.Path(workdir, 'checkpoints').glob('*/metrics'):
+    metrics = json.loads((path / 'metrics').read_text())
+    new = edit(metrics)
+    if new is None:
+      shutil.rmtree(path)
+    else:
+      (path / 'metrics').write_text(json.dumps(new))
+
+
+def test_workdirs_written_before_the_official_rule_still_load(trained, tmp_path):
+  workdir, _, _ = trained
+  evaluations = _evaluations(workdir)
+  kept = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+
+  # Metrics of the EMA rule (before 'best_weights'): 'nme' was the EMA's; ranked by it, EMA weights.
+  legacy = tmp_path / 'legacy'
+  shutil.copytree(workdir, legacy)
+  _rewrite_metrics(legacy, lambda m: {k: v for k, v in m.items() if k not in ('best_weights', 'selection', 'step')}
+                   | {'nme': m['ema/nme']})
+  best = checkpoints.best_checkpoint(legacy)
+  want = min(kept, key=lambda s: evaluations[s][1])
+  assert (best.step, best.weights, best.rule) == (want, 'ema', checkpoints.LEGACY_RULE)
+  loaded = checkpoints.load_model(legacy, step='best')
+  assert (loaded.step, loaded.weights, loaded.is_best) == (want, 'ema', True)
+
+  # No metrics at all (Orbax wrote none before best_fn was set): the latest step and its EMA, as before.
+  bare = tmp_path / 'bare'
+  shutil.copytree(workdir, bare)
+  _rewrite_metrics(bare, lambda m: None)
+  assert checkpoints.best_checkpoint(bare) is None
+  loaded = checkpoints.load_model(bare, step='best')
+  assert (loaded.step, loaded.weights, loaded.is_best) == (max(kept), 'ema', None)
+  assert 'no step holds an evaluation' in loaded.chosen_by
+
+
+def test_select_weights_rules():
+  assert checkpoints.select_weights({'model/nme': 0.2, 'ema/nme': 0.1}) == (0.1, 'ema')
+  assert checkpoints.select_weights({'model/nme': 0.1, 'ema/nme': 0.2}) == (0.1, 'model')
+  # A tie goes to the network, which the official trainer scores first and replaces only on a lower NME.
+  assert checkpoints.select_weights({'model/nme': 0.1, 'ema/nme': 0.1}) == (0.1, 'model')
+  assert checkpoints.select_weights({'model/nme': 0.1}) == (0.1, 'model')
+  # The rule before the official protocol, kept as config.model_selection='ema'.
+  assert checkpoints.select_weights({'model/nme': 0.1, 'ema/nme': 0.2}, 'ema') == (0.2, 'ema')
+  with pytest.raises(ValueError, match='model_selection'):
+    checkpoints.select_weights({'model/nme': 0.1}, 'best')
+  assert checkpoints.parse_step('7') == 7 and checkpoints.parse_step('BEST') == 'best'
+  with pytest.raises(ValueError):
+    checkpoints.parse_step('-1')
+  np.testing.assert_equal(checkpoints.parse_step(None), None)
