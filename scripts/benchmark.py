@@ -1,7 +1,8 @@
 """Speed benchmarks of star_jax, one section per part of the system.
 
-  python scripts/benchmark.py loss|model|data|train|eval|export|video|all [--json OUT.json] [--official PATH] [--repeats N]
-      [--batch B] [--dtypes float32,bfloat16] [--small] [--workers 0,8,15] [--official_device auto|cpu|cuda]
+  python scripts/benchmark.py loss|model|data|train|eval|export|video|infer|all [--json OUT.json] [--official PATH]
+      [--official_python PYTHON] [--repeats N] [--batch B] [--dtypes float32,bfloat16] [--small]
+      [--workers 0,8,15] [--official_device auto|cpu|cuda]
 
 Prints a table on stdout and writes the rows as JSON. Runs on the default JAX backend (the GPU when
 one is present). `--official PATH` points at a checkout of the official PyTorch code
@@ -11,7 +12,9 @@ train sections time; `--workers` the Grain worker processes the data section tri
 where the official PyTorch code runs (auto: on the GPU when ours does). scripts/device_check.sh runs the
 GPU set (docs/gpu.md). Each section lives in `benchmarks/<section>.py` (a folder of the repository, not of the installed
 library) and returns a list of row dicts: {'section', 'name', 'value', 'unit', 'notes'}; the official
-code is loaded by `benchmarks/official.py`.
+code is loaded by `benchmarks/official.py`. Sections that run the official code in a child process
+(train, infer) start it with `--official_python` (default: this interpreter), which needs PyTorch and
+numpy, not JAX.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from star_jax import cli  # pylint: disable=wrong-import-position
 
-SECTIONS = ('loss', 'model', 'data', 'train', 'eval', 'export', 'video')
+SECTIONS = ('loss', 'model', 'data', 'train', 'eval', 'export', 'video', 'infer')
 
 
 def _benchmark(argv: list[str]) -> int:
@@ -37,14 +40,17 @@ def _benchmark(argv: list[str]) -> int:
   fv = command.fv
   flags.DEFINE_string('json', 'benchmark.json', 'where to write the rows (JSON)', flag_values=fv)
   flags.DEFINE_string('official', '', 'checkout of the official PyTorch STAR code', flag_values=fv)
+  flags.DEFINE_string('official_python', '', 'Python interpreter with PyTorch for the official code\'s child '
+                      'process (infer; default: this one)', flag_values=fv)
   flags.DEFINE_integer('repeats', None, 'timed repetitions, the median is reported (default: 10, or 3 for '
                        'the full-network sections on a CPU, where one call takes seconds)', flag_values=fv)
   flags.DEFINE_integer('batch', None, 'batch size of the model and train sections (default: 8 on a CPU, 32 on '
                        'an accelerator)', flag_values=fv)
   flags.DEFINE_string('dtypes', '', 'compute dtypes of the model and train sections, comma-separated (default: '
                       'float32 on a CPU, float32,bfloat16 on an accelerator)', flag_values=fv)
-  flags.DEFINE_bool('small', False, 'model and train sections: a small network (64 px, 4 stacks, 32 channels) '
-                    'instead of the full WFLW one, for dry runs', flag_values=fv)
+  flags.DEFINE_bool('small', False, 'model, train and infer sections: a small network instead of the full WFLW '
+                    'one, for dry runs and smoke tests (model, train: 64 px, 4 stacks, 32 channels; infer: 256 '
+                    'px, 4 stacks, 16 channels)', flag_values=fv)
   flags.DEFINE_string('workers', '', 'data section: also time the Grain pipeline with these numbers of worker '
                       'processes (config.data.num_workers), comma-separated, e.g. 0,8,15', flag_values=fv)
   flags.DEFINE_string('official_device', 'auto', "torch device of the official training step: 'auto' (the GPU "

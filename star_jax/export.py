@@ -21,9 +21,12 @@ The exported model (the same contract in both formats):
                        semantic ambiguity) times (S / 2)^2, the square of the landmarks' scale.
 
 ONNX (--format onnx, the default): converted with jax2onnx; input and outputs are named as above, the
-batch dimension is the symbolic 'N', and the model's metadata_props record the contract, S, P, the
-layout and the weights used. Run it with onnxruntime (`pip install 'star_jax[onnx]'`):
+batch dimension is the symbolic 'N', and the model's metadata_props record the contract, S
+('image_size'), P ('num_points'), the layout ('layout', and 'layout_spec' for a layout file), the
+weights and step used. Run it with onnxruntime (`pip install 'star_jax[onnx]'`):
   landmarks, covariances = onnxruntime.InferenceSession(FILE).run(None, {'image': crops})
+or, with face detection and the mapping to image pixels, without JAX:
+  star_jax.FaceLandmarker.from_onnx(FILE)   /   python -m star_jax.predict --model FILE ...
 
 StableHLO (--format stablehlo): the bytes of `jax.export.Exported.serialize()`, weights embedded as
 constants. Calling convention:
@@ -263,7 +266,13 @@ def export_checkpoint(checkpoint, output, *, fmt: str = 'onnx', weights: str = '
     summary = {'format': fmt, 'output': str(output), 'weights': used, 'layout': layout_name,
                'image_size': model.image_size, 'num_points': model.num_points}
     if fmt == 'onnx':
-      metadata = {'layout': layout_name, 'weights': used, 'checkpoint': str(directory)}
+      import star_jax  # pylint: disable=import-outside-toplevel
+      # What a JAX-free reader (star_jax.inference.onnx_model) needs besides image_size and
+      # num_points: the layout, and for its records the weights, step and origin.
+      metadata = {'layout': layout_name, 'weights': used, 'checkpoint': str(directory),
+                  'producer': f'star_jax {star_jax.__version__}'}
+      if loaded.step is not None:
+        metadata['step'] = str(loaded.step)
       if spec != layout_name:
         metadata['layout_spec'] = spec
       data = export_onnx(model, opset=opset, metadata=metadata, decode=decode).SerializeToString()

@@ -5,6 +5,7 @@
       [--min_face_score 0.6] [--show_ambiguity] [--batch_size 8] [--norefine]
   python -m star_jax.predict --checkpoint DIR clip.mp4 --output OUT [--smooth] [--redetect_every 15]
   python -m star_jax.predict --checkpoint DIR frames/ --video [--fps 25] --output OUT [--smooth]
+  python -m star_jax.predict --model model.onnx photo.jpg clip.mp4 --output OUT     (no JAX needed)
 
 For every image: find the faces (offline: by default MediaPipe's BlazeFace CNN, shipped in the
 package and run by OpenCV; `--detector haar` for OpenCV's Haar cascade) or take the face box given by
@@ -39,6 +40,9 @@ itself, converted in memory (--config says which config, by default the one of i
 By default a workdir's best checkpoint by the official protocol runs, with the weights that won there
 (--step best|latest|N and --weights model|ema choose; the JSON says which step and weights ran and
 whether they are the best); a .pkl's `net`, what the official tester runs (--weights=ema: `net_ema`).
+--model instead runs an ONNX file written by `python -m star_jax.export` in onnxruntime: the same
+outputs, and this path imports no JAX, so an install of numpy, opencv-python-headless, absl-py, tqdm
+and onnxruntime is enough (README, "Deploy").
 The same is available in Python: star_jax.FaceLandmarker (star_jax/inference/landmarker.py).
 """
 
@@ -56,7 +60,6 @@ from star_jax import cli
 from star_jax.inference import face_detect
 # Part of this module's interface (the library's since the Python API).
 from star_jax.inference.landmarker import IMAGE_EXTENSIONS, read_image  # noqa: F401
-from star_jax.layouts import get_layout
 
 
 # ---- Files --------------------------------------------------------------------------------------
@@ -96,6 +99,8 @@ def _flags(argv):
   fv = command.fv
   flags.DEFINE_string('checkpoint', None, 'star_jax checkpoint directory (or a training workdir holding '
                       'checkpoints/)', flag_values=fv)
+  flags.DEFINE_string('model', None, 'an ONNX file written by python -m star_jax.export, run in onnxruntime '
+                      '(instead of --checkpoint; needs no JAX)', flag_values=fv)
   flags.DEFINE_string('output', None, 'folder for the pictures and JSON files', flag_values=fv)
   flags.DEFINE_string('box', None, 'face box x1,y1,x2,y2 in image pixels, used for every image instead of '
                       'detection', flag_values=fv)
@@ -134,7 +139,14 @@ def _flags(argv):
   flags.DEFINE_float('smooth_beta', 0.5, 'video --smooth: how fast the cutoff rises with speed (per face size '
                      'per second); higher lags less on fast motion', lower_bound=0.0, flag_values=fv)
   inputs = command.parse()
-  command.require('checkpoint', 'output')
+  if (fv.checkpoint is None) == (fv.model is None):
+    raise flags.Error('give --checkpoint (a checkpoint) or --model (an exported ONNX file), one of them')
+  command.require('output')
+  if fv.model is not None:
+    ignored = [f'--{n}' for n in ('step', 'use_ema', 'weights', 'config') if fv[n].present]
+    if ignored:
+      raise flags.Error(f'{", ".join(ignored)}: for --checkpoint only; an ONNX model holds the weights it was '
+                        'exported with')
   if not inputs:
     raise flags.Error('give at least one image file or folder')
   box = None
@@ -148,19 +160,34 @@ def _flags(argv):
 
 def load_landmarker(fv, box, **options):
   """The command's FaceLandmarker (star_jax.FaceLandmarker) from --checkpoint, --config, --step,
-  --use_ema and the detector flags; a cli.UserError for what the user can fix."""
+  --use_ema (or --model) and the detector flags; a cli.UserError for what the user can fix."""
   from star_jax.inference import landmarker as landmarker_lib  # pylint: disable=import-outside-toplevel
 
-  path = pathlib.Path(fv.checkpoint)
-  if not path.exists():
-    raise cli.UserError(f'checkpoint directory {fv.checkpoint!r} does not exist')
+  onnx = fv.model is not None or pathlib.Path(fv.checkpoint).suffix.lower() == '.onnx'
+  if onnx:
+    path = pathlib.Path(fv.model if fv.model is not None else fv.checkpoint)
+    if not path.is_file():
+      raise cli.UserError(f'ONNX model {str(path)!r} does not exist' if not path.exists() else
+                          f'--model {str(path)!r} is a directory; give the .onnx file (a checkpoint directory '
+                          'goes to --checkpoint)')
+  else:
+    path = pathlib.Path(fv.checkpoint)
+    if not path.exists():
+      raise cli.UserError(f'checkpoint directory {fv.checkpoint!r} does not exist')
   detector = None
   if box is None:
     try:
       detector = face_detect.make_detector(fv.detector, fv.min_face_size, fv.min_face_score)
     except (OSError, ValueError) as e:
       raise cli.UserError(f'cannot load the face detector: {e}') from None
-  from star_jax.evaluate import weights_choice  # pylint: disable=import-outside-toplevel
+  common = {'covariances': fv.show_ambiguity, 'detector': detector, 'faces': fv.faces, 'refine': fv.refine,
+            'batch_size': fv.batch_size, **options}
+  if onnx:
+    try:
+      return landmarker_lib.FaceLandmarker.from_onnx(path, **common)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+      raise cli.UserError(f'cannot run the ONNX model: {e}') from None
+  from star_jax.evaluate import weights_choice  # pylint: disable=import-outside-toplevel  (JAX: not for --model)
   from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
 
   weights = weights_choice(fv.weights, fv.use_ema)
@@ -177,9 +204,7 @@ def load_landmarker(fv, box, **options):
       raise cli.UserError('--step is for checkpoint directories; an official .pkl holds one network')
     kwargs = {'config': fv.config, 'weights': 'net_ema' if weights == 'ema' else 'net'}
   try:
-    return landmarker_lib.FaceLandmarker.from_checkpoint(path, covariances=fv.show_ambiguity, detector=detector,
-                                                         faces=fv.faces, refine=fv.refine,
-                                                         batch_size=fv.batch_size, **kwargs, **options)
+    return landmarker_lib.FaceLandmarker.from_checkpoint(path, **common, **kwargs)
   except (FileNotFoundError, ValueError, KeyError) as e:
     raise cli.UserError(f'cannot load the checkpoint {fv.checkpoint!r}: {e}') from None
 
@@ -215,7 +240,7 @@ def _predict(argv: list[str]) -> int:
     options = video.VideoOptions(faces=fv.faces, redetect_every=fv.redetect_every, smooth=fv.smooth,
                                  smooth_min_cutoff=fv.smooth_min_cutoff, smooth_beta=fv.smooth_beta, fps=fv.fps,
                                  show_ambiguity=fv.show_ambiguity, box=box)
-    info = {'checkpoint': str(fv.checkpoint), **_selection(landmarker), 'layout': str(landmarker.layout),
+    info = {'checkpoint': landmarker.checkpoint, **_selection(landmarker), 'layout': str(landmarker.layout),
             'detector': None if box is not None else fv.detector}
     for source, stem in zip(videos, output_stems([v.path for v in videos])):
       summary = video.process_video(source, landmarker, out_dir, options, stem, warn, info)
@@ -262,9 +287,8 @@ def _predict_photos(fv, box, landmarker, paths, out_dir, warn) -> int:
                                      box_source='user' if box is not None else 'detector')
     for (path, stem, image, _), results in zip(items, all_results):
       h, w = image.shape[:2]
-      record = {'image': str(path), 'width': w, 'height': h, 'checkpoint': str(fv.checkpoint),
-                **_selection(landmarker),
-                'layout': get_layout(landmarker.config.layout).name,
+      record = {'image': str(path), 'width': w, 'height': h, 'checkpoint': landmarker.checkpoint,
+                **_selection(landmarker), 'layout': landmarker.layout,
                 'num_points': int(results[0].landmarks.shape[0]),
                 'detector': None if box is not None else fv.detector,
                 'coordinates': '0-based image pixels (x, y)',

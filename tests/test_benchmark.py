@@ -1,9 +1,12 @@
-"""scripts/benchmark.py: the command line end to end (on the light loss section) and `--repeats`."""
+"""scripts/benchmark.py: the command line end to end (on the light loss section and the infer section's
+--small network) and `--repeats`."""
 
 import builtins
 import dis
 import importlib
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 import types
@@ -57,7 +60,7 @@ def test_bad_repeats_is_refused_before_any_work(tmp_path):
   assert not (tmp_path / 'rows.json').exists()
 
 
-@pytest.mark.parametrize('section', ['loss', 'model', 'data', 'train', 'eval', 'export', 'video'])
+@pytest.mark.parametrize('section', ['loss', 'model', 'data', 'train', 'eval', 'export', 'video', 'infer'])
 def test_every_section_binds_the_globals_its_run_uses(section):
   """The heavy sections are not run here (seconds to minutes per call): check instead that every
   global name `run` (and the functions and lambdas inside it) loads is bound, which catches a missing
@@ -70,3 +73,32 @@ def test_every_section_binds_the_globals_its_run_uses(section):
     codes += [c for c in code.co_consts if isinstance(c, types.CodeType)]
   missing = sorted(n for n in loaded if not hasattr(module, n) and not hasattr(builtins, n))
   assert not missing, f'benchmarks/{section}.py run() uses undefined globals: {missing}'
+
+
+# The official side of the infer section, when these point at a checkout of the official code and a
+# Python with PyTorch (e.g. /tmp/star_ref and /work/torchvenv/bin/python); else it is left out.
+OFFICIAL_CHECKOUT = os.environ.get('STAR_JAX_OFFICIAL_CHECKOUT', '')
+OFFICIAL_PYTHON = os.environ.get('STAR_JAX_OFFICIAL_PYTHON', '')
+
+
+@pytest.mark.skipif(importlib.util.find_spec('jax2onnx') is None or importlib.util.find_spec('onnxruntime') is None,
+                    reason="the infer section exports ONNX: needs the 'export' extra")
+def test_infer_section_small_runs_every_engine_in_turns(tmp_path):
+  out = tmp_path / 'rows.json'
+  official = ['--official', OFFICIAL_CHECKOUT, '--official_python', OFFICIAL_PYTHON] if OFFICIAL_CHECKOUT else []
+  proc = _benchmark('infer', '--small', '--repeats', '1', '--json', str(out), *official, cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = {r['name']: r for r in json.loads(out.read_text())['rows']}
+  engines = ['jax f32', 'jax bf16', 'onnx'] + (['official'] if official else [])
+  for batch in (1, 8):
+    for engine in engines + ['onnx int8']:
+      row = rows[f'network {engine} b{batch}']
+      assert row['unit'] == 'ms/face' and row['value'] > 0 and 'of the matmul peak' in row['notes']
+    for engine in engines + ['pipeline only']:
+      assert rows[f'end to end {engine} b{batch}']['value'] > 0
+    if official:
+      assert 'x the official' in rows[f'network jax f32 b{batch}']['notes']
+  flops = rows['network FLOPs per face WFLW 256px 4 stacks 16 ch']
+  assert 1 < flops['value'] < 10 and flops['unit'] == 'GFLOP'
+  assert rows['matmul f32 512^3 jax']['value'] > 0
+  assert 'onnx int8 over onnx f32, network b8' in rows

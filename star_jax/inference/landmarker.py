@@ -12,8 +12,13 @@ is the second moment of the network's heatmap around it: the semantic ambiguity 
 (its principal axes are the directions along which the point is uncertain).
 
 The network runs on JAX's default device (a GPU when the CUDA build of JAX is installed, else the
-CPU). `FaceLandmarker` itself only needs a function from crops to normalised landmarks, so another
-backend (an exported model, a test oracle) plugs in through its constructor.
+CPU), or, for an ONNX file written by `python -m star_jax.export`, in onnxruntime without JAX:
+
+  landmarker = star_jax.FaceLandmarker.from_onnx('wflw.onnx')   # or from_checkpoint('wflw.onnx')
+
+This module and what it imports at module level need no JAX (numpy, OpenCV); JAX is imported only
+when a checkpoint is loaded. `FaceLandmarker` itself only needs a function from crops to normalised
+landmarks, so another backend (a test oracle) plugs in through its constructor.
 """
 
 from __future__ import annotations
@@ -253,14 +258,21 @@ class FaceLandmarker:
       'net_ema'.
     covariances: also predict each point's covariance (the ambiguity); cheap, on by default.
     options: the constructor's keyword arguments (detector, faces, refine, batch_size, ...).
+    A `.onnx` file goes to `from_onnx` (config=, step= and weights= do not apply to it).
     Raises FileNotFoundError for a missing path and ValueError for a checkpoint that cannot be read.
     """
-    from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
-
     p = pathlib.Path(path)
     if not p.exists():
       raise FileNotFoundError(f'checkpoint {p} does not exist')
+    if p.is_file() and p.suffix.lower() == '.onnx':
+      given = [name for name, value in (('config', config), ('step', step), ('weights', weights)) if value is not None]
+      if given:
+        raise ValueError(f'{", ".join(given)}= do not apply to an ONNX model: it holds one network, exported '
+                         'with its weights')
+      return cls.from_onnx(p, covariances=covariances, **options)
     if p.is_dir():
+      from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
+
       if config is not None:
         raise ValueError('config= is for official .pkl files; a checkpoint directory carries its own config')
       with _quiet_orbax_skips():
@@ -281,6 +293,26 @@ class FaceLandmarker:
     out = cls(network, int(cfg.data.image_size), layout=get_layout(cfg.layout).name, **options)
     out.config, out.checkpoint, out.step, out.weights = cfg, str(path), step, weights
     out.selection = selection
+    return out
+
+  @classmethod
+  def from_onnx(cls, path: os.PathLike | str, *, covariances: bool = True, providers=None, threads: int | None = None,
+                **options) -> FaceLandmarker:
+    """A landmarker running an ONNX file of `python -m star_jax.export` in onnxruntime (no JAX needed).
+
+    The file's metadata gives the input size, the number of points and the layout; the record's step
+    and weights are the exported ones. providers: onnxruntime's execution providers (default the
+    CPU's); threads: its intra-op threads (default one per core). options: the constructor's keyword
+    arguments. Raises FileNotFoundError for a missing file and ValueError (`onnx_model.OnnxModelError`)
+    for a file that is not an exported landmark model.
+    """
+    from star_jax.inference import onnx_model  # pylint: disable=import-outside-toplevel
+
+    network = onnx_model.OnnxNetwork(path, with_covariance=covariances, providers=providers, threads=threads)
+    out = cls(network, network.image_size, layout=network.layout, **options)
+    step = network.metadata.get('step')
+    out.checkpoint, out.weights = str(path), network.metadata.get('weights')
+    out.step = int(step) if step and step.isdigit() else None
     return out
 
   # ---- Calls ------------------------------------------------------------------------------------
@@ -324,10 +356,12 @@ class FaceLandmarker:
         results.append([predictor.FaceResult(f, box_source) for f in given])
     count = sum(len(r) for r in results)
     if count:
-      # Power-of-two padding: one face costs one crop's compute, not batch_size crops'.
-      bucket = min(self.batch_size, 1 << (count - 1).bit_length())
+      # Power-of-two padding: one face costs one crop's compute, not batch_size crops'. A network
+      # with a dynamic batch (ONNX) takes any batch as it is, without padding.
+      dynamic = getattr(self.network, 'dynamic_batch', False)
+      bucket = min(self.batch_size, count if dynamic else 1 << (count - 1).bit_length())
       predictor.predict_faces(rgb, results, self.network, self.image_size, bucket,
-                              self.refine if refine is None else bool(refine))
+                              self.refine if refine is None else bool(refine), pad=not dynamic)
     return results
 
   def draw(self, image, faces: Sequence[predictor.FaceResult], show_ambiguity: bool = True) -> np.ndarray:

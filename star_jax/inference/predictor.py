@@ -42,17 +42,18 @@ def network_fn(model, with_covariance: bool, decode: str = 'landmarks') -> Calla
   return predict
 
 
-def run_batched(predict_fn, crops: np.ndarray, batch_size: int) -> dict:
-  """Runs `predict_fn` over (M, S, S, 3) crops in batches of exactly `batch_size` (the last one padded,
-  so there is one compilation); returns the outputs concatenated over the M crops."""
+def run_batched(predict_fn, crops: np.ndarray, batch_size: int, pad: bool = True) -> dict:
+  """Runs `predict_fn` over (M, S, S, 3) crops in batches of `batch_size`: exactly that many with `pad`
+  (the last one padded, so there is one compilation), else the last one as it is (a runtime with a
+  dynamic batch); returns the outputs concatenated over the M crops."""
   outs = []
   for start in range(0, len(crops), batch_size):
     chunk = crops[start:start + batch_size]
-    pad = batch_size - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    missing = batch_size - len(chunk) if pad else 0
+    if missing:
+      chunk = np.concatenate([chunk, np.zeros((missing,) + chunk.shape[1:], chunk.dtype)])
     out = predict_fn(chunk)
-    outs.append({k: v[:batch_size - pad] for k, v in out.items()})
+    outs.append({k: v[:len(chunk) - missing] for k, v in out.items()})
   return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
@@ -115,12 +116,13 @@ class FaceResult:
 
 
 def predict_faces(image_list: Sequence[np.ndarray], faces_list: Sequence[list[FaceResult]], predict_fn,
-                  image_size: int, batch_size: int, refine: bool) -> None:
+                  image_size: int, batch_size: int, refine: bool, pad: bool = True) -> None:
   """Fills every FaceResult (crop, landmarks, covariances) of the given images, in place.
 
   The crop of a face box is the official demo's (`crop.box_rule`: a square of side 1.05 x the shorter
   box side around the box centre). With `refine`, each face is cropped again by the bounding box of
   its predicted landmarks (the demo crops by a landmark box, not a detector box) and predicted once more.
+  pad: see `run_batched`.
   """
   jobs = [(i, r) for i, results in enumerate(faces_list) for r in results]
   if not jobs:
@@ -132,7 +134,7 @@ def predict_faces(image_list: Sequence[np.ndarray], faces_list: Sequence[list[Fa
   def run(selected):
     matrices = np.stack([transforms.crop_matrix(r.scale, r.center, image_size) for _, r in selected])
     crops = np.stack([transforms.warp(image_list[i], m, image_size) for (i, _), m in zip(selected, matrices)])
-    out = run_batched(predict_fn, crops, batch_size)
+    out = run_batched(predict_fn, crops, batch_size, pad)
     landmarks = transforms.map_back(out['landmarks'], matrices, image_size)
     covs = (covariances_to_image(out['covariances'], matrices, image_size)
             if 'covariances' in out else [None] * len(selected))
