@@ -18,6 +18,7 @@ def get_base_config(layout: str, dataset: str) -> ml_collections.ConfigDict:
   c.data.config = ''                # TFDS builder config ('' = the builder's default)
   c.data.data_dir = ''              # TFDS data dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
   c.data.manual_dir = ''            # where the hand-downloaded raw files are, to build a missing dataset
+  c.data.skip_bad_examples = False  # a build started here leaves out (and lists) malformed examples
   c.data.train_split = 'train'      # split to train on
   c.data.test_split = 'test'        # split to evaluate on
   c.data.num_workers = 0            # Grain worker processes (0: in the main process; best on 2 cores)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import cv2
@@ -26,6 +26,8 @@ import tensorflow_datasets as tfds
 
 from star_jax import layouts
 from star_jax.data import crop
+from star_jax.data import annotations
+from star_jax.data.annotations import AnnotationError
 
 # The STAR README sends to ADNet's metadata: links in the "Resources" table of this page.
 STAR_METADATA_URL = 'https://github.com/huangyangyu/ADNet'
@@ -123,8 +125,9 @@ def record_image(data: bytes, source: str) -> bytes:
 def read_pts(path, num_points: int, layout_name: str = '') -> np.ndarray:
   """Reads an iBUG / menpo .pts file: (num_points, 2) float32 landmarks, converted to 0-based pixels.
 
-  The format: 'version: 1', 'n_points: N', '{', N lines 'x y', '}'. iBUG coordinates are 1-based
-  (MATLAB convention), so 1 is subtracted.
+  The format: header lines 'key: value' ('version: 1', 'n_points: N'), '{', N lines 'x y', '}';
+  blank lines anywhere, nothing else after '}'. Coordinates are plain finite decimals. iBUG
+  coordinates are 1-based (MATLAB convention), so 1 is subtracted.
 
   Args:
     path: the file.
@@ -132,50 +135,47 @@ def read_pts(path, num_points: int, layout_name: str = '') -> np.ndarray:
     layout_name: the layout's name, for messages.
 
   Raises:
-    ValueError: naming the file and line, for a malformed file or a point count other than num_points.
+    AnnotationError (a ValueError) naming the file and line, for a malformed file or a point count
+    other than num_points.
   """
   path = pathlib.Path(path)
   note = f' (the {layout_name} layout)' if layout_name else ''
-  lines = [(i, line.strip()) for i, line in
-           enumerate(path.read_text(encoding='utf-8', errors='replace').splitlines(), start=1)]
-  header = {}
   points = []
-  in_points = False
-  opened = closed = None   # 'file:line' of '{' and '}'
-  for line_no, line in lines:
+  state = 'header'  # -> 'points' at '{' -> 'done' at '}'
+  open_line = last_line = 0
+  for line_no, line in enumerate(annotations.text_lines(path.read_bytes(), str(path)), start=1):
+    line = line.strip()
     if not line:
       continue
-    where = f'{path}:{line_no}'
-    if line == '{':
-      in_points, opened = True, where
-    elif line == '}':
-      in_points, closed = False, where
-    elif in_points:
+    where, last_line = f'{path}:{line_no}', line_no
+    if state == 'header' and line == '{':
+      state, open_line = 'points', line_no
+    elif state == 'header':
+      key, colon, value = line.partition(':')
+      if not colon:
+        raise AnnotationError(where, f"expected a header line 'key: value' or '{{', got {line[:60]!r}")
+      if key.strip() == 'n_points' and value.strip() != str(num_points):
+        raise AnnotationError(where, f'n_points is {value.strip()[:20]}, expected {num_points}{note}')
+    elif state == 'points' and line == '}':
+      if len(points) != num_points:
+        raise AnnotationError(where, f'expected {num_points} points{note} between {{ (line {open_line}) and }}, '
+                                     f'got {len(points)}')
+      state = 'done'
+    elif state == 'points':
       values = line.split()
-      try:
-        if len(values) != 2:
-          raise ValueError
-        point = (float(values[0]), float(values[1]))
-      except ValueError:
-        raise ValueError(f'{where}: expected a point "x y", got {line[:60]!r}') from None
-      if not all(np.isfinite(point)):
-        raise ValueError(f'{where}: coordinates must be finite, got {line[:60]!r}')
-      points.append(point)
-    elif ':' in line:
-      key, value = line.split(':', 1)
-      header[key.strip()] = (value.strip(), where)
+      if len(values) != 2:
+        raise AnnotationError(where, f'expected a point "x y", got {line[:60]!r}')
+      points.append(annotations.numbers(values, where, 'point coordinates'))
     else:
-      raise ValueError(f'{where}: unexpected line {line[:60]!r} outside the point list')
-  if 'n_points' in header:
-    value, where = header['n_points']
-    if value != str(num_points):
-      raise ValueError(f'{where}: n_points is {value}, expected {num_points}{note}')
-  if opened is None:
-    raise ValueError(f'{path}: no point list (the points go between lines "{{" and "}}")')
-  if closed is None or in_points:
-    raise ValueError(f'{opened}: the point list opened here is not closed by a line "}}"')
-  if len(points) != num_points:
-    raise ValueError(f'{closed}: expected {num_points} points{note} between {{ and }}, got {len(points)}')
+      raise AnnotationError(where, f"unexpected line {line[:60]!r} after the point list's closing }}")
+  if not last_line:
+    raise AnnotationError(str(path), 'the file is empty')
+  if state == 'header':
+    raise AnnotationError(f'{path}:{last_line}', "the file ends with no point list (the points go between "
+                                                 "lines '{' and '}')")
+  if state == 'points':
+    raise AnnotationError(f'{path}:{last_line}', f"the file ends, but the point list opened at line {open_line} "
+                                                 "is not closed by a line '}'")
   return np.array(points, np.float32) - 1.0
 
 
@@ -194,7 +194,14 @@ class FaceLandmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   Subclasses set LAYOUT, HOMEPAGE, MANUAL_DOWNLOAD_INSTRUCTIONS and EXTRA_FEATURES, and implement
   `_split_generators` / `_generate_examples` with the helpers below. Files are written as
   array_record unless the caller asks otherwise, so `tfds.data_source` reads them without TensorFlow.
+
+  A malformed annotation or unreadable image stops the build with an AnnotationError naming the file
+  and line, unless the builder is made with `skip_bad_examples=True`: then such examples are left
+  out, logged, and listed per split in the dataset's metadata ('skipped': count and messages).
   """
+
+  # At most this many messages per split are kept in the metadata (the count is always exact).
+  MAX_SKIPPED_LISTED = 1000
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
@@ -202,8 +209,21 @@ class FaceLandmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   HOMEPAGE = ''
   EXTRA_FEATURES: dict[str, Any] = {}
 
-  def __init__(self, *, file_format=None, **kwargs):
+  def __init__(self, *, file_format=None, skip_bad_examples: bool = False, **kwargs):
+    self.skip_bad_examples = bool(skip_bad_examples)
+    self._skipped: dict[str, list[str]] = {}
     super().__init__(file_format=file_format or 'array_record', **kwargs)
+
+  def _skipper(self, split: str) -> Callable[[AnnotationError], None] | None:
+    """None when bad examples stop the build; else the function that records one of `split`."""
+    if not self.skip_bad_examples:
+      return None
+    skipped = self._skipped.setdefault(split, [])
+
+    def skip(error: Exception) -> None:
+      skipped.append(str(error))
+      logging.warning('%s %s: skipping a bad example: %s', self.name, split, error)
+    return skip
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -226,7 +246,7 @@ class FaceLandmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
           problem='missing or empty manual download folder')) from None
 
   def _crop_rule(self, manual_dir: pathlib.Path, split: str) -> crop.CropRule:
-    rule = crop.rule_for_split(manual_dir, split, self.LAYOUT.num_points)
+    rule = crop.rule_for_split(manual_dir, split, self.LAYOUT.num_points, skip=self._skipper(split))
     logging.info('%s %s: crop rule %s', self.name, split, rule.name)
     return rule
 
@@ -237,6 +257,13 @@ class FaceLandmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     self.info.metadata.setdefault('crop_rule', {})[split] = rule.name
     self.info.metadata.setdefault('crop', {})[split] = summary
     logging.info('%s %s: %d faces%s; crop %s', self.name, split, count, detail, summary)
+    if self.skip_bad_examples:
+      skipped = self._skipped.get(split, [])
+      self.info.metadata.setdefault('skipped', {})[split] = {
+          'count': len(skipped), 'examples': skipped[:self.MAX_SKIPPED_LISTED]}
+      if skipped:
+        logging.warning('%s %s: skipped %d bad examples (listed in the dataset metadata), e.g. %s', self.name,
+                        split, len(skipped), skipped[:3])
     if rule.fallbacks:
       logging.warning('%s %s: %d faces not in %s got the box rule, e.g. %s', self.name, split,
                       len(rule.fallbacks), rule.table.source, rule.fallbacks[:5])

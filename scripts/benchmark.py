@@ -1,6 +1,6 @@
 """Speed benchmarks of star_jax, one section per part of the system.
 
-  python scripts/benchmark.py loss|model|data|train|eval|export|all [--json OUT.json] [--official PATH] [--repeats N]
+  python scripts/benchmark.py loss|model|data|train|eval|export|video|all [--json OUT.json] [--official PATH] [--repeats N]
 
 Prints a table on stdout and writes the rows as JSON. Runs on the default JAX backend (the GPU when
 one is present). `--official PATH` points at a checkout of the official PyTorch code
@@ -25,7 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from star_jax import cli  # pylint: disable=wrong-import-position
 
-SECTIONS = ('loss', 'model', 'data', 'train', 'eval', 'export')
+SECTIONS = ('loss', 'model', 'data', 'train', 'eval', 'export', 'video')
 
 
 def _benchmark(argv: list[str]) -> int:

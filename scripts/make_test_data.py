@@ -2,7 +2,7 @@
 
   python scripts/make_test_data.py --official /path/to/STAR --reference ../shared/reference
       [--output tests/data] [--only losses,metrics,targets,tiny_outputs,layouts,checkpoints,real_faces,
-      real_faces_full]
+      real_faces_full,train_step]
       [--faces DIR] [--check]
 
 --official is a checkout of the official PyTorch code (github.com/ZhenglinZhou/STAR; the goldens were
@@ -59,6 +59,9 @@ scipy.integrate.simpson).
   real_faces_full/*  [real_faces_full]  the same photos at full size, for the face detector: the
       .jpg and .pts files copied byte for byte, takeo.ppm stored as a PNG of the same pixels (OpenCV
       defaults). The folder's README.md is not generated.
+  train_step_golden.npz  [train_step]  the compact form of the reference's train_step.npz (three
+      official training steps in float64), made by scripts/make_train_step_golden.py (its docstring
+      says how it is stored); the official CoordConv radius channels in it are computed with PyTorch.
 
 --check rebuilds the selected files in a temporary folder and compares them with those in --output,
 printing the largest difference of each array; exit status 1 when one is out of tolerance. Inputs
@@ -453,6 +456,22 @@ GOLDENS = {
 }
 
 
+def make_train_step(src: Sources, out: pathlib.Path) -> None:
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location('make_train_step_golden', REPO / 'scripts' / 'make_train_step_golden.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if module.main(['--reference', str(_input(src.reference, 'train_step.npz')),
+                  '--output', str(out / 'train_step_golden.npz')]):
+    raise cli.UserError('make_train_step_golden.py failed (see above)')
+
+
+GOLDENS['train_step'] = Golden(('train_step_golden.npz',), True, make_train_step, (
+    # The radius channels come from PyTorch's float32 sqrt, whose last bit depends on the CPU's MKL
+    # (make_train_step_golden.py's docstring); the digest covers them, so it follows them.
+    ('coordconv/*', 'abs', 3e-7), ('sha256', 'unread', EXACT)))
+
+
 # ---- --check ------------------------------------------------------------------------------------------
 
 def _tolerance(key: str, expected: np.ndarray, tolerances) -> tuple[str, float, str]:
@@ -480,6 +499,11 @@ def _compare_npz(got_path: pathlib.Path, want_path: pathlib.Path, tolerances) ->
       continue
     kind, tol, how = _tolerance(key, b, tolerances)
     equal = np.array_equal(a, b)
+    if a.dtype.kind not in 'biuf':   # text entries: equal or not
+      good = equal or kind == 'unread'
+      ok &= good
+      print(f'  {key:40s} {"equal" if equal else "differs":22s}{"" if good else "  MISMATCH"}')
+      continue
     diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if a.size else 0.0
     good = equal or kind == 'unread' or (kind != 'exact' and diff <= tol)
     ok &= good

@@ -104,7 +104,14 @@ def setup_logging(level: str = 'info') -> None:
   handler = logging.get_absl_handler()
   if not any(getattr(f, '_star_jax', False) for f in handler.filters):
     def ours(record):
-      return record.levelno >= std_logging.WARNING or record.pathname.startswith(package)
+      if record.pathname.startswith(package):
+        return True
+      if record.levelno < std_logging.WARNING:
+        return False
+      # Their message, without the traceback: a library that logs the exception it then raises (Orbax
+      # does, for a failed save) would otherwise print it beside our one-line 'error: ...'.
+      record.exc_info, record.exc_text = None, None
+      return True
     ours._star_jax = True  # pylint: disable=protected-access
     handler.addFilter(ours)
 

@@ -19,7 +19,8 @@ default) stores `net` as the checkpoint's 'model' item and reproduces the offici
 Mapping (see `torch_key_map`): every parameter and BatchNorm statistic of the model must be found,
 with the right shape, and every entry of the state dict must be used, except `num_batches_tracked`
 and the skip projections the official ResBlock creates but never uses (input channels == output
-channels); the fixed edge-to-point transform is checked against the layout. Convolution weights go
+channels); the fixed edge-to-point transform is checked against the layout; tensors with NaN or
+infinite values are refused, named (a model with them predicts NaN). Convolution weights go
 from OIHW to HWIO, and the stem's three colour input channels are reversed (BGR -> RGB).
 """
 
@@ -52,7 +53,11 @@ _STORAGE_DTYPES = {
 }
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class CheckpointFormatError(pickle.UnpicklingError, ValueError):
+  """A file that is not a readable torch.save checkpoint (truncated, damaged, another format)."""
+
+
+class UnsafeCheckpointError(CheckpointFormatError):
   """A checkpoint's pickle names a class or function outside the allow-list."""
 
 
@@ -169,17 +174,39 @@ def _read_with_torch(path: str):
                       is_leaf=lambda t: isinstance(t, torch.Tensor))
 
 
+_ZIP_MAGIC = b'PK\x03\x04'
+_PICKLE_PROTOCOL_2_PLUS = b'\x80'
+
+
 def read_torch_checkpoint(path: str):
   """Loads a torch.save file as nested Python containers with numpy arrays instead of tensors.
 
   Zip archives are read without PyTorch through a restricted unpickler (`UnsafeCheckpointError`
   for anything outside the allow-list); other formats need PyTorch (`torch.load(weights_only=True)`).
+  Anything that does not read raises CheckpointFormatError (a ValueError and an UnpicklingError)
+  naming the file and what it looks like; nothing from the file is executed on the way.
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f'checkpoint {path} does not exist')
-  if zipfile.is_zipfile(path):
-    return _read_zip(path)
-  return _read_with_torch(path)
+  with open(path, 'rb') as f:
+    head = f.read(4)
+  try:
+    if zipfile.is_zipfile(path):
+      return _read_zip(path)
+    if head.startswith(_ZIP_MAGIC):
+      raise CheckpointFormatError(f'{path}: a damaged or truncated zip archive (the start of a torch.save '
+                                  'file, but its end is missing); download or copy it again')
+    return _read_with_torch(path)
+  except (CheckpointFormatError, FileNotFoundError):
+    raise
+  except ValueError as e:
+    if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTOCOL_2_PLUS):
+      raise CheckpointFormatError(str(e)) from None
+    raise CheckpointFormatError(f'{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a '
+                                f'pickle; it starts with {head!r})') from None
+  except Exception as e:  # pylint: disable=broad-except  (a damaged pickle can fail in any way)
+    raise CheckpointFormatError(f'{path}: not a readable torch.save checkpoint ({type(e).__name__}: '
+                                f'{str(e)[:300]})') from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,8 +293,8 @@ def _check_edge_transform(state_dict, model: StackedHGNet, used: set):
 def convert_state_dict(state_dict, model: StackedHGNet) -> dict:
   """Official state dict (numpy, OIHW) -> the model's pure nnx state dict (nested, HWIO).
 
-  Raises ValueError naming every missing and unexpected key, or the first key whose shape does not
-  fit the model (with both shapes).
+  Raises ValueError naming every missing and unexpected key, the tensors with NaN or infinite values,
+  or the first key whose shape does not fit the model (with both shapes).
   """
   return _convert_entries(state_dict, model, strict=True)[0]
 
@@ -298,6 +325,11 @@ def _convert_entries(state_dict, model: StackedHGNet, strict: bool) -> tuple[dic
   if strict and (missing or unexpected):
     raise ValueError(f'state dict does not fit the model: missing {len(missing)} keys {missing}; '
                      f'unexpected {len(unexpected)} keys {unexpected}')
+  non_finite = [key for _, key, _ in entries if not np.all(np.isfinite(np.asarray(state_dict[key], np.float64)))]
+  if non_finite:
+    more = f' and {len(non_finite) - 10} more' if len(non_finite) > 10 else ''
+    raise ValueError(f'{len(non_finite)} tensors hold NaN or infinite values: {", ".join(non_finite[:10])}{more}; '
+                     'refusing to convert them (a model with them predicts NaN)')
   for path, key, kind in entries:
     node = pure
     for p in path[:-1]:
@@ -351,8 +383,11 @@ def convert_checkpoint(checkpoint: str, config, output: str, weights: str = 'net
   wanted = ('net', 'net_ema') if weights == 'both' else (weights,)
   for name in wanted:
     if name not in obj:
-      raise ValueError(f'{checkpoint}: has no {name!r} entry (it has {sorted(obj)}); choose --weights '
+      raise ValueError(f'{checkpoint}: has no {name!r} entry (it has {sorted(map(str, obj))}); choose --weights '
                        f'from those')
+    if not isinstance(obj[name], dict) or not all(isinstance(v, np.ndarray) for v in obj[name].values()):
+      raise ValueError(f'{checkpoint}: its {name!r} entry is not a state dict of tensors '
+                       f'({type(obj[name]).__name__})')
   layouts.get_layout(config.layout)  # a clear error for a bad layout before building anything
 
   def build(name):

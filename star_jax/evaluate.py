@@ -131,7 +131,10 @@ def _evaluate(argv: list[str]) -> int:
   # ---- Predict ----
   print(f'evaluating {where} (step {loaded.step}, {weights} weights) on {config.data.name}/'
         f'{config.data.config or "default"} {split} ({num_examples} images)', flush=True)
-  results = scoring.evaluate_model(loaded.model, config, source, progress=fv.progress)
+  try:
+    results = scoring.evaluate_model(loaded.model, config, source, progress=fv.progress)
+  except pipeline.BadRecordError as e:  # a damaged record of the dataset, named
+    raise cli.UserError(f'{config.data.name} {split}: {e}') from None
   size = int(config.data.image_size)
   wall = results['wall_seconds']
   fields = report.record_fields(source, results['index'], ('image_name', 'video', 'frame', 'frame_offset'))

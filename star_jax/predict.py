@@ -1,8 +1,10 @@
-"""Landmarks on your own photos.
+"""Landmarks on your own photos and videos.
 
   python -m star_jax.predict --checkpoint DIR photo.jpg more/photos/ --output OUT
       [--box x1,y1,x2,y2] [--faces largest|best|all] [--detector blazeface|haar] [--min_face_size 32]
       [--min_face_score 0.6] [--show_ambiguity] [--batch_size 8] [--norefine]
+  python -m star_jax.predict --checkpoint DIR clip.mp4 --output OUT [--smooth] [--redetect_every 15]
+  python -m star_jax.predict --checkpoint DIR frames/ --video [--fps 25] --output OUT [--smooth]
 
 For every image: find the faces (offline: by default MediaPipe's BlazeFace CNN, shipped in the
 package and run by OpenCV; `--detector haar` for OpenCV's Haar cascade) or take the face box given by
@@ -19,28 +21,39 @@ dlib, not by a detector box, which is looser and sits higher on the face. So aft
 the detector's (or --box's) crop we crop again by the bounding box of our own predicted landmarks,
 with the demo's rule, and predict once more. --norefine keeps the first pass.
 
+Videos: a file with a video extension (.mp4, .avi, .mov, .mkv, .webm, ...: whatever OpenCV reads) is
+a video; a folder is a folder of photos, unless --video is given: then each folder is the frames of one
+video, in the natural order of the file names (frame2 before frame10), at --fps. Faces are detected on
+the first frame and then tracked: each frame is cropped by the bounding box of the previous frame's
+landmarks (one network pass per face); the detector runs again every --redetect_every frames, to
+confirm the tracks and find new faces (--faces all), and at once when a track is lost (see
+star_jax/inference/video.py). --smooth filters the landmarks over time (One Euro filters on the head's
+pose and the face's shape). Writes OUT/<name>_landmarks.mp4 (the annotated video),
+OUT/<name>_landmarks.csv (a row per face and frame: frame, time_s, track, box_source, detector_score,
+box, x0, y0, x1, y1, ...) and OUT/<name>_landmarks.json (every frame's faces, the tracking summary and
+the frames/s), and prints the frames/s.
+
 The checkpoint is any star_jax checkpoint directory or training workdir (trained here, or converted
-from the official PyTorch release with `python -m star_jax.convert_pytorch`).
+from the official PyTorch release with `python -m star_jax.convert_pytorch`), or an official .pkl
+itself, converted in memory (--config says which config, by default the one of its number of points).
+The same is available in Python: star_jax.FaceLandmarker (star_jax/inference/landmarker.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import sys
 from typing import Callable, Sequence
 
 from absl import flags
 import cv2
-import numpy as np
 
 from star_jax import cli
 from star_jax.inference import face_detect
-from star_jax.inference import predictor
+# Part of this module's interface (the library's since the Python API).
+from star_jax.inference.landmarker import IMAGE_EXTENSIONS, read_image  # noqa: F401
 from star_jax.layouts import get_layout
-
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.pbm', '.tif', '.tiff', '.webp')
 
 
 # ---- Files --------------------------------------------------------------------------------------
@@ -60,15 +73,6 @@ def collect_images(inputs: Sequence[str], warn: Callable[[str], None]) -> list[p
     else:
       warn(f'{p}: no such file or folder: skipped')
   return paths
-
-
-def read_image(path: pathlib.Path) -> np.ndarray | None:
-  """uint8 (H, W, 3) RGB (grey images are converted to 3 channels), or None if unreadable."""
-  data = np.fromfile(str(path), np.uint8) if path.is_file() else None
-  image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data is not None and data.size else None
-  if image is None:
-    return None
-  return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def output_stems(paths: Sequence[pathlib.Path]) -> list[str]:
@@ -107,7 +111,22 @@ def _flags(argv):
   flags.DEFINE_bool('refine', True, 'second pass cropped by the predicted landmarks, as the official demo '
                     'crops (--norefine keeps the first pass)', flag_values=fv)
   flags.DEFINE_integer('step', None, 'checkpoint step (default: the latest)', flag_values=fv)
-  flags.DEFINE_bool('use_ema', True, 'use the EMA weights when the checkpoint has them', flag_values=fv)
+  flags.DEFINE_bool('use_ema', True, 'use the EMA weights when the checkpoint has them (for an official .pkl: '
+                    "'net' unless --use_ema is given)", flag_values=fv)
+  flags.DEFINE_string('config', None, 'for an official .pkl checkpoint only: wflw, 300w, cofw or a config file '
+                      '(default: by its number of points, 98 wflw, 68 300w, 29 cofw)', flag_values=fv)
+  flags.DEFINE_bool('video', False, 'treat every folder given as the frames of one video (in the natural '
+                    'order of their names: frame2 before frame10) instead of a folder of photos', flag_values=fv)
+  flags.DEFINE_float('fps', 25.0, 'frame rate of a folder of frames (a video file has its own)', lower_bound=1e-3,
+                     flag_values=fv)
+  flags.DEFINE_integer('redetect_every', 15, 'video: run the face detector every N frames to check the tracks '
+                       'and find new faces (and at once whenever a track is lost)', lower_bound=1, flag_values=fv)
+  flags.DEFINE_bool('smooth', False, 'video: smooth each landmark over time (a One Euro filter; the crops still '
+                    'follow the raw landmarks)', flag_values=fv)
+  flags.DEFINE_float('smooth_min_cutoff', 1.0, 'video --smooth: cutoff frequency (Hz) at rest; lower is '
+                     'smoother and lags more', lower_bound=1e-6, flag_values=fv)
+  flags.DEFINE_float('smooth_beta', 0.5, 'video --smooth: how fast the cutoff rises with speed (per face size '
+                     'per second); higher lags less on fast motion', lower_bound=0.0, flag_values=fv)
   inputs = command.parse()
   command.require('checkpoint', 'output')
   if not inputs:
@@ -121,47 +140,86 @@ def _flags(argv):
   return fv, inputs, box
 
 
-def _predict(argv: list[str]) -> int:
-  """Returns the exit status: 0 when at least one image was written, 1 when none was."""
-  fv, inputs, box = _flags(argv)
-  import tqdm  # pylint: disable=import-outside-toplevel
+def load_landmarker(fv, box, **options):
+  """The command's FaceLandmarker (star_jax.FaceLandmarker) from --checkpoint, --config, --step,
+  --use_ema and the detector flags; a cli.UserError for what the user can fix."""
+  from star_jax.inference import landmarker as landmarker_lib  # pylint: disable=import-outside-toplevel
 
-  from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
-
-  cli.setup_logging('error')  # Orbax logs harmless warnings about read-only restores
-
-  def warn(message: str):
-    tqdm.tqdm.write(f'warning: {message}', file=sys.stderr)
-
-  if not os.path.isdir(fv.checkpoint):
+  path = pathlib.Path(fv.checkpoint)
+  if not path.exists():
     raise cli.UserError(f'checkpoint directory {fv.checkpoint!r} does not exist')
-  try:
-    loaded = checkpoints.load_model(fv.checkpoint, step=fv.step, weights=None if fv.use_ema else 'model')
-  except (FileNotFoundError, ValueError) as e:
-    raise cli.UserError(f'cannot load the checkpoint {fv.checkpoint!r}: {e}') from None
-  config = loaded.config
-  image_size = int(config.data.image_size)
-  predict_fn = predictor.network_fn(loaded.model, with_covariance=fv.show_ambiguity,
-                                    decode=config.model.get('decode', 'landmarks'))
   detector = None
   if box is None:
     try:
       detector = face_detect.make_detector(fv.detector, fv.min_face_size, fv.min_face_score)
     except (OSError, ValueError) as e:
       raise cli.UserError(f'cannot load the face detector: {e}') from None
+  if path.is_dir():
+    kwargs = {'step': fv.step, 'weights': None if fv.use_ema else 'model'}
+    if fv.config:
+      raise cli.UserError('--config is for an official .pkl checkpoint; a checkpoint directory carries its own')
+  else:
+    kwargs = {'config': fv.config, 'weights': 'net_ema' if fv.use_ema and fv['use_ema'].present else 'net'}
+  try:
+    return landmarker_lib.FaceLandmarker.from_checkpoint(path, covariances=fv.show_ambiguity, detector=detector,
+                                                         faces=fv.faces, refine=fv.refine,
+                                                         batch_size=fv.batch_size, **kwargs, **options)
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    raise cli.UserError(f'cannot load the checkpoint {fv.checkpoint!r}: {e}') from None
 
-  paths = collect_images(inputs, warn)
-  if not paths:
+
+def _predict(argv: list[str]) -> int:
+  """Returns the exit status: 0 when at least one input was written, 1 when none was."""
+  fv, inputs, box = _flags(argv)
+  import tqdm  # pylint: disable=import-outside-toplevel
+
+  cli.setup_logging('error')  # Orbax logs harmless warnings about read-only restores
+
+  def warn(message: str):
+    tqdm.tqdm.write(f'warning: {message}', file=sys.stderr)
+
+  from star_jax.inference import video  # pylint: disable=import-outside-toplevel
+
+  videos, photo_inputs = video.split_inputs(inputs, fv.video)
+  paths = collect_images(photo_inputs, warn) if photo_inputs else []
+  if not paths and not videos:
     raise cli.UserError('no images to process')
+  landmarker = load_landmarker(fv, box)
   out_dir = pathlib.Path(fv.output)
   out_dir.mkdir(parents=True, exist_ok=True)
+  written = 0
+  if paths:
+    written += _predict_photos(fv, box, landmarker, paths, out_dir, warn)
+  if videos:
+    options = video.VideoOptions(faces=fv.faces, redetect_every=fv.redetect_every, smooth=fv.smooth,
+                                 smooth_min_cutoff=fv.smooth_min_cutoff, smooth_beta=fv.smooth_beta, fps=fv.fps,
+                                 show_ambiguity=fv.show_ambiguity, box=box)
+    info = {'checkpoint': str(fv.checkpoint), 'step': landmarker.step, 'weights': landmarker.weights,
+            'layout': str(landmarker.layout), 'detector': None if box is not None else fv.detector}
+    for source, stem in zip(videos, output_stems([v.path for v in videos])):
+      summary = video.process_video(source, landmarker, out_dir, options, stem, warn, info)
+      if summary is None:
+        continue
+      written += 1
+      print(f'{source.path}: {summary["num_frames"]} frames ({summary["frames_with_face"]} with a face) in '
+            f'{summary["seconds"]:.1f} s, {summary["frames_per_second"]:.1f} frames/s'
+            + (f' ({summary["frames_per_second_after_first"]:.1f} after the first, which compiles)'
+               if summary['frames_per_second_after_first'] else '') + '; written '
+            f'{", ".join(pathlib.Path(p).name for p in summary["outputs"].values())} to {out_dir}')
+  return 0 if written else 1
+
+
+def _predict_photos(fv, box, landmarker, paths, out_dir, warn) -> int:
+  """Writes each photo's picture and JSON; returns the number of photos written."""
+  import tqdm  # pylint: disable=import-outside-toplevel
+
   stems = output_stems(paths)
   written, faces_written, skipped = 0, 0, []
 
   bar = tqdm.tqdm(total=len(paths), desc='predict', unit='image', disable=None)
   chunk = fv.batch_size
   for start in range(0, len(paths), chunk):
-    items = []  # (path, stem, image, [FaceResult])
+    items = []  # (path, stem, image, [Face])
     for path, stem in zip(paths[start:start + chunk], stems[start:start + chunk]):
       image = read_image(path)
       if image is None:
@@ -169,30 +227,29 @@ def _predict(argv: list[str]) -> int:
         skipped.append((str(path), 'unreadable'))
         bar.update(1)
         continue
-      if box is not None:
-        results = [predictor.FaceResult(face_detect.Face(box), 'user')]
-      else:
-        results = [predictor.FaceResult(f, 'detector')
-                   for f in face_detect.select(detector.detect(image), fv.faces)]
-      if not results:
+      faces = [face_detect.Face(box)] if box is not None else landmarker.detect(image)
+      if not faces:
         warn(f'{path}: no face found: skipped (give the face with --box x1,y1,x2,y2, or try a lower '
              '--min_face_size or --min_face_score)')
         skipped.append((str(path), 'no face'))
         bar.update(1)
         continue
-      items.append((path, stem, image, results))
-    predictor.predict_faces([it[2] for it in items], [it[3] for it in items], predict_fn, image_size,
-                            fv.batch_size, fv.refine)
-    for path, stem, image, results in items:
+      items.append((path, stem, image, faces))
+    if not items:
+      continue
+    all_results = landmarker.predict([it[2] for it in items], [it[3] for it in items],
+                                     box_source='user' if box is not None else 'detector')
+    for (path, stem, image, _), results in zip(items, all_results):
       h, w = image.shape[:2]
       record = {'image': str(path), 'width': w, 'height': h, 'checkpoint': str(fv.checkpoint),
-                'step': loaded.step, 'weights': loaded.weights,
-                'layout': get_layout(config.layout).name, 'num_points': int(results[0].landmarks.shape[0]),
+                'step': landmarker.step, 'weights': landmarker.weights,
+                'layout': get_layout(landmarker.config.layout).name,
+                'num_points': int(results[0].landmarks.shape[0]),
                 'detector': None if box is not None else fv.detector,
                 'coordinates': '0-based image pixels (x, y)',
-                'faces': [predictor.face_json(r) for r in results]}
+                'faces': [r.to_dict() for r in results]}
       (out_dir / f'{stem}.json').write_text(json.dumps(record, indent=1))
-      picture = predictor.draw(image, results, fv.show_ambiguity)
+      picture = landmarker.draw(image, results, fv.show_ambiguity)
       cv2.imwrite(str(out_dir / f'{stem}_landmarks.jpg'), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR),
                   [cv2.IMWRITE_JPEG_QUALITY, 92])
       written += 1
@@ -201,7 +258,7 @@ def _predict(argv: list[str]) -> int:
   bar.close()
   print(f'{written} image(s), {faces_written} face(s) written to {out_dir}'
         + (f'; {len(skipped)} skipped: ' + ', '.join(f'{p} ({why})' for p, why in skipped) if skipped else ''))
-  return 0 if written else 1
+  return written
 
 
 def main(argv=None) -> int:

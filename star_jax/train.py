@@ -5,9 +5,16 @@ from the command line: `--config.batch_size=64 --config.model.dtype=bfloat16`. T
 the latest checkpoint in --workdir. For several processes (hosts), start one per host with
 --coordinator, --num_processes and --process_id (or rely on the cluster's auto-detection with
 --distributed, see scripts/launch_multihost.sh).
+
+One run writes a workdir at a time (a second one stops at once). A resumed run refuses a config that
+changes results (see star_jax/training/workdir.py, FREE_KEYS, for the fields that may change) unless
+--allow_config_change is given; the change is then recorded in <workdir>/config_changes.jsonl.
 """
 
 from __future__ import annotations
+
+import pathlib
+import shlex
 
 from absl import flags
 
@@ -27,6 +34,9 @@ def _train(argv: list[str]) -> int:
                     '(SLURM, Open MPI, Kubernetes, Cloud TPU)', flag_values=fv)
   flags.DEFINE_string('cpu_collectives', None, "CPU cross-process collectives ('gloo'), for CPU clusters",
                       flag_values=fv)
+  flags.DEFINE_bool('allow_config_change', False, 'resume even when the config differs from the '
+                    "checkpoint's in fields that change results (recorded in <workdir>/config_changes.jsonl)",
+                    flag_values=fv)
   rest = command.parse()
   if rest:
     raise flags.Error(f'unexpected arguments: {" ".join(rest)}')
@@ -38,14 +48,90 @@ def _train(argv: list[str]) -> int:
     jax.distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id)
   elif fv.distributed:
     jax.distributed.initialize()
-  from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
-  from star_jax.training import loop  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from star_jax.data.annotations import AnnotationError
+  from star_jax.data.pipeline import BadRecordError
+  from star_jax.training import checkpoints
+  from star_jax.training import loop
+  from star_jax.training import workdir
+  # pylint: enable=import-outside-toplevel
   cli.setup_logging()
   try:
-    loop.train_and_evaluate(command.config, fv.workdir)
-  except checkpoints.InitFromError as e:
+    final = loop.train_and_evaluate(command.config, fv.workdir, allow_config_change=fv.allow_config_change)
+  except (workdir.WorkdirError, checkpoints.CheckpointError, checkpoints.InitFromError, loop.NonFiniteLossError,
+          BadRecordError, AnnotationError, FileNotFoundError) as e:
+    # Problems the user can act on: one message, no traceback (the log above says what happened).
     raise cli.UserError(str(e)) from None
+  if jax.process_index() == 0:
+    print(last_word(command.config, fv.workdir, final, argv), flush=True)
   return 0
+
+
+def _config_args(argv: list[str]) -> list[str]:
+  """The --config flag as given (default: DEFAULT_CONFIG) and its --config.data.* overrides: what
+  evaluation needs to find the same test split."""
+  spec, overrides = DEFAULT_CONFIG, []
+  args = cli._normalise(argv[1:])  # pylint: disable=protected-access
+  for i, arg in enumerate(args):
+    if arg.startswith('--config='):
+      spec = arg[len('--config='):]
+    elif arg == '--config' and i + 1 < len(args):
+      spec = args[i + 1]
+    elif arg.startswith('--config.data.'):
+      overrides.append(arg)
+  return ['--config', spec] + overrides
+
+
+def write_samples(config, folder: pathlib.Path, count: int = 4) -> list[pathlib.Path]:
+  """A few synthetic test faces as JPEG files (for the printed predict command to run on)."""
+  import cv2  # pylint: disable=import-outside-toplevel
+
+  from star_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+
+  folder.mkdir(parents=True, exist_ok=True)
+  paths = []
+  for i in range(count):
+    sample = synthetic.generate(0, 'test', i, layout=str(config.layout))
+    path = folder / f'synthetic_test_{i}.jpg'
+    cv2.imwrite(str(path), cv2.cvtColor(sample.image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    paths.append(path)
+  return paths
+
+
+def last_word(config, workdir: str, final: dict, argv: list[str]) -> str:
+  """What the run ends with: its result (NME / FR / AUC of the final and the EMA weights, when it
+  evaluated) and the exact commands to evaluate it and to predict with it. For the synthetic faces
+  it also writes a few test faces to <workdir>/samples, for the predict command to run on."""
+  from star_jax import layouts  # pylint: disable=import-outside-toplevel
+
+  workdir_path = pathlib.Path(workdir).absolute()
+  quote = lambda parts: ' '.join(shlex.quote(str(p)) for p in parts)  # noqa: E731
+  layout = layouts.get_layout(config.layout)
+  lines = [f'done: checkpoints in {workdir_path / "checkpoints"}']
+  if final:
+    lines.append(f'result on the {config.data.name} {config.data.test_split} split '
+                 f'(NME normalised by the inter-{layout.default_norm} distance; FR and AUC at {layout.threshold}):')
+    lines.append(f'  {"weights":8s} {"NME":>8s} {"FR":>8s} {"AUC":>7s}')
+    for name, label in (('model', 'final'), ('ema', 'EMA')):
+      if f'{name}/nme' in final:
+        lines.append(f'  {label:8s} {100 * final[f"{name}/nme"]:7.2f}% {100 * final[f"{name}/fr"]:7.2f}% '
+                     f'{final[f"{name}/auc"]:7.3f}')
+  else:
+    lines.append('(no evaluation in this invocation: it stopped before the end, or the run was already complete)')
+  lines.append('next:')
+  lines.append('  ' + quote(['python', '-m', 'star_jax.evaluate', *_config_args(argv), '--checkpoint', workdir_path]))
+  if config.data.name == 'synthetic_faces':
+    samples = write_samples(config, workdir_path / 'samples')
+    lines.append('  ' + quote(['python', '-m', 'star_jax.predict', '--checkpoint', workdir_path, samples[0].parent,
+                               '--output', workdir_path / 'predictions', '--show_ambiguity']))
+    lines.append('note: this model has only seen synthetic faces (the test faces are in '
+                 f'{samples[0].parent}): it is for trying the pipeline and does not work on real photos. For '
+                 'real photos convert the official weights: python -m star_jax.convert_pytorch --checkpoint '
+                 'WFLW.pkl --config configs/wflw.py --output ckpt/wflw (see README.md).')
+  else:
+    lines.append('  ' + quote(['python', '-m', 'star_jax.predict', '--checkpoint', workdir_path, 'photo.jpg',
+                               '--output', workdir_path / 'predictions', '--show_ambiguity']))
+  return '\n'.join(lines)
 
 
 def main(argv=None) -> int:

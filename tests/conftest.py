@@ -47,3 +47,29 @@ def load_config(name: str, arg: str = ''):
   """configs/<name>.py's get_config(arg)."""
   from star_jax import config_lib
   return config_lib.load_config(str(REPO / 'configs' / f'{name}.py') + (f':{arg}' if arg else ''))
+
+
+@pytest.fixture(scope='session')
+def tiny_wflw_checkpoint(tmp_path_factory) -> pathlib.Path:
+  """The tiny official WFLW network (tests/data/tiny_wflw_checkpoint.pkl: input 64, 4 stacks, 32
+  channels, random weights) converted to a star_jax checkpoint directory."""
+  from star_jax import convert_pytorch
+
+  out = tmp_path_factory.mktemp('ckpt') / 'tiny_wflw'
+  convert_pytorch.convert_checkpoint(str(DATA / 'tiny_wflw_checkpoint.pkl'), tiny_wflw_config(), str(out))
+  return out
+
+
+def tiny_wflw_config():
+  """The config of tests/data/tiny_wflw_checkpoint.pkl: configs/wflw.py:tiny with 4 stacks of 32 channels."""
+  config = load_config('wflw', 'tiny')
+  config.model.nstack, config.model.channels = 4, 32
+  return config
+
+
+@pytest.fixture(scope='session')
+def tiny_landmarker(tiny_wflw_checkpoint):
+  """A FaceLandmarker of the tiny WFLW checkpoint (faces='all'), shared so that each batch shape
+  compiles once per session; a test that changes an attribute puts it back."""
+  from star_jax.inference.landmarker import FaceLandmarker
+  return FaceLandmarker.from_checkpoint(tiny_wflw_checkpoint)

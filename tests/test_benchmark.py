@@ -57,7 +57,7 @@ def test_bad_repeats_is_refused_before_any_work(tmp_path):
   assert not (tmp_path / 'rows.json').exists()
 
 
-@pytest.mark.parametrize('section', ['loss', 'model', 'data', 'train', 'eval', 'export'])
+@pytest.mark.parametrize('section', ['loss', 'model', 'data', 'train', 'eval', 'export', 'video'])
 def test_every_section_binds_the_globals_its_run_uses(section):
   """The heavy sections are not run here (seconds to minutes per call): check instead that every
   global name `run` (and the functions and lambdas inside it) loads is bound, which catches a missing

@@ -217,6 +217,7 @@ def test_load_source_builds_generated_datasets_without_manual_dir(tmp_path, monk
     def __init__(self, **kwargs):
       self.kwargs = kwargs
       self.data_dir = kwargs['data_dir']
+      self.data_path = tmp_path / 'synthetic_faces' / 'small' / '1.0.0'
 
     def is_prepared(self):
       return bool(built)

@@ -3,6 +3,7 @@ and evaluates with the configs it ships."""
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -86,10 +87,18 @@ def test_an_installed_copy_trains_and_evaluates_without_the_checkout(tmp_path, t
                           '--config.total_steps=2', '--config.progress=False'], cwd=elsewhere, env=env,
                          capture_output=True, text=True, timeout=600)
   assert train.returncode == 0, train.stderr[-3000:]
-  evaluate = subprocess.run([sys.executable, '-m', 'star_jax.evaluate', *config, '--checkpoint', 'run',
-                             '--output', 'report', '--noprogress'], cwd=elsewhere, env=env,
-                            capture_output=True, text=True, timeout=600)
+  # The run ends with its result and the next commands, which run as printed.
+  out = train.stdout
+  assert 'result on the synthetic_faces test split' in out and 'EMA' in out and 'does not work on real photos' in out
+  printed = [shlex.split(line) for line in out.split('next:\n', 1)[1].splitlines() if line.startswith('  python')]
+  assert [c[2] for c in printed] == ['star_jax.evaluate', 'star_jax.predict']
+  evaluate = subprocess.run([sys.executable, *printed[0][1:], '--output', 'report', '--noprogress'], cwd=elsewhere,
+                            env=env, capture_output=True, text=True, timeout=600)
   assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+  predict = subprocess.run([sys.executable, *printed[1][1:], '--norefine'], cwd=elsewhere, env=env,
+                           capture_output=True, text=True, timeout=600)
+  assert predict.returncode == 0, predict.stderr[-3000:]
+  assert len(list((elsewhere / 'run' / 'predictions').glob('synthetic_test_*.json'))) == 4
   rows = json.loads((elsewhere / 'report' / 'metrics.json').read_text())['rows']
   final = json.loads((elsewhere / 'run' / 'final_metrics.json').read_text())
   assert abs(rows[0]['nme'] - 100 * final['ema/nme']) < 1e-3 * rows[0]['nme']

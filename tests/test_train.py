@@ -106,8 +106,9 @@ def test_sigterm_saves_and_resumes(tfds_dir, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tfds_dir, tmp_path):
   workdir = tmp_path / 'run'
   _train(workdir, tfds_dir, '--config.total_steps=4')
-  proc = subprocess.run(_cmd(workdir, tfds_dir, '--config.total_steps=8', '--config.lr=1e30'), env=_env(), cwd=REPO,
-                        capture_output=True, text=True, timeout=600)
+  # A changed learning rate on resume must be asked for (--allow_config_change).
+  proc = subprocess.run(_cmd(workdir, tfds_dir, '--config.total_steps=8', '--config.lr=1e30', '--allow_config_change'),
+                        env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode != 0
   assert 'loss became' in proc.stderr and 'last good checkpoint (step 4)' in proc.stderr, proc.stderr[-3000:]
   assert _steps(workdir)[-1] == 4

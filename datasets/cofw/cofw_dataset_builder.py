@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import h5py
 import numpy as np
@@ -17,6 +17,7 @@ import scipy.io
 import tensorflow_datasets as tfds
 
 from star_jax import layouts
+from star_jax.data.annotations import AnnotationError
 from star_jax_datasets import common
 
 HOMEPAGE = 'https://data.caltech.edu/records/20099'
@@ -98,32 +99,76 @@ def check_orientation(landmarks: np.ndarray, image: np.ndarray, where: str) -> N
                      f'(image {height}x{width}): the image was read transposed')
 
 
-def faces(path: pathlib.Path, split: str) -> Iterator[tuple[int, dict]]:
-  """(index, fields) of each face in a COFW .mat file, converted to the record conventions.
+def face_fields(phis: np.ndarray, box: np.ndarray, image: np.ndarray, *, where: str,
+                where_phis: str, where_box: str) -> dict:
+  """One face's fields in the record conventions, from its MATLAB values, checked.
+
+  Args:
+    phis: (87,) 29 x, 29 y (1-based pixels), 29 occlusion flags (0 or 1).
+    box: (4,) x, y, w, h (1-based pixels).
+    image: the face's image array, (H, W) grey or (H, W, 3) RGB, uint8.
+    where, where_phis, where_box: 'file:variable[row]' of the image, phis and box, for messages.
+
+  Returns:
+    {'rgb': (H, W, 3) uint8, 'landmarks': (29, 2) float32 0-based, 'occluded': (29,) bool,
+     'box': (4,) float32 x_min, y_min, x_max, y_max 0-based}.
+
+  Raises:
+    AnnotationError naming the variable and row: non-finite values, flags other than 0 / 1, a box
+    without area, an image that is not uint8 (H, W[, 3]), landmarks that only fit a transposed image.
+  """
+  phis = np.asarray(phis, np.float64).reshape(-1)
+  box = np.asarray(box, np.float64).reshape(-1)
+  if not np.all(np.isfinite(phis)):
+    raise AnnotationError(where_phis, f'landmarks and occlusion flags must be finite (NaN or inf at '
+                                      f'columns {np.flatnonzero(~np.isfinite(phis))[:10].tolist()})')
+  flags = phis[2 * NUM_POINTS:]
+  if not np.all((flags == 0) | (flags == 1)):
+    raise AnnotationError(where_phis, f'occlusion flags must be 0 or 1, got {sorted(set(flags.tolist()))[:10]}')
+  x, y, w, h = box
+  if not (np.all(np.isfinite(box)) and w > 0 and h > 0):
+    raise AnnotationError(where_box, f'the face box x, y, w, h must be finite with w, h > 0, got {box.tolist()}')
+  with np.errstate(over='ignore'):  # a value beyond float32 becomes inf, refused just below
+    landmarks = (np.stack([phis[:NUM_POINTS], phis[NUM_POINTS:2 * NUM_POINTS]], -1) - 1.0).astype(np.float32)
+    out_box = np.array([x - 1, y - 1, x - 1 + w, y - 1 + h], np.float32)
+  if not np.all(np.isfinite(landmarks)):
+    raise AnnotationError(where_phis, 'a coordinate overflows float32')
+  if not np.all(np.isfinite(out_box)):
+    raise AnnotationError(where_box, 'a coordinate overflows float32')
+  try:
+    rgb = to_rgb(np.asarray(image), where)
+    check_orientation(landmarks, rgb, where)
+  except ValueError as e:
+    raise AnnotationError(where, str(e).removeprefix(f'{where}: ')) from None
+  return {'rgb': rgb, 'landmarks': landmarks, 'occluded': flags != 0, 'box': out_box}
+
+
+def faces(path: pathlib.Path, split: str,
+          skip: Callable[[AnnotationError], None] | None = None) -> Iterator[tuple[int, dict]]:
+  """(index, fields) of each face in a COFW .mat file, converted to the record conventions (see
+  `face_fields`).
 
   Landmarks and boxes are MATLAB 1-based pixel coordinates: 1 is subtracted from x and y. (The
   ADNet / STAR metadata of COFW could not be inspected here; the builder measures its offset from
   these 0-based points and records it in the dataset metadata, see star_jax/data/crop.py.)
+
+  skip: None to raise on the first bad face; else called with each one's AnnotationError, and the
+  face is left out. (A file without the COFW variables is an error either way.)
   """
-  image_var = VARIABLES[split][0]
+  image_var, phis_var, boxes_var = VARIABLES[split]
   with open_mat(path, split) as (count, image, phis, boxes):
     if not count:
       raise ValueError(f'{path}:{image_var}: no faces')
     for i in range(count):
-      where = f'{path}:{image_var}[{i}]'
-      landmarks = np.stack([phis[i, :NUM_POINTS], phis[i, NUM_POINTS:2 * NUM_POINTS]], -1) - 1.0
-      occluded = phis[i, 2 * NUM_POINTS:] != 0
-      x, y, w, h = boxes[i]
-      if not (np.all(np.isfinite(landmarks)) and np.isfinite([x, y, w, h]).all()):
-        raise ValueError(f'{where}: landmarks and box must be finite')
-      rgb = to_rgb(np.asarray(image(i)), where)
-      check_orientation(landmarks, rgb, where)
-      yield i, {
-          'rgb': rgb,
-          'landmarks': landmarks.astype(np.float32),
-          'occluded': occluded,
-          'box': np.array([x - 1, y - 1, x - 1 + w, y - 1 + h], np.float32),
-      }
+      try:
+        fields = face_fields(phis[i], boxes[i], image(i), where=f'{path}:{image_var}[{i}]',
+                             where_phis=f'{path}:{phis_var}[{i}]', where_box=f'{path}:{boxes_var}[{i}]')
+      except AnnotationError as e:
+        if skip is None:
+          raise
+        skip(e)
+        continue
+      yield i, fields
 
 
 class Builder(common.FaceLandmarkBuilder):
@@ -159,7 +204,7 @@ class Builder(common.FaceLandmarkBuilder):
     rule = self._crop_rule(manual_dir, split)
     name = MAT_FILES[split]
     count = 0
-    for index, face in faces(manual_dir / name, split):
+    for index, face in faces(manual_dir / name, split, skip=self._skipper(split)):
       # The .mat files name no images: the name is the file and the face's 0-based index.
       image_name = f'{name}/{index:04d}'
       scale, center = rule(image_name, face['landmarks'], face['box'])

@@ -207,10 +207,10 @@ def test_images_are_read_like_the_official_loader(tmp_path):
 
 
 @pytest.mark.parametrize('text, message', [
-    ('version: 1\n{\n1 2\n3 4\n}\n', r'a\.pts:5: expected 3 points \(the toy layout\) between \{ and \}, got 2'),
-    ('version: 1\n{\n1 2\nnan 4\n5 6\n}\n', r'a\.pts:4: coordinates must be finite'),
-    ('version: 1\n{\n1 2\n3 4\n5 6\n', r'a\.pts:2: the point list opened here is not closed'),
-    ('version: 1\nn_points: 3\n', r'a\.pts: no point list'),
+    ('version: 1\n{\n1 2\n3 4\n}\n', r'a\.pts:5: expected 3 points \(the toy layout\) between \{ \(line 2\) and \}, got 2'),
+    ('version: 1\n{\n1 2\nnan 4\n5 6\n}\n', r'a\.pts:4: point coordinates must be finite numbers'),
+    ('version: 1\n{\n1 2\n3 4\n5 6\n', r'a\.pts:5: the file ends, but the point list opened at line 2 is not closed'),
+    ('version: 1\nn_points: 3\n', r'a\.pts:2: the file ends with no point list'),
 ])
 def test_read_pts_names_the_line(tmp_path, text, message):
   from star_jax_datasets import common

@@ -94,8 +94,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     return dataclasses.replace(config, num_train=int(g['train'] or 3000), num_test=int(g['test'] or 500),
                                image_size=int(g['size'] or 256))
 
-  def __init__(self, *, file_format=None, **kwargs):
-    # array_record by default: `tfds.data_source` reads it without TensorFlow.
+  def __init__(self, *, file_format=None, skip_bad_examples: bool = False, **kwargs):
+    # array_record by default: `tfds.data_source` reads it without TensorFlow. skip_bad_examples is
+    # accepted as by the other builders; generated examples are never bad.
+    del skip_bad_examples
     super().__init__(file_format=file_format or 'array_record', **kwargs)
 
   @property

@@ -12,6 +12,7 @@ import numpy as np
 
 from star_jax import layouts
 from star_jax.data import crop
+from star_jax.data.annotations import AnnotationError
 from star_jax_datasets import common
 
 HOMEPAGE = 'https://ibug.doc.ic.ac.uk/resources/300-W/'
@@ -29,7 +30,7 @@ def read_pts(path) -> np.ndarray:
   """Reads a 68-point iBUG .pts file: (68, 2) float32 landmarks, 0-based pixels (common.read_pts).
 
   Raises:
-    ValueError: naming the file and line, for a malformed file.
+    AnnotationError (a ValueError) naming the file and line, for a malformed file.
   """
   return common.read_pts(path, NUM_POINTS)
 
@@ -72,6 +73,7 @@ class Builder(common.FaceLandmarkBuilder):
 
   def _generate_examples(self, manual_dir: pathlib.Path, split: str):
     rule = self._crop_rule(manual_dir, split)
+    skip = self._skipper(split)
     index = 0
     counts = []
     for folder, attributes in FOLDERS[split]:
@@ -81,18 +83,31 @@ class Builder(common.FaceLandmarkBuilder):
                                 f'one (see {HOMEPAGE})')
       counts.append(f'{folder} {len(pts_files)}')
       for pts_path in pts_files:
-        image_path = _image_of(pts_path)
-        if image_path is None:
-          raise FileNotFoundError(f'{pts_path}: no image beside it (looked for '
-                                  f'{pts_path.stem} with suffix {"/".join(IMAGE_SUFFIXES)})')
-        landmarks = read_pts(pts_path)
-        # No face box comes with 300W: the landmarks' bounding box stands in for it.
-        box = crop.landmarks_box(landmarks)
-        image_name = image_path.relative_to(manual_dir).as_posix()
-        scale, center = rule(image_name, landmarks, box)
-        yield index, common.face_record(
-            image=common.record_image(image_path.read_bytes(), str(image_path)),
-            landmarks=landmarks, box=box, scale=scale, center=center, attributes=attributes,
-            image_name=image_name)
+        try:
+          record = self._record(manual_dir, pts_path, attributes, rule)
+        except (AnnotationError, FileNotFoundError) as e:
+          if skip is None:
+            raise
+          skip(e)
+          continue
+        yield index, record
         index += 1
     self._finish_split(split, rule, index, f' ({", ".join(counts)})')
+
+  def _record(self, manual_dir: pathlib.Path, pts_path: pathlib.Path, attributes, rule) -> dict:
+    """The record of one .pts file and its image; errors name the file (and line)."""
+    image_path = _image_of(pts_path)
+    if image_path is None:
+      raise FileNotFoundError(f'{pts_path}: no image beside it (looked for '
+                              f'{pts_path.stem} with suffix {"/".join(IMAGE_SUFFIXES)})')
+    landmarks = read_pts(pts_path)
+    # No face box comes with 300W: the landmarks' bounding box stands in for it.
+    box = crop.landmarks_box(landmarks)
+    image_name = image_path.relative_to(manual_dir).as_posix()
+    try:
+      scale, center = rule(image_name, landmarks, box)
+      image = common.record_image(image_path.read_bytes(), str(image_path))
+    except (ValueError, OSError) as e:
+      raise AnnotationError(str(pts_path), f'{e}') from None
+    return common.face_record(image=image, landmarks=landmarks, box=box, scale=scale, center=center,
+                              attributes=attributes, image_name=image_name)

@@ -82,7 +82,7 @@ def test_malformed_pts_names_file_and_line(tmp_path):
   lines = pts.read_text().splitlines()
   lines[10] = '12.5 oops'
   pts.write_text('\n'.join(lines) + '\n')
-  with pytest.raises(ValueError, match=r'image_0001\.pts:11: expected a point'):
+  with pytest.raises(ValueError, match=r'image_0001\.pts:11: point coordinates must be finite numbers'):
     build(tmp_path / 'raw', tmp_path / 'data')
 
 

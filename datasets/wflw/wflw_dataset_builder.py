@@ -5,11 +5,13 @@ from __future__ import annotations
 import collections
 import pathlib
 import tarfile
-from typing import Iterator
+from typing import Callable
 
 import numpy as np
 
 from star_jax import layouts
+from star_jax.data import annotations
+from star_jax.data.annotations import AnnotationError
 from star_jax_datasets import common
 
 HOMEPAGE = 'https://wywu.github.io/projects/LAB/WFLW.html'
@@ -43,44 +45,55 @@ def parse_line(line: str, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
   Returns:
     landmarks (98, 2) float32, box (4,) float32, attributes (6,) int32, image path.
+
+  Raises:
+    AnnotationError (a ValueError) naming `where`: a wrong field count, a field that is not a finite
+    number, a flag other than 0 / 1.
   """
   fields = line.split()
   if len(fields) != NUM_FIELDS:
-    raise ValueError(f'{where}: expected {NUM_FIELDS} space-separated fields (196 coordinates, 4 '
-                     f'box values, 6 flags, image path), got {len(fields)}')
-  try:
-    numbers = np.array([float(v) for v in fields[:2 * NUM_POINTS + 4]], np.float32)
-    attributes = np.array([int(v) for v in fields[2 * NUM_POINTS + 4:-1]], np.int32)
-  except ValueError as e:
-    raise ValueError(f'{where}: malformed number ({e})') from None
-  if not np.all(np.isfinite(numbers)):
-    raise ValueError(f'{where}: coordinates must be finite')
-  if not np.isin(attributes, (0, 1)).all():
-    raise ValueError(f'{where}: the six attribute flags must be 0 or 1, got {attributes.tolist()}')
+    raise AnnotationError(where, f'expected {NUM_FIELDS} space-separated fields (196 coordinates, 4 box '
+                                 f'values, 6 flags, image path), got {len(fields)}')
+  numbers = annotations.numbers(fields[:2 * NUM_POINTS + 4], where, 'coordinates and box values').astype(np.float32)
+  flags = fields[2 * NUM_POINTS + 4:-1]
+  if any(f not in ('0', '1') for f in flags):
+    raise AnnotationError(where, f'the six attribute flags must be 0 or 1, got {flags}')
+  attributes = np.array([int(f) for f in flags], np.int32)
   landmarks = numbers[:2 * NUM_POINTS].reshape(NUM_POINTS, 2)
   box = numbers[2 * NUM_POINTS:]
   return landmarks, box, attributes, fields[-1].replace('\\', '/')
 
 
-def parse_list(text: str, source: str) -> list[Face]:
-  """All faces of a list file's `text`, in file order; `source` names the file in messages."""
+def parse_list(text: str | bytes, source: str,
+               skip: Callable[[AnnotationError], None] | None = None) -> list[Face]:
+  """All faces of a list file (its text or bytes), in file order; `source` names the file in messages.
+
+  skip: None to raise on the first malformed line; else called with each line's AnnotationError, and
+  the line is left out.
+  """
   faces = []
-  for line_no, line in enumerate(text.splitlines(), start=1):
+  for line_no, line in enumerate(annotations.text_lines(text, source), start=1):
     if not line.strip():
       continue
-    landmarks, box, attributes, path = parse_line(line, f'{source}:{line_no}')
+    try:
+      landmarks, box, attributes, path = parse_line(line, f'{source}:{line_no}')
+    except AnnotationError as e:
+      if skip is None:
+        raise
+      skip(e)
+      continue
     faces.append(Face(len(faces), line_no, landmarks, box, attributes, path))
   if not faces:
-    raise ValueError(f'{source}: the list file has no faces')
+    raise AnnotationError(source, 'the list file has no faces')
   return faces
 
 
 def _find_lists(manual_dir: pathlib.Path) -> dict[str, tuple[str, str]] | None:
-  """{split: (source name, text)} of the two list files, extracted or in the annotations tarball."""
+  """{split: (source name, bytes)} of the two list files, extracted or in the annotations tarball."""
   for folder in (manual_dir / 'WFLW_annotations' / LIST_DIR, manual_dir / LIST_DIR):
     paths = {split: folder / name for split, name in LIST_FILES.items()}
     if all(p.is_file() for p in paths.values()):
-      return {split: (str(p), p.read_text(encoding='utf-8')) for split, p in paths.items()}
+      return {split: (str(p), p.read_bytes()) for split, p in paths.items()}
   tar_path = manual_dir / ANNOTATIONS_TAR
   if not tar_path.is_file():
     return None
@@ -90,8 +103,7 @@ def _find_lists(manual_dir: pathlib.Path) -> dict[str, tuple[str, str]] | None:
       for member in tar:
         for split, name in LIST_FILES.items():
           if member.isfile() and member.name.endswith(f'{LIST_DIR}/{name}'):
-            text = tar.extractfile(member).read().decode('utf-8')
-            found[split] = (f'{tar_path}:{member.name}', text)
+            found[split] = (f'{tar_path}:{member.name}', tar.extractfile(member).read())
   except (tarfile.TarError, OSError, EOFError) as e:
     raise ValueError(f'{tar_path}: cannot read the tarball ({e})') from e
   if len(found) != len(LIST_FILES):
@@ -137,36 +149,65 @@ class Builder(common.FaceLandmarkBuilder):
     if missing:
       raise FileNotFoundError(common.missing_files_message(
           self.name, manual_dir, missing, self.MANUAL_DOWNLOAD_INSTRUCTIONS))
-    faces = {split: parse_list(text, source) for split, (source, text) in lists.items()}
+    faces = {split: parse_list(data, source, skip=self._skipper(split)) for split, (source, data) in lists.items()}
     images = images_dir if images_dir.is_dir() else images_tar
     return {split: self._generate_examples(manual_dir, split, faces[split], images, lists[split][0])
             for split in LIST_FILES}
 
   def _generate_examples(self, manual_dir, split, faces, images, list_source):
     rule = self._crop_rule(manual_dir, split)
+    skip = self._skipper(split)
     by_image = collections.defaultdict(list)
     for face in faces:
       by_image[face.path].append(face)
     reader = _read_folder if pathlib.Path(images).is_dir() else _read_tar
-    for path, image in reader(images, by_image, list_source):
+    count = 0
+    for path, data, source in reader(images, by_image, list_source, strict=skip is None):
+      try:
+        if isinstance(data, Exception):
+          raise data
+        image = common.record_image(data, source)
+      except (ValueError, OSError) as e:
+        # Every face of the image goes, each named by its list line.
+        errors = [AnnotationError(f'{list_source}:{face.line}', f'image {path}: {e}') for face in by_image[path]]
+        if skip is None:
+          raise errors[0] from None
+        for error in errors:
+          skip(error)
+        continue
       for face in by_image[path]:
-        scale, center = rule(path, face.landmarks, face.box)
+        try:
+          scale, center = rule(path, face.landmarks, face.box)
+        except ValueError as e:
+          error = AnnotationError(f'{list_source}:{face.line}', str(e))
+          if skip is None:
+            raise error from None
+          skip(error)
+          continue
+        count += 1
         yield face.index, common.face_record(
             image=image, landmarks=face.landmarks, box=face.box, scale=scale, center=center,
             attributes=face.attributes, image_name=f'{IMAGES_DIR}/{path}')
-    self._finish_split(split, rule, len(faces), f' in {len(by_image)} images')
+    self._finish_split(split, rule, count, f' in {len(by_image)} images')
 
 
-def _read_folder(folder: pathlib.Path, by_image, list_source) -> Iterator[tuple[str, bytes]]:
-  """(path, checked image bytes) for each image of `by_image`, read from the extracted folder."""
+def _read_folder(folder: pathlib.Path, by_image, list_source, strict: bool = True):
+  """(path, bytes or the error reading them, source name) for each image of `by_image`, read from
+  the extracted folder. A missing image raises when `strict`, else comes as a FileNotFoundError."""
   for path, faces in by_image.items():
     file = folder / path
     if not file.is_file():
-      raise FileNotFoundError(f'{list_source}:{faces[0].line}: image {path} not found in {folder}')
-    yield path, common.record_image(file.read_bytes(), str(file))
+      if strict:
+        raise FileNotFoundError(f'{list_source}:{faces[0].line}: image {path} not found in {folder}')
+      yield path, FileNotFoundError(f'not found in {folder}'), str(file)
+      continue
+    try:
+      yield path, file.read_bytes(), str(file)
+    except OSError as e:
+      yield path, e, str(file)
 
 
-def _read_tar(tar_path: pathlib.Path, by_image, list_source) -> Iterator[tuple[str, bytes]]:
+def _read_tar(tar_path: pathlib.Path, by_image, list_source, strict: bool = True):
   """The same, streaming once through the images tarball (no extraction to disk)."""
   seen = set()
   try:
@@ -175,13 +216,14 @@ def _read_tar(tar_path: pathlib.Path, by_image, list_source) -> Iterator[tuple[s
         path = _relative_to_images(member.name)
         if member.isfile() and path in by_image and path not in seen:
           seen.add(path)
-          data = tar.extractfile(member).read()
-          yield path, common.record_image(data, f'{tar_path}:{member.name}')
+          yield path, tar.extractfile(member).read(), f'{tar_path}:{member.name}'
   except (tarfile.TarError, OSError, EOFError) as e:
     raise ValueError(f'{tar_path}: cannot read the tarball ({e})') from e
   missing = [p for p in by_image if p not in seen]
-  if missing:
+  if missing and strict:
     first = by_image[missing[0]][0]
     raise FileNotFoundError(
         f'{list_source}:{first.line}: image {missing[0]} not found in {tar_path} under '
         f'{IMAGES_DIR}/ ({len(missing)} images of the list are missing, e.g. {missing[:5]})')
+  for path in missing:
+    yield path, FileNotFoundError(f'not found in {tar_path} under {IMAGES_DIR}/'), str(tar_path)

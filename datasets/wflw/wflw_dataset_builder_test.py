@@ -91,7 +91,7 @@ def test_malformed_line_names_file_and_line(tmp_path):
   lines = path.read_text().splitlines()
   lines[1] = lines[1].replace(' ', ' x', 1)     # a non-number on line 2
   path.write_text('\n'.join(lines) + '\n')
-  with pytest.raises(ValueError, match=rf'{wflw.LIST_FILES["test"]}:2: malformed number'):
+  with pytest.raises(ValueError, match=rf'{wflw.LIST_FILES["test"]}:2: coordinates and box values must be finite'):
     build(tmp_path / 'raw', tmp_path / 'data')
   lines[1] = ' '.join(lines[1].split()[1:])      # a field short
   path.write_text('\n'.join(lines) + '\n')

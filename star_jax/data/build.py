@@ -3,23 +3,34 @@
   python -m star_jax.data.build --dataset wflw --manual_dir ~/data/WFLW --data_dir ~/tensorflow_datasets
   python -m star_jax.data.build --dataset own_faces --config mydata --manual_dir ~/faces --layout 300W
       [--annotations labels.csv] [--train train.txt --test test.txt | --test_fraction 0.1 --split_seed 0]
+  (either form) [--skip_bad_examples]
 
 The `tfds build` command line needs TensorFlow and Apache Beam; this goes through the Python API
 instead (`download_and_prepare` with a manual folder) and writes array_record files, which
 `tfds.data_source` reads with no TensorFlow installed.
+
+A malformed annotation or an unreadable image stops the build with an error naming the file and line;
+--skip_bad_examples (config.data.skip_bad_examples for builds started by training) leaves such
+examples out instead, and says how many and which (also in the dataset's metadata, 'skipped'). TFDS
+writes into a temporary 'incomplete.*' folder and renames it when done, so an interrupted build leaves
+no half dataset; the next build removes that folder and starts again. One build of a dataset runs
+at a time (a lock file beside it).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import pathlib
 import shlex
+import shutil
 
 from absl import flags
 from absl import logging
 import tensorflow_datasets as tfds
 
 from star_jax import cli
+from star_jax.data.annotations import AnnotationError
 
 # Registry: dataset name -> module holding its `Builder`; imported lazily, so that one missing or
 # broken builder does not break the others.
@@ -50,15 +61,18 @@ def needs_manual_download(name: str) -> bool:
 
 
 def get_builder(name: str, *, config: str = '', data_dir: str = '', layout=None,
-                options=None) -> tfds.core.DatasetBuilder:
+                options=None, skip_bad_examples: bool = False) -> tfds.core.DatasetBuilder:
   """The builder of `name` (and `config`; '' = default) writing array_record under `data_dir`.
 
   `data_dir` '' means TFDS's default: $TFDS_DATA_DIR, else ~/tensorflow_datasets. `layout` (a layout
   name or file) and `options` (a mapping) are for builders whose build is described by them
-  (own_faces: `config_from`); the others ignore them.
+  (own_faces: `config_from`); the others ignore them. skip_bad_examples: a build leaves out (and
+  lists) malformed examples instead of stopping at the first.
   """
   cls = builder_class(name)
   kwargs = {'data_dir': os.path.expanduser(data_dir) if data_dir else None, 'file_format': 'array_record'}
+  if skip_bad_examples:
+    kwargs['skip_bad_examples'] = True
   if hasattr(cls, 'config_from'):
     kwargs['config'] = cls.config_from(config, layout=layout, options=options)
   elif config:
@@ -92,15 +106,46 @@ def _check_options(builder, manual_dir: str) -> None:
     builder.check_options(manual_dir)
 
 
+BUILD_LOCK = '.build_lock'
+
+
+def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str = '') -> None:
+  """Builds `builder`'s dataset unless it is built already.
+
+  One build per dataset at a time (a lock file in the dataset's folder; a second build stops with
+  WorkdirBusyError naming the first). The temporary folders of interrupted builds are removed first.
+  """
+  from star_jax.training import workdir  # pylint: disable=import-outside-toplevel
+
+  if builder.is_prepared():
+    return
+  variant = pathlib.Path(builder.data_path)  # <data_dir>/<name>/<config>/<version>
+  variant.parent.mkdir(parents=True, exist_ok=True)
+  with workdir.Lock.acquire(variant.parent, name=BUILD_LOCK, what='dataset'):
+    if builder.is_prepared():  # built by another process while we waited for nothing
+      return
+    for stale in sorted(variant.parent.glob(f'incomplete.*_{variant.name}')):
+      logging.warning('removing %s, left by an interrupted build of %s', stale, builder.name)
+      shutil.rmtree(stale, ignore_errors=True)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
+
+
 def build(name: str, *, config: str = '', manual_dir: str = '', data_dir: str = '', layout=None,
-          options=None) -> tfds.core.DatasetBuilder:
+          options=None, skip_bad_examples: bool = False) -> tfds.core.DatasetBuilder:
   """Builds a dataset (a no-op when it is already built) and returns its builder."""
   manual_dir = os.path.expanduser(manual_dir) if manual_dir else manual_dir  # '~' after '=' is not the shell's
-  builder = get_builder(name, config=config, data_dir=data_dir, layout=layout, options=options)
+  builder = get_builder(name, config=config, data_dir=data_dir, layout=layout, options=options,
+                        skip_bad_examples=skip_bad_examples)
   _check_options(builder, manual_dir)
-  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
-  builder.download_and_prepare(download_config=download_config)
+  prepare(builder, manual_dir)
   return builder
+
+
+def skipped_examples(builder: tfds.core.DatasetBuilder) -> dict[str, dict]:
+  """{split: {'count', 'examples'}} of the examples its build skipped ({} when it skipped none or was
+  built without skip_bad_examples)."""
+  metadata = builder.info.metadata or {}
+  return {split: entry for split, entry in dict(metadata.get('skipped', {})).items() if entry.get('count')}
 
 
 def _field(cfg, key: str, default=''):
@@ -136,14 +181,14 @@ def load_source(data_cfg, split: str, *, build_if_missing: bool = True, layout=N
   name = _field(data_cfg, 'name')
   config, data_dir = _field(data_cfg, 'config'), _field(data_cfg, 'data_dir')
   manual_dir = os.path.expanduser(_field(data_cfg, 'manual_dir'))  # '~' after '=' is not the shell's
-  builder = get_builder(name, config=config, data_dir=data_dir, layout=layout, options=_options(data_cfg))
+  builder = get_builder(name, config=config, data_dir=data_dir, layout=layout, options=_options(data_cfg),
+                        skip_bad_examples=bool(_field(data_cfg, 'skip_bad_examples', False)))
   _check_options(builder, manual_dir)
   if not builder.is_prepared():
     manual = needs_manual_download(name)
     if build_if_missing and (manual_dir or not manual):
       logging.info('building %s into %s', name, builder.data_dir)
-      download_config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
-      builder.download_and_prepare(download_config=download_config)
+      prepare(builder, manual_dir)
     else:
       command = build_command(name, config=config, manual_dir=manual_dir, data_dir=data_dir, layout=layout,
                               options=_options(data_cfg))
@@ -195,6 +240,9 @@ def _build(argv: list[str]) -> int:
   flags.DEFINE_float('test_fraction', None, 'own_faces: fraction of the images drawn for test when no folders '
                      'or lists are given (default 0.1)', flag_values=fv)
   flags.DEFINE_integer('split_seed', None, 'own_faces: seed of that draw (default 0)', flag_values=fv)
+  flags.DEFINE_bool('skip_bad_examples', False, 'leave out examples with a malformed annotation or an '
+                    'unreadable image (listed at the end and in the metadata) instead of stopping',
+                    flag_values=fv)
   rest = command.parse()
   if rest:
     raise flags.Error(f'unexpected arguments: {" ".join(rest)}')
@@ -211,16 +259,26 @@ def _build(argv: list[str]) -> int:
     raise flags.Error(f'{given}: only for --dataset own_faces')
   if described and fv.layout is None:
     raise flags.Error(f'--layout is required for {fv.dataset} (WFLW, 300W, COFW or a layout file)')
+  from star_jax.training import workdir  # pylint: disable=import-outside-toplevel
   try:
     builder = build(fv.dataset, config=fv.config, manual_dir=fv.manual_dir, data_dir=fv.data_dir, layout=fv.layout,
-                    options=options)
-  except (ValueError, FileNotFoundError) as e:
+                    options=options, skip_bad_examples=fv.skip_bad_examples)
+  except AnnotationError as e:
+    raise cli.UserError(f'{e}\n(--skip_bad_examples leaves such examples out and lists them)') from None
+  except (ValueError, FileNotFoundError, workdir.WorkdirBusyError) as e:
     raise cli.UserError(str(e)) from None
   splits = ', '.join(f'{k} {v.num_examples}' for k, v in sorted(builder.info.splits.items()))
   print(f'{builder.name}: wrote {splits} records to {os.path.abspath(builder.data_dir)}')
   crop_rule = builder.info.metadata.get('crop_rule') if builder.info.metadata else None
   if crop_rule:
     print(f'crop rule per split: {crop_rule}')
+  for split, entry in skipped_examples(builder).items():
+    listed = entry['examples']
+    print(f'{split}: skipped {entry["count"]} bad examples:')
+    for message in listed[:20]:
+      print(f'  {message}')
+    if entry['count'] > 20:
+      print(f'  ... (all of them in {os.path.abspath(builder.data_dir)}/dataset_info.json, metadata "skipped")')
   return 0
 
 

@@ -21,8 +21,12 @@ import collections
 import dataclasses
 import os
 import pathlib
+from typing import Callable
 
 import numpy as np
+
+from star_jax.data import annotations
+from star_jax.data.annotations import AnnotationError
 
 FACE_SIDE_PX = 200.0    # scale 1 means a 200 px face: the unit of the official `scale`
 BOX_RULE_MARGIN = 1.05  # the STAR authors' margin on the shorter box side
@@ -78,59 +82,66 @@ class MetadataRow:
   line: int
 
 
-def _floats(text: str, where: str, what: str) -> np.ndarray:
-  try:
-    return np.array([float(v) for v in text.split(',')], np.float64)
-  except ValueError:
-    raise ValueError(f'{where}: {what} must be comma-separated numbers, got {text[:60]!r}') from None
+def _is_header(fields: list[str]) -> bool:
+  # A header names its columns: none of the landmark, scale and centre columns is a number. (A data
+  # line with one damaged field still has the others, so damage never turns a face into a header.)
+  return len(fields) >= 6 and not any(
+      annotations.is_number(v) for f in fields[2:6] for v in f.split(','))
 
 
-def read_metadata_tsv(path, num_points: int) -> list[MetadataRow]:
+def read_metadata_tsv(path, num_points: int,
+                      skip: Callable[[AnnotationError], None] | None = None) -> list[MetadataRow]:
   """Reads an ADNet / STAR metadata file (`train.tsv` / `test.tsv`).
 
   Each line is tab-separated: image path, 5 points "x,y,...", `num_points` points "x,y,...", scale,
   center_w, center_h, then optional comma-separated 0/1 tags (ignored here: the builders take the
   attributes from the raw annotations).
 
-  A first line whose scale column is not a number is taken for a header and skipped. The official
-  reader (pandas `read_csv` with its default header=0) always consumes the first line as a header,
-  so with a header-less file it silently drops the first face; we keep every face.
+  A first line whose landmark, scale and centre columns are all not numbers is a header and skipped.
+  The official reader (pandas `read_csv` with its default header=0) always consumes the first line as
+  a header, so with a header-less file it silently drops the first face; we keep every face.
+
+  skip: None to raise on the first malformed line; else called with each one's AnnotationError, and
+  the line is left out.
 
   Raises:
-    ValueError: naming the file and line, for a malformed line.
+    AnnotationError (a ValueError) naming the file and line, for a malformed line: a missing field,
+    a value that is not a finite number (NaN rows included), a non-positive scale.
   """
   path = pathlib.Path(path)
   rows = []
-  with open(path, encoding='utf-8') as f:
-    for line_no, line in enumerate(f, start=1):
-      line = line.rstrip('\r\n')
-      if not line.strip():
-        continue
-      fields = line.split('\t')
-      where = f'{path}:{line_no}'
-      if len(fields) < 6:
-        raise ValueError(f'{where}: expected at least 6 tab-separated fields (image path, 5 points, '
-                         f'{num_points} points, scale, center_w, center_h), got {len(fields)}')
-      try:
-        scale, center_w, center_h = float(fields[3]), float(fields[4]), float(fields[5])
-      except ValueError:
-        if not rows and line_no == 1:
-          continue  # a header line
-        raise ValueError(f'{where}: scale, center_w and center_h must be numbers, '
-                         f'got {fields[3:6]!r}') from None
-      points = _floats(fields[2], where, f'the {num_points} landmarks')
-      if points.size != 2 * num_points:
-        raise ValueError(f'{where}: expected {2 * num_points} landmark coordinates '
-                         f'({num_points} points), got {points.size}')
-      if not scale > 0:
-        raise ValueError(f'{where}: scale must be positive, got {scale}')
-      rows.append(MetadataRow(
-          image_path=fields[0].replace('\\', '/'),
-          landmarks=points.reshape(num_points, 2).astype(np.float32),
-          scale=scale,
-          center=np.array([center_w, center_h], np.float32),
-          line=line_no))
+  for line_no, line in enumerate(annotations.text_lines(path.read_bytes(), str(path)), start=1):
+    if not line.strip():
+      continue
+    fields = line.split('\t')
+    if line_no == 1 and _is_header(fields):
+      continue
+    try:
+      rows.append(_metadata_row(fields, num_points, f'{path}:{line_no}', line_no))
+    except AnnotationError as e:
+      if skip is None:
+        raise
+      skip(e)
   return rows
+
+
+def _metadata_row(fields: list[str], num_points: int, where: str, line_no: int) -> MetadataRow:
+  if len(fields) < 6:
+    raise AnnotationError(where, f'expected at least 6 tab-separated fields (image path, 5 points, '
+                                 f'{num_points} points, scale, center_w, center_h), got {len(fields)}')
+  if not fields[0].strip():
+    raise AnnotationError(where, 'the image path is empty')
+  scale = annotations.number(fields[3], where, 'scale, center_w and center_h')
+  center = annotations.numbers(fields[4:6], where, 'scale, center_w and center_h')
+  points = annotations.numbers(fields[2].split(','), where, f'the {num_points} landmarks')
+  if points.size != 2 * num_points:
+    raise AnnotationError(where, f'expected {2 * num_points} landmark coordinates ({num_points} points), '
+                                 f'got {points.size}')
+  if not scale > 0:
+    raise AnnotationError(where, f'scale must be positive, got {scale}')
+  landmarks = points.reshape(num_points, 2).astype(np.float32)
+  return MetadataRow(image_path=fields[0].replace('\\', '/'), landmarks=landmarks, scale=scale,
+                     center=center.astype(np.float32), line=line_no)
 
 
 def _mean_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -161,8 +172,8 @@ class CropTable:
     self._all = np.arange(len(rows))
 
   @classmethod
-  def from_tsv(cls, path, num_points: int) -> CropTable:
-    return cls(read_metadata_tsv(path, num_points), str(path))
+  def from_tsv(cls, path, num_points: int, skip: Callable[[AnnotationError], None] | None = None) -> CropTable:
+    return cls(read_metadata_tsv(path, num_points, skip=skip), str(path))
 
   def lookup(self, image_name: str, landmarks) -> MetadataRow | None:
     """The row of the face with (N, 2) `landmarks` in `image_name`, or None when none is close."""
@@ -234,9 +245,11 @@ class CropRule:
           f'dataset or split. Remove it to use the box rule instead.')
 
 
-def rule_for_split(manual_dir, split: str, num_points: int) -> CropRule:
-  """The CropRule of `split`: official when `<manual_dir>/<split>.tsv` exists, else the box rule."""
+def rule_for_split(manual_dir, split: str, num_points: int,
+                   skip: Callable[[AnnotationError], None] | None = None) -> CropRule:
+  """The CropRule of `split`: official when `<manual_dir>/<split>.tsv` exists, else the box rule.
+  skip: as for read_metadata_tsv (a skipped row's face falls back to the box rule)."""
   path = pathlib.Path(manual_dir) / f'{split}.tsv'
   if path.is_file():
-    return CropRule(CropTable.from_tsv(path, num_points))
+    return CropRule(CropTable.from_tsv(path, num_points, skip=skip))
   return CropRule(None)

@@ -78,6 +78,11 @@ class ExampleSpec:
 
 # ---- One record -----------------------------------------------------------------------------------
 
+class BadRecordError(ValueError):
+  """A dataset record that cannot be used (a missing field, NaN landmarks, undecodable image bytes);
+  the message names the record by its image name."""
+
+
 def _name(record: Mapping[str, Any]) -> str:
   name = record.get('image_name', '?')
   return name.decode('utf-8', 'replace') if isinstance(name, bytes) else str(name)
@@ -90,7 +95,7 @@ def decode_image(value, name: str = '?') -> tuple[np.ndarray, bool]:
       isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 1):
     image = cv2.imdecode(np.frombuffer(value, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
-      raise ValueError(f"record {name!r}: field 'image' holds bytes OpenCV cannot decode")
+      raise BadRecordError(f"record {name!r}: field 'image' holds bytes OpenCV cannot decode")
     return image, True
   image = np.asarray(value)
   if image.ndim == 3 and image.shape[-1] == 1:
@@ -98,25 +103,31 @@ def decode_image(value, name: str = '?') -> tuple[np.ndarray, bool]:
   if image.ndim == 2:
     image = np.repeat(image[..., None], 3, axis=-1)
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError(f"record {name!r}: field 'image' must be uint8 (H, W, 3), got {image.dtype} "
-                     f"{image.shape}")
+    raise BadRecordError(f"record {name!r}: field 'image' must be uint8 (H, W, 3), got {image.dtype} "
+                         f"{image.shape}")
   return image, False
 
 
 def _geometry(record: Mapping[str, Any], num_points: int):
-  """(landmarks (N, 2) float32, scale, (center_w, center_h)) of a record, checked."""
+  """(landmarks (N, 2) float32, scale, (center_w, center_h)) of a record, checked: a NaN that got
+  this far would otherwise surface as an unrelated error deep in the crop ("negative dimensions")."""
   name = _name(record)
   for field in ('image', 'landmarks', 'scale', 'center'):
     if field not in record:
-      raise ValueError(f'record {name!r}: missing field {field!r} (has {sorted(record)})')
+      raise BadRecordError(f'record {name!r}: missing field {field!r} (has {sorted(record)})')
   landmarks = np.asarray(record['landmarks'], np.float32)
   if landmarks.shape != (num_points, 2):
-    raise ValueError(f"record {name!r}: field 'landmarks' must be ({num_points}, 2), got {landmarks.shape}")
+    raise BadRecordError(f"record {name!r}: field 'landmarks' must be ({num_points}, 2), got {landmarks.shape}")
+  if not np.all(np.isfinite(landmarks)):
+    bad = np.flatnonzero(~np.all(np.isfinite(landmarks), axis=1))
+    raise BadRecordError(f"record {name!r}: field 'landmarks' holds NaN or infinite values (points "
+                         f'{bad[:10].tolist()}{" ..." if bad.size > 10 else ""}); rebuild the dataset from '
+                         'corrected annotations')
   scale = float(np.asarray(record['scale']))
   center = np.asarray(record['center'], np.float64).reshape(-1)
-  if not scale > 0 or center.shape != (2,) or not np.all(np.isfinite(center)):
-    raise ValueError(f"record {name!r}: fields 'scale' / 'center' must be > 0 / (2,) finite, got "
-                     f'{scale} / {center}')
+  if not (np.isfinite(scale) and scale > 0) or center.shape != (2,) or not np.all(np.isfinite(center)):
+    raise BadRecordError(f"record {name!r}: fields 'scale' / 'center' must be finite > 0 / (2,) finite, got "
+                         f'{scale} / {center}')
   return landmarks, scale, (float(center[0]), float(center[1]))
 
 

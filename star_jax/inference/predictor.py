@@ -99,6 +99,20 @@ class FaceResult:
   landmarks: np.ndarray | None = None    # (N, 2) image px
   covariances: np.ndarray | None = None  # (N, 2, 2) image px^2
 
+  @property
+  def box(self) -> tuple[float, float, float, float]:
+    """The face box (x_min, y_min, x_max, y_max) in image px: the detector's, or the one given."""
+    return self.face.box
+
+  @property
+  def score(self) -> float | None:
+    """The detector's score of the face (None for a given box)."""
+    return self.face.score
+
+  def to_dict(self) -> dict:
+    """JSON-ready: box, box_source, detector_score, crop, landmarks and (if predicted) covariances."""
+    return face_json(self)
+
 
 def predict_faces(image_list: Sequence[np.ndarray], faces_list: Sequence[list[FaceResult]], predict_fn,
                   image_size: int, batch_size: int, refine: bool) -> None:

@@ -11,14 +11,27 @@ and, in the trainer's checkpoints only, 'opt_state' (optax state), 'data_iter' (
 iterator's position) and 'meta' ({'step'}). Readers restore with `ocp.args.Composite` naming only the
 items they need, so they ignore the rest. The trainer keeps the latest N steps and the best by eval
 NME, together (`AnyPreservationPolicy`: `max_to_keep` with `best_fn` can delete the newest).
+
+What can go wrong, and what happens (README, "What happens when things go wrong"): Orbax writes each
+step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a killed save leaves only
+that temporary folder, which the trainer deletes at start-up (`clean_stale_tmp`). A step that does
+not restore (truncated files, an empty folder) is skipped by `resume`, which takes the newest step
+that restores and moves the broken ones aside, never deleting them. Readers (`load_model`) raise
+`CheckpointError`s that name the directory, the step and the item, and refuse non-finite weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import pathlib
+import shutil
+import threading
+import time
+from typing import Callable
 
+from absl import logging
 import grain
 import jax
 import ml_collections
@@ -33,6 +46,59 @@ from star_jax.models import create_model
 from star_jax.training.state import TrainState
 
 WEIGHTS = ('ema', 'model')
+# Orbax writes a step into '<step>.orbax-checkpoint-tmp' (items into '<item>.orbax-checkpoint-tmp')
+# and renames it when complete.
+TMP_MARKER = '.orbax-checkpoint-tmp'
+CORRUPT_DIR = 'checkpoints_corrupt'
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used as asked; the message names the directory, step and item."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A step whose files cannot be read: truncated, incomplete, or not a star_jax checkpoint."""
+
+
+class CheckpointMismatchError(CheckpointError):
+  """Stored arrays that do not fit the model of the config (a different layout or model size)."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+  """Weights with NaN or infinite values."""
+
+
+class NoUsableCheckpointError(CheckpointError):
+  """No step of a training workdir restores."""
+
+
+def short_error(error: BaseException, limit: int = 300) -> str:
+  """The first line of an error's root cause, shortened: TensorStore wraps the cause ('OUT_OF_RANGE:
+  Error reading ... in OCDBT database') in a message of pages of JSON."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  text = f'{type(error).__name__}: {text}' if text else type(error).__name__
+  return text if len(text) <= limit else text[:limit] + '...'
+
+
+def non_finite_arrays(tree) -> list[str]:
+  """The '/'-joined paths of the float arrays of a pure nested dict that hold NaN or inf."""
+  bad = []
+  for name, value in _flatten(tree):
+    array = np.asarray(value)
+    if np.issubdtype(array.dtype, np.inexact) and not np.all(np.isfinite(array)):
+      bad.append(name)
+  return bad
+
+
+def check_finite(tree, where: str) -> None:
+  """Raises NonFiniteWeightsError naming the arrays of `tree` with NaN or infinite values."""
+  bad = non_finite_arrays(tree)
+  if bad:
+    more = f' and {len(bad) - 10} more' if len(bad) > 10 else ''
+    raise NonFiniteWeightsError(f'{where}: {len(bad)} weight arrays hold NaN or infinite values: '
+                                f'{", ".join(bad[:10])}{more}; refusing to use them')
 
 
 # ================================================================================================
@@ -120,14 +186,14 @@ def _check_shapes(stored, abstract, name: str, directory):
   missing = sorted(set(flat_abstract) - set(flat_stored))
   unexpected = sorted(set(flat_stored) - set(flat_abstract))
   if missing or unexpected:
-    raise ValueError(f'{directory}: item {name!r} does not fit the model built from its config: '
-                     f'missing {missing}; unexpected {unexpected}')
+    raise CheckpointMismatchError(f'{directory}: item {name!r} does not fit the model built from its config: '
+                                  f'missing {missing[:10]}; unexpected {unexpected[:10]}')
   for key, meta in flat_stored.items():
     want = tuple(flat_abstract[key].shape)
     got = tuple(getattr(meta, 'shape', ()))
     if got != want:
-      raise ValueError(f'{directory}: item {name!r} key {key}: stored shape {got} does not fit the '
-                       f'model built from the stored config, which needs {want}')
+      raise CheckpointMismatchError(f'{directory}: item {name!r} key {key}: stored shape {got} does not fit '
+                                    f'the model built from the stored config, which needs {want}')
 
 
 def _metadata_tree(meta):
@@ -155,13 +221,19 @@ def load_model(path, *, step: int | None = None, weights: str | None = None) -> 
 
   path: a checkpoint directory or a training workdir. step: None for the latest. weights: 'ema',
   'model', or None for the EMA weights when the step has them, else 'model'.
-  Raises FileNotFoundError for a missing directory, step or item and ValueError when stored arrays do
-  not fit the config's model (naming the key and both shapes).
+  Raises FileNotFoundError for a missing directory, step or item; CorruptCheckpointError for a step
+  that cannot be read (truncated, incomplete, not a star_jax checkpoint); CheckpointMismatchError when
+  stored arrays do not fit the config's model (naming the key and both shapes); NonFiniteWeightsError
+  for NaN or infinite weights (naming the arrays). All three are ValueErrors.
   """
   if weights is not None and weights not in WEIGHTS:
     raise ValueError(f'weights must be one of {WEIGHTS} or None, got {weights!r}')
   if not pathlib.Path(path).exists():
     raise FileNotFoundError(f'checkpoint directory {pathlib.Path(path).absolute()} does not exist')
+  if not pathlib.Path(path).is_dir():
+    raise CorruptCheckpointError(
+        f'{pathlib.Path(path).absolute()} is a file, not a star_jax checkpoint directory (an official '
+        'PyTorch .pkl is converted with `python -m star_jax.convert_pytorch`, or evaluated with --pytorch)')
   directory = resolve_checkpoint_dir(path).absolute()
   with _reader(directory, create=False) as manager:
     steps = manager.all_steps()
@@ -171,10 +243,24 @@ def load_model(path, *, step: int | None = None, weights: str | None = None) -> 
       step = manager.latest_step()
     elif step not in steps:
       raise FileNotFoundError(f'{directory} has no step {step}; it has {sorted(steps)}')
-    config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-    config = ml_collections.ConfigDict(_tuples(config))
-    metadata = manager.item_metadata(step)
-    present = {k for k in WEIGHTS if metadata is not None and metadata.get(k) is not None}
+
+    def unreadable(item: str, error: BaseException) -> CorruptCheckpointError:
+      others = sorted(s for s in steps if s != step)
+      hint = f'; the other steps here are {others}' if others else ''
+      return CorruptCheckpointError(
+          f'{directory} step {step}: cannot read its {item!r} item ({short_error(error)}); the step is '
+          f'incomplete or corrupt, or not a star_jax checkpoint{hint}')
+
+    try:
+      config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+      config = ml_collections.ConfigDict(_tuples(config))
+    except Exception as e:  # pylint: disable=broad-except  (any failure to read is a broken step)
+      raise unreadable('config', e) from None
+    try:
+      metadata = manager.item_metadata(step)
+      present = {k for k in WEIGHTS if metadata is not None and metadata.get(k) is not None}
+    except Exception as e:  # pylint: disable=broad-except
+      raise unreadable('metadata', e) from None
     if 'model' not in present:
       raise FileNotFoundError(f'{directory} step {step} has no "model" item (it has '
                               f'{sorted(k for k, v in (metadata or {}).items() if v is not None)})')
@@ -186,13 +272,21 @@ def load_model(path, *, step: int | None = None, weights: str | None = None) -> 
     # The model is built concretely and its random initial values are overwritten: numpy
     # initialisation takes about a second for the full model, whereas nnx.eval_shape spends ~5-8 s
     # in jax's tracer bookkeeping for its ~850 variables. The restore target itself is abstract.
-    model = create_model(config, nnx.Rngs(0))
+    try:
+      model = create_model(config, nnx.Rngs(0))
+    except Exception as e:  # pylint: disable=broad-except  (a config from elsewhere)
+      raise CorruptCheckpointError(f'{directory} step {step}: its stored config does not build a model '
+                                   f'({short_error(e)}); not a star_jax checkpoint?') from None
     graphdef, state = nnx.split(model)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           nnx.to_pure_dict(state))
     _check_shapes(_metadata_tree(metadata[weights]), target, weights, directory)
-    restored = manager.restore(step, args=ocp.args.Composite(**{weights: ocp.args.StandardRestore(target)}))
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**{weights: ocp.args.StandardRestore(target)}))
+    except Exception as e:  # pylint: disable=broad-except
+      raise unreadable(weights, e) from None
+  check_finite(restored[weights], f'{directory} step {step} ({weights!r} item)')
   nnx.replace_by_pure_dict(state, restored[weights])
   model = nnx.merge(graphdef, state)
   model.eval()
@@ -230,7 +324,12 @@ def training_manager(directory: pathlib.Path, keep: int) -> ocp.CheckpointManage
   ])
   options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False,
                                          create=True)
-  return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+  # Handlers named up front, so that a step's item metadata (shapes) can be read before restoring it
+  # and a partial restore (the config alone) knows every item.
+  handlers = {'model': ocp.StandardCheckpointHandler(), 'ema': ocp.StandardCheckpointHandler(),
+              'opt_state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler(),
+              'meta': ocp.JsonCheckpointHandler(), 'data_iter': grain.checkpoint.CheckpointHandler()}
+  return ocp.CheckpointManager(pathlib.Path(directory).absolute(), item_handlers=handlers, options=options)
 
 
 def _model_tree(params, batch_stats):
@@ -360,7 +459,8 @@ def restore_training(manager: ocp.CheckpointManager, template: TrainState, data_
                      step: int | None = None):
   """Restores the latest (or `step`) checkpoint into the structure of `template`.
 
-  Returns (state, data_iter) with the iterator moved to where the checkpoint left it.
+  Returns (state, data_iter) with the iterator moved to where the checkpoint left it. Raises whatever
+  Orbax raises for a step that does not restore (see `resume` for the trainer's use).
   """
   step = manager.latest_step() if step is None else step
 
@@ -386,3 +486,197 @@ def restore_training(manager: ocp.CheckpointManager, template: TrainState, data_
     ema_params, ema_batch_stats = _with_tree(template.ema_params, template.ema_batch_stats, restored['ema'])
     state = state.replace(ema_params=ema_params, ema_batch_stats=ema_batch_stats)
   return state, data_iter
+
+
+# ---- Resuming a training workdir: stale temporary folders, broken steps --------------------------
+
+def clean_stale_tmp(directory) -> list[str]:
+  """Deletes the temporary folders of saves that never finished (`<step>.orbax-checkpoint-tmp...`) at
+  the top of a checkpoint directory; returns their names. Only safe while no save runs: the trainer
+  calls it at start-up, holding the workdir's lock."""
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    return []
+  removed = []
+  for path in sorted(directory.iterdir()):
+    if TMP_MARKER in path.name:
+      if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        path.unlink(missing_ok=True)
+      removed.append(path.name)
+  return removed
+
+
+def discard_failed_save(directory, timeout_s: float = 120.0) -> list[str]:
+  """After a save that raised: waits for the writer threads Orbax started for the other items (they
+  keep writing after the first one fails), then removes the partial step (see clean_stale_tmp)."""
+  deadline = time.monotonic() + timeout_s
+  for thread in threading.enumerate():
+    if thread is not threading.current_thread() and type(thread).__module__.startswith('orbax.'):
+      thread.join(timeout=max(0.0, deadline - time.monotonic()))
+  return clean_stale_tmp(directory)
+
+
+def move_aside(directory, step: int, corrupt_dir) -> pathlib.Path:
+  """Moves step `step` of `directory` to `<corrupt_dir>/<step>-<timestamp>` (kept for inspection,
+  never deleted); returns the new path."""
+  corrupt_dir = pathlib.Path(corrupt_dir)
+  corrupt_dir.mkdir(parents=True, exist_ok=True)
+  stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+  target = corrupt_dir / f'{step}-{stamp}'
+  n = 1
+  while target.exists():
+    n += 1
+    target = corrupt_dir / f'{step}-{stamp}-{n}'
+  os.replace(pathlib.Path(directory) / str(step), target)
+  return target
+
+
+def read_config(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The config stored with `step`, as a plain dict (tuples as lists). Raises what Orbax raises."""
+  return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+
+def _all_agree(ok: bool) -> bool:
+  """Whether `ok` holds in every process (one process's read failure makes all of them skip a step,
+  so that they all restore the same one)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(np.all(multihost_utils.process_allgather(np.array([ok]))))
+
+
+def _attempt(fn):
+  """(fn(), None), or (None, the exception) when it raised; agreed across processes."""
+  try:
+    value, error = fn(), None
+  except Exception as e:  # pylint: disable=broad-except  (any failure to read is a broken step)
+    value, error = None, e
+  if not _all_agree(error is None) and error is None:
+    error = RuntimeError('another process could not read it')
+  return value, error
+
+
+def newest_config(manager: ocp.CheckpointManager) -> tuple[int, dict] | None:
+  """(step, stored config) of the newest step whose config reads, or None. For an early config check:
+  steps whose config does not read are left for `resume` to report."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    stored, error = _attempt(lambda s=step: read_config(manager, s))
+    if error is None:
+      return step, stored
+  return None
+
+
+def _fits(manager, step: int, template: TrainState, stored_config: dict) -> list[str]:
+  """What does not fit between the step's stored model (and EMA) arrays and the template's:
+  ['item key: stored (..), needed (..)', ...]; [] when everything fits. Raises (a broken step) when an
+  item that the step's own config says it holds is missing."""
+  metadata = manager.item_metadata(step)
+  wanted = {'model': _model_tree(template.params, template.batch_stats)}
+  if template.ema_params is not None:
+    wanted['ema'] = _model_tree(template.ema_params, template.ema_batch_stats)
+  problems = []
+  for item, tree in wanted.items():
+    stored = metadata.get(item) if metadata is not None else None
+    if stored is None:
+      if item == 'model' or stored_config.get('ema', True):
+        raise FileNotFoundError(f'its {item!r} item is missing')
+      problems.append(f'{item}: not stored (trained without an EMA)')
+      continue
+    have, want = dict(_flatten(_metadata_tree(stored))), dict(_flatten(tree))
+    for key in sorted(set(have) | set(want)):
+      a = tuple(getattr(have[key], 'shape', ())) if key in have else None
+      b = tuple(want[key].shape) if key in want else None
+      if a != b:
+        problems.append(f'{item} {key}: stored {a if a is not None else "nothing"}, the config\'s model '
+                        f'needs {b if b is not None else "nothing"}')
+  return problems
+
+
+@dataclasses.dataclass
+class Resumed:
+  """Where `resume` left off: the step, its state and iterator, its stored config (a dict)."""
+  step: int
+  state: TrainState
+  data_iter: object
+  stored_config: dict
+
+
+def resume(manager: ocp.CheckpointManager, template: TrainState, data_iter, sharding, *,
+           accept: Callable[[int, dict], dict], corrupt_dir, is_main: bool) -> Resumed | None:
+  """Restores the newest step of a training workdir that restores; None when there is no step.
+
+  Steps are tried newest first. A step whose files do not read (truncated, empty, partial) is skipped;
+  once an older one restores, the skipped ones are moved to `corrupt_dir` (by process 0) with a
+  warning naming each. When none restores, NoUsableCheckpointError names every step and why, and
+  nothing is moved.
+
+  accept(step, stored_config) is called before a step's arrays are read: it raises to refuse the
+  step's config (ConfigChangedError) and returns the accepted changes ({} when none). A step whose
+  stored arrays do not fit the template raises CheckpointMismatchError naming them and the changed
+  config fields; with accepted changes, a step that fails to restore for another reason raises it too
+  (the change, not the files, may be at fault), rather than being taken for a broken step.
+  """
+  directory = pathlib.Path(manager.directory)
+  failures = []  # (step, why)
+  for step in sorted(manager.all_steps(), reverse=True):
+    stored, error = _attempt(lambda s=step: read_config(manager, s))
+    if error is not None:
+      failures.append((step, f'config: {short_error(error)}'))
+      continue
+    changes = accept(step, stored)
+    restored, error = _attempt(lambda s=step: restore_training(manager, template, data_iter, sharding, s))
+    if error is not None:
+      # Why? Arrays that do not fit the model are the config's doing (Orbax refuses other shapes rather
+      # than pad or cut them); only then is the step's metadata read (seconds), not on every resume.
+      problems, meta_error = _attempt(lambda s=step: _fits(manager, s, template, stored))
+      if meta_error is None and problems:
+        raise CheckpointMismatchError(_mismatch_message(directory, step, problems, changes))
+      if meta_error is None and changes:
+        raise CheckpointMismatchError(
+            f'{directory} step {step} does not restore under the changed config ({short_error(error)}); '
+            f'changed: {_format(changes)}')
+      failures.append((step, short_error(error)))
+      continue
+    _move_failures(manager, failures, corrupt_dir, is_main, resumed=step)
+    state, data_iter = restored
+    return Resumed(step=step, state=state, data_iter=data_iter, stored_config=stored)
+  if failures:
+    raise NoUsableCheckpointError(
+        f'no checkpoint in {directory} restores; nothing was moved or deleted:\n'
+        + '\n'.join(f'  step {s}: {why}' for s, why in failures)
+        + f'\nMove the broken steps out of {directory} to start again from the newest good one, or '
+        'use a new --workdir.')
+  return None
+
+
+def _format(changes: dict) -> str:
+  return '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changes.items())
+
+
+def _mismatch_message(directory, step: int, problems: list[str], changes: dict) -> str:
+  shown = '; '.join(problems[:5]) + (f' and {len(problems) - 5} more' if len(problems) > 5 else '')
+  if changes:
+    why = f'the config fields that differ from the checkpoint\'s: {_format(changes)}'
+  else:
+    why = 'the config is the checkpoint\'s: the model code must have changed since it was written'
+  return (f'{directory} step {step} holds a different model than this config builds ({shown}); {why}. '
+          'Resume with the checkpoint\'s config, or start a new --workdir.')
+
+
+def _move_failures(manager, failures, corrupt_dir, is_main: bool, resumed: int) -> None:
+  """Moves the steps that failed to restore aside (process 0), then every process re-reads the steps."""
+  if not failures:
+    return
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices('star_jax: before moving broken checkpoints aside')
+  if is_main:
+    for step, why in failures:
+      target = move_aside(manager.directory, step, corrupt_dir)
+      logging.warning('checkpoint step %d in %s does not restore (%s): moved aside to %s; resuming from '
+                      'step %d', step, manager.directory, why, target, resumed)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('star_jax: broken checkpoints moved aside')
+  manager.reload()

@@ -3,6 +3,11 @@
 One `jax.jit`-compiled step over a 1-D mesh ('data') spanning every device of every process: the
 batch is sharded over the mesh, the state is replicated, gradients and BatchNorm statistics are
 reduced over the global batch by XLA. Works the same on one CPU, several devices and several hosts.
+
+The workdir is written by process 0 alone, holding its lock (`training/workdir.py`) for the whole run;
+every file is written whole (rename or one-write appends), and a write that fails stops the run with
+a `WriteFailedError` saying what was kept. A resumed run takes the newest checkpoint that restores
+(`checkpoints.resume`) and refuses a config that changes results unless `allow_config_change`.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from star_jax.training import checkpoints
 from star_jax.training import mesh as mesh_lib
 from star_jax.training import state as state_lib
 from star_jax.training import step as step_lib
+from star_jax.training import workdir as workdir_lib
 from star_jax.training import writers
 
 
@@ -34,16 +40,57 @@ class NonFiniteLossError(RuntimeError):
   """The training loss became NaN or infinite."""
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the final metrics."""
-  # ================================================================================================
-  # Setup
-  # ================================================================================================
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> dict:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint that restores. Returns the
+  final metrics.
+
+  allow_config_change: resume even when the config differs from the checkpoint's in fields that
+  change results (workdir.FREE_KEYS lists those that do not); the change is logged and recorded in
+  `<workdir>/config_changes.jsonl`. Without it such a resume raises ConfigChangedError.
+  Raises workdir.WorkdirBusyError when another run holds the workdir, workdir.WriteFailedError when a
+  file cannot be written, checkpoints.CheckpointError when no checkpoint restores or one does not fit.
+  """
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
+  # Only process 0 writes the workdir, so only it takes the lock; the other processes of a multi-host
+  # run share the workdir with it.
+  lock = workdir_lib.Lock.acquire(workdir) if is_main else None
+  try:
+    return _train_and_evaluate(config, workdir, is_main, allow_config_change)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _check_config(config, stored: dict, step: int, allow: bool) -> dict:
+  """The result-changing differences of `config` from the `stored` one of checkpoint `step`; raises
+  ConfigChangedError for any unless `allow`."""
+  changes = workdir_lib.config_changes(stored, config.to_dict())
+  if changes and not allow:
+    raise workdir_lib.ConfigChangedError(
+        f'the config differs from the one checkpoint step {step} was trained with, in fields that change '
+        f'results: {workdir_lib.format_changes(changes)}. Resume with the same config, pass '
+        '--allow_config_change to continue under the new one (recorded in config_changes.jsonl), or use '
+        f'a new --workdir. (Free to change: {", ".join(workdir_lib.FREE_KEYS)}.)')
+  return changes
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_main: bool,
+                        allow_config_change: bool) -> dict:
+  # ================================================================================================
+  # Setup
+  # ================================================================================================
+  checkpoint_dir = workdir / 'checkpoints'
   if is_main:
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    for name in checkpoints.clean_stale_tmp(checkpoint_dir):
+      logging.warning('removed %s/%s, left by a checkpoint save that never finished', checkpoint_dir, name)
+  manager = checkpoints.training_manager(checkpoint_dir, keep=config.keep_checkpoints)
+  # The config check comes first, before any data is read or built: a refused resume stops at once.
+  newest = checkpoints.newest_config(manager)
+  if newest is not None:
+    _check_config(config, newest[1], newest[0], allow_config_change)
   layout = get_layout(config.layout)
   mesh = mesh_lib.make_mesh()
   replicated = mesh_lib.replicated(mesh)
@@ -79,12 +126,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   predict = jax.jit(models.make_predict_fn(graphs.eval, decode=config.model.get('decode', 'landmarks')))
 
   # ================================================================================================
-  # Checkpoints: resume where the last one left off
+  # Checkpoints: resume where the last good one left off
   # ================================================================================================
-  manager = checkpoints.training_manager(workdir / 'checkpoints', keep=config.keep_checkpoints)
-  if manager.latest_step() is not None:
-    state, train_iter = checkpoints.restore_training(manager, state, train_iter, replicated)
-    logging.info('resumed from step %d', int(state.step))
+  resumed = checkpoints.resume(
+      manager, state, train_iter, replicated, is_main=is_main, corrupt_dir=workdir / checkpoints.CORRUPT_DIR,
+      accept=lambda step, stored: _check_config(config, stored, step, allow_config_change))
+  if resumed is not None:
+    state, train_iter = resumed.state, resumed.data_iter
+    logging.info('resumed from step %d', resumed.step)
+    changes = workdir_lib.config_changes(resumed.stored_config, config.to_dict())
+    if changes and is_main:
+      logging.warning('resuming step %d under a changed config (--allow_config_change): %s', resumed.step,
+                      workdir_lib.format_changes(changes))
+      _write(lambda: workdir_lib.record_config_change(workdir, step=resumed.step, changes=changes),
+             workdir / workdir_lib.CONFIG_CHANGES_FILE, resumed.step, None, checkpoint_dir)
   elif config.get('init_from'):
     # Fine-tuning: the run's first weights come from elsewhere (a resumed run has its own).
     state, summary = checkpoints.initialize_from(config.init_from, config, state)
@@ -92,9 +147,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info('initialised from %s (%s); kept freshly initialised: %s', summary['source'], summary['format'],
                  summary['kept_fresh'] or 'nothing')
   start_step = int(state.step)
+  last_saved = resumed.step if resumed is not None else None
+  if is_main:
+    _write(lambda: workdir_lib.atomic_write_text(workdir / 'config.json', config.to_json_best_effort(indent=2)),
+           workdir / 'config.json', last_saved, None, checkpoint_dir)
 
   def save(step: int, eval_metrics: dict | None):
-    checkpoints.save_training(manager, step, state, train_iter, config, metrics=eval_metrics)
+    nonlocal last_saved
+    try:
+      checkpoints.save_training(manager, step, state, train_iter, config, metrics=eval_metrics)
+    except Exception as e:  # pylint: disable=broad-except  (Orbax and TensorStore raise many kinds)
+      if is_main:
+        checkpoints.discard_failed_save(checkpoint_dir)  # the partial step: nothing half written is left
+      raise workdir_lib.WriteFailedError(
+          f'cannot save checkpoint step {step} in {checkpoint_dir} ({checkpoints.short_error(e)}); the partial '
+          f'step was removed. {_kept(last_saved, writer.last_step, checkpoint_dir)}') from e
+    last_saved = step
+
+  # Training metrics: one JSON line (and one TensorBoard record) per write, by process 0.
+  writer = _write(lambda: writers.MetricWriter(workdir, enabled=is_main), workdir / 'metrics.jsonl', last_saved,
+                  None, checkpoint_dir)
+
+  def write_scalars(step: int, scalars: dict):
+    _write(lambda: writer.write_scalars(step, scalars), workdir / 'metrics.jsonl', last_saved, writer.last_step,
+           checkpoint_dir, stopped_at=step)
 
   # SIGTERM (preemption, `kill`): finish the current step, save, exit cleanly.
   stop = {'requested': False}
@@ -113,7 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       summary = scoring.score(results, layout)
       out.update({f'{name}/{k}': v for k, v in summary.items() if isinstance(v, (int, float))})
     out['nme'] = out['ema/nme'] if config.ema else out['model/nme']
-    writer.write_scalars(step, {f'eval/{k}': v for k, v in out.items()})
+    write_scalars(step, {f'eval/{k}': v for k, v in out.items()})
     logging.info('step %d eval: %s', step, {k: round(v, 5) for k, v in out.items() if 'nme' in k})
     seconds['eval'] += time.perf_counter() - t0
     return out
@@ -121,7 +197,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ================================================================================================
   # Train
   # ================================================================================================
-  writer = writers.MetricWriter(workdir, enabled=is_main)
   progress = writers.Progress(total_steps, start_step, config.batch_size, enabled=is_main and config.progress)
   pending = []  # device-side metrics since the last host sync
   last_eval: dict = {}
@@ -141,10 +216,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       bad = step - len(host) + int(np.argmin(np.isfinite(losses))) + 1
       raise NonFiniteLossError(
           f'the training loss became {losses[~np.isfinite(losses)][0]} at step {bad}; stopping. '
-          f'The last good checkpoint (step {manager.latest_step()}) is kept in {workdir / "checkpoints"}. '
+          f'The last good checkpoint (step {last_saved}) is kept in {checkpoint_dir}. '
           'Lower config.lr or set config.loss.eig_clamp > 0.')
     mean = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
-    writer.write_scalars(step, {f'train/{k}': v for k, v in mean.items()})
+    write_scalars(step, {f'train/{k}': v for k, v in mean.items()})
     progress.set_postfix(loss=mean['loss'])
 
   t_loop = time.perf_counter()
@@ -183,5 +258,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {}
   final = dict(last_eval, **{f'seconds/{k}': v for k, v in seconds.items()})
   if is_main:
-    (workdir / 'final_metrics.json').write_text(json.dumps(final, indent=2))
+    _write(lambda: workdir_lib.atomic_write_text(workdir / 'final_metrics.json', json.dumps(final, indent=2)),
+           workdir / 'final_metrics.json', last_saved, writer.last_step, checkpoint_dir)
   return final
+
+
+def _kept(checkpoint_step: int | None, metrics_step: int | None, checkpoint_dir: pathlib.Path) -> str:
+  """What a stopped run leaves behind, for its error message."""
+  ckpt = (f'Kept: checkpoint step {checkpoint_step} in {checkpoint_dir} (a new run resumes from it)'
+          if checkpoint_step is not None else f'No checkpoint was written yet in {checkpoint_dir}')
+  metrics = (f'; metrics.jsonl holds whole lines up to step {metrics_step}' if metrics_step is not None else '')
+  return ckpt + metrics + '.'
+
+
+def _write(fn, path: pathlib.Path, checkpoint_step, metrics_step, checkpoint_dir, stopped_at=None):
+  """fn(), turning a failed write (OSError: disk full, ...) into WriteFailedError saying what was kept."""
+  try:
+    return fn()
+  except OSError as e:
+    where = f' at step {stopped_at}' if stopped_at is not None else ''
+    raise workdir_lib.WriteFailedError(
+        f'cannot write {e.filename or path} ({e.strerror or e}); the run stopped{where}. '
+        f'{_kept(checkpoint_step, metrics_step, checkpoint_dir)}') from e

@@ -1,31 +1,72 @@
-"""Where training reports go: TensorBoard event files, JSON lines, and a progress bar."""
+"""Where training reports go: TensorBoard event files, JSON lines, and a progress bar.
+
+Both files are appended in whole units (`workdir.AppendFile`): one JSON line, one event record per
+`write_scalars` call, each in one `write`, cut back off if it fails. A full disk therefore raises
+OSError in the training loop (which stops the run and says what was kept) and never leaves half a
+line behind. (tensorboardX's own writer appends from a background thread, where such an error would
+be lost and its queue would then block the run; the records here are written the way it writes them.)
+"""
 
 from __future__ import annotations
 
 import json
 import pathlib
+import socket
+import struct
 import time
+
+from star_jax.training import workdir as workdir_lib
+
+
+class _EventFile:
+  """A TensorBoard event file (TFRecord framing of `Event` protos), written synchronously."""
+
+  def __init__(self, directory: pathlib.Path):
+    from tensorboardX.proto import event_pb2, summary_pb2  # a light dependency: no tensorflow needed
+    from tensorboardX.record_writer import masked_crc32c
+    self._event_pb2, self._summary_pb2, self._crc = event_pb2, summary_pb2, masked_crc32c
+    directory.mkdir(parents=True, exist_ok=True)
+    # TensorBoard's file naming; one file per run (a resumed run starts a new one).
+    name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}'
+    self._file = workdir_lib.AppendFile(directory / name, line_based=False)
+    self._write(self._event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
+
+  def _write(self, event) -> None:
+    data = event.SerializeToString()
+    header = struct.pack('Q', len(data))
+    self._file.append(header + struct.pack('I', self._crc(header)) + data + struct.pack('I', self._crc(data)))
+
+  def scalars(self, step: int, scalars: dict[str, float]) -> None:
+    from tensorboardX import summary  # pylint: disable=import-outside-toplevel
+    values = [v for key, value in scalars.items() for v in summary.scalar(key, value).value]
+    self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step),
+                                      summary=self._summary_pb2.Summary(value=values)))
+
+  def close(self) -> None:
+    self._file.close()
 
 
 class MetricWriter:
-  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard events in `workdir/tb/`."""
+  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard events in `workdir/tb/`.
+
+  `last_step` is the step of the last line written whole (None before the first). Write errors
+  (OSError) propagate to the caller.
+  """
 
   def __init__(self, workdir: pathlib.Path, enabled: bool = True):
     self.enabled = enabled
+    self.last_step = None
     if not enabled:
       return
-    from tensorboardX import SummaryWriter  # a light dependency: no tensorflow needed
-    self._tb = SummaryWriter(str(pathlib.Path(workdir) / 'tb'))
-    self._jsonl = open(pathlib.Path(workdir) / 'metrics.jsonl', 'a')
+    self._jsonl = workdir_lib.AppendFile(pathlib.Path(workdir) / 'metrics.jsonl')
+    self._tb = _EventFile(pathlib.Path(workdir) / 'tb')
 
   def write_scalars(self, step: int, scalars: dict[str, float]):
     if not self.enabled:
       return
-    for key, value in scalars.items():
-      self._tb.add_scalar(key, value, step)
-    self._jsonl.write(json.dumps({'step': int(step), 'time': time.time(), **scalars}) + '\n')
-    self._jsonl.flush()
-    self._tb.flush()
+    self._jsonl.append_line(json.dumps({'step': int(step), 'time': time.time(), **scalars}))
+    self._tb.scalars(step, scalars)
+    self.last_step = int(step)
 
   def close(self):
     if self.enabled:
