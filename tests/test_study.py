@@ -96,6 +96,9 @@ def test_study_config_and_cell_configs():
   cells = ambiguity.cells(study)
   assert len(cells) == 28 and len(set(cells)) == 28                     # 3 x 4 x 2 + 2 ablations x 2 seeds
   assert cells[:3] == [('star', 0.0, 0), ('smoothl1', 0.0, 0), ('l2', 0.0, 0)]
+  # Level 0 and the ablation level (with the ablations) for both seeds first: a partial study is paired.
+  assert [c[1] for c in cells] == [0.0] * 6 + [4.0] * 10 + [2.0] * 6 + [8.0] * 6
+  assert cells[12:16] == [('star_w0', 4.0, 0), ('star_v1', 4.0, 0), ('star_w0', 4.0, 1), ('star_v1', 4.0, 1)]
   assert ('star_w0', 4.0, 1) in cells and ('star_v1', 4.0, 0) in cells
   config = ambiguity.run_config(study, 'star_w0', 2.0, 3)
   assert (config.loss.kind, config.loss.star_w, tuple(config.loss.weights), config.seed) == ('star', 0.0,

@@ -133,12 +133,22 @@ def check_study(study) -> None:
 
 
 def cells(study) -> list[tuple[str, float, int]]:
-  """Every (variant, level, seed) of the study, seed by seed (a partial study has whole seeds): the
-  main grid, then the ablation variants at the ablation level."""
+  """Every (variant, level, seed) of the study, most informative first: the lowest level, then the
+  ablation level with the ablation variants, then the other levels in order; every seed of a level
+  before the next level. The main grid is `losses` x `levels` x `seeds`, the ablation variants run at
+  `ablation_level` for every seed."""
+  # An interrupted study then has paired seeds at the levels it reached: the harm from the lowest
+  # level to the ablation level, and the ablations, are measured with a spread before anything else.
+  levels = sorted(float(v) for v in study.levels)
+  first = [levels[0]] + ([float(study.ablation_level)] if float(study.ablation_level) != levels[0] else [])
+  order = first + [v for v in levels if v not in first]
   out = []
-  for seed in study.seeds:
-    out += [(loss, float(level), int(seed)) for level in study.levels for loss in study.losses]
-    out += [(v, float(study.ablation_level), int(seed)) for v in study.ablations if v not in study.losses]
+  for level in order:
+    for seed in study.seeds:
+      out += [(loss, level, int(seed)) for loss in study.losses]
+    if level == float(study.ablation_level):
+      for seed in study.seeds:
+        out += [(v, level, int(seed)) for v in study.ablations if v not in study.losses]
   return out
 
 
