@@ -1,7 +1,7 @@
 """Does STAR reduce the harm of ambiguous annotation? A controlled test on the synthetic faces.
 
   python scripts/ambiguity_study.py [--config configs/ambiguity_study.py[:quick|full] | --quick]
-      [--output DIR] [--config.levels='(0, 2, 4, 8)'] [--config.run.total_steps=800] [--replot]
+      [--output DIR] [--config.levels='(0, 2, 4, 8)'] [--config.run.total_steps=800] [--replot | --partial]
 
 Trains the same small network at several levels of tangential label noise on the synthetic training
 faces (exact test labels), with the STAR loss and with matched baselines (smooth-L1 / L2 on the
@@ -13,7 +13,8 @@ timings (results.json) and plots (nme_vs_ambiguity.png, axis_angles.png, covaria
 into --output. Each run is an ordinary training run in <output>/runs/<variant>_amb<level>_seed<seed>;
 a finished run is not trained again, so an interrupted study resumes. `--quick` is the smoke setting
 (`configs/ambiguity_study.py:quick`, a few minutes). `--replot` rewrites the tables and plots of a
-study from its results.json. See configs/ambiguity_study.py, star_jax/experiments/ambiguity.py and
+study from its results.json; `--partial` writes them from the cells finished so far (the study
+running or stopped). See configs/ambiguity_study.py, star_jax/experiments/ambiguity.py and
 docs/ambiguity_study.md.
 """
 
@@ -42,14 +43,21 @@ def _study(argv: list[str]) -> int:
   flags.DEFINE_string('output', 'runs/ambiguity_study', 'where the runs, tables and plots go', flag_values=fv)
   flags.DEFINE_bool('replot', False, "only rewrite results.md and the plots from --output's results.json "
                     '(no training)', flag_values=fv)
+  flags.DEFINE_bool('partial', False, 'only write the tables and plots of the cells finished so far in --output '
+                    '(no training; while the study runs, or after it stopped)', flag_values=fv)
   command.parse()
   from star_jax.experiments import ambiguity  # pylint: disable=import-outside-toplevel
 
   log = lambda line: print(line, flush=True)
   output = pathlib.Path(fv.output)
   try:
+    if fv.replot and fv.partial:
+      raise ValueError('--replot and --partial: give one of them')
     if fv.replot:
       ambiguity.replot(output, log=log)
+      return 0
+    if fv.partial:
+      ambiguity.partial_outputs(command.config, output, log=log)
       return 0
     ambiguity.check_study(command.config)
   except (FileNotFoundError, ValueError) as e:

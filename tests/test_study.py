@@ -304,3 +304,36 @@ def test_replot_rewrites_tables_and_plots_from_the_json(tmp_path):
     assert (tmp_path / name).read_bytes()[:4] == b'\x89PNG'  # with an off-scale loss
   with pytest.raises(FileNotFoundError, match='run the study first'):
     ambiguity.replot(tmp_path / 'nothing')
+
+
+def _fake_record(study, variant, level, seed, nme):
+  hist = [0.5, 0.2, 0.1, 0.05, 0.05, 0.04, 0.03, 0.02, 0.01]
+  cov = {'groups': {g: {'angle_median': 20.0, 'aligned': 0.6, 'angle_hist': hist, 'anisotropy_median': 3.0,
+                        'std_major': 0.05, 'std_minor': 0.02, 'count': 10} for g in ambiguity.GROUPS}, 'points': {}}
+  digest = ambiguity.config_digest(ambiguity.run_config(study, variant, level, seed))
+  return {'variant': variant, 'loss': ambiguity.variant_loss(variant)[0], 'level': level, 'seed': seed, 'nme': nme,
+          'nme_ambiguous': nme, 'nme_other': nme, 'covariance': cov, 'compile_seconds': 5.0, 'train_seconds': 2.0,
+          'wall_seconds': 3.0, 'config_digest': digest}
+
+
+def test_partial_outputs_show_the_finished_levels_and_name_the_missing_cells(tmp_path):
+  study = load_config('ambiguity_study', 'quick')
+  with pytest.raises(FileNotFoundError, match='no level'):
+    ambiguity.partial_outputs(study, tmp_path)
+  # Level 0 finished for both seeds and both losses, one cell of level 4: level 0 is shown, level 4 named.
+  done = [(v, 0.0, s) for s in (0, 1) for v in ('star', 'l2')] + [('star', 4.0, 0)]
+  for k, (variant, level, seed) in enumerate(done):
+    cell = tmp_path / 'runs' / ambiguity.cell_name(variant, level, seed)
+    cell.mkdir(parents=True)
+    (cell / 'cell.json').write_text(json.dumps(_fake_record(study, variant, level, seed, 0.05 + 0.01 * k)))
+  doc = ambiguity.partial_outputs(study, tmp_path, log=lambda _: None)
+  assert doc['levels'] == [0.0] and doc['ablations'] == [] and len(doc['runs']) == 4
+  assert doc['partial']['finished'] == 5 and 'l2_amb4_seed0' in doc['partial']['missing']
+  md = (tmp_path / 'results.md').read_text()
+  assert md.startswith('**Partial results: 5 of 10 cells finished.**') and '| loss | level 0 |' in md
+  assert (tmp_path / 'nme_vs_ambiguity.png').read_bytes()[:4] == b'\x89PNG'
+  # A finished cell of another config is an error, not silently shown.
+  stale = tmp_path / 'runs' / 'star_amb0_seed0' / 'cell.json'
+  stale.write_text(json.dumps(dict(json.loads(stale.read_text()), config_digest='0' * 16)))
+  with pytest.raises(ambiguity.StaleCellError, match='another config'):
+    ambiguity.partial_outputs(study, tmp_path)

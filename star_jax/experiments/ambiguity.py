@@ -330,6 +330,16 @@ def _load() -> float | None:
 _SCORE_KEYS = ('nme', 'nme_ambiguous', 'nme_other', *(f'nme_{p}' for p in PARTS), 'fr', 'auc', 'nme_image')
 
 
+def _read_record(record_path: pathlib.Path, digest: str, name: str) -> dict:
+  """A finished cell's record; StaleCellError if it was made with another config (digest)."""
+  record = json.loads(record_path.read_text())
+  if record.get('config_digest') != digest:
+    raise StaleCellError(f'{record_path} was made with another config than this study\'s cell {name} '
+                         f'(digest {record.get("config_digest")} != {digest}); use another --output, or delete '
+                         f'{record_path.parent} to run it again')
+  return record
+
+
 def run_cell(study, variant: str, level: float, seed: int, output: pathlib.Path, log=print) -> dict:
   """Trains and scores one cell (or reads its record when it is finished); returns the record.
 
@@ -344,11 +354,7 @@ def run_cell(study, variant: str, level: float, seed: int, output: pathlib.Path,
   config = run_config(study, variant, level, seed)
   digest = config_digest(config)
   if record_path.exists():
-    record = json.loads(record_path.read_text())
-    if record.get('config_digest') != digest:
-      raise StaleCellError(f'{record_path} was made with another config than this study\'s cell {name} '
-                       f'(digest {record.get("config_digest")} != {digest}); use another --output, or delete '
-                       f'{workdir} to run it again')
+    record = _read_record(record_path, digest, name)
     log(f'  {name}: done earlier ({record_path})')
     return record
   t0 = time.perf_counter()
@@ -861,11 +867,20 @@ def write_outputs(doc: Mapping[str, Any], output: pathlib.Path, log=print) -> No
   """results.json, results.md and the plots (`PLOTS`) of a study document, into `output`."""
   md = markdown_tables(doc['runs'], doc)
   runs = doc['runs']
+  partial = doc.get('partial')
+  if partial:
+    md = (f"**Partial results: {partial['finished']} of {partial['cells']} cells finished.** Shown: the levels "
+          f"whose cells are all finished ({', '.join(level_name(v) for v in partial['levels_complete'])})"
+          + (f" and the ablations {', '.join(partial['ablations_complete'])}" if partial['ablations_complete'] else '')
+          + f"; not finished: {', '.join(partial['missing']) or 'none'}.\n\n" + md)
   loads = [r[k] for r in runs for k in ('load_start', 'load_end') if r.get(k) is not None]
   load = f', load average {np.mean(loads):.1f} (1-min, sampled per cell)' if loads else ''
   md += (f"\nCells: {_fmt_time(sum(r.get('wall_seconds', 0.0) or 0.0 for r in runs))} of training and scoring "
-         f"on {doc['device']}{load}; this invocation {_fmt_time(doc['total_seconds'])} (dataset "
-         f"{_fmt_time(doc['dataset']['seconds'])}, compilation {_fmt_time(sum(doc['compile_seconds'].values()))}).\n")
+         f"on {doc['device']}{load}")
+  md += (f"; this invocation {_fmt_time(doc['total_seconds'])} (dataset {_fmt_time(doc['dataset']['seconds'])}, "
+         f"compilation {_fmt_time(sum(doc['compile_seconds'].values()))}).\n" if not partial else
+         f" (the cells shown; compilation, in each variant's first cell: "
+         f"{_fmt_time(sum(doc['compile_seconds'].values()))}).\n")
   (output / 'results.json').write_text(json.dumps(doc, indent=1, allow_nan=False))
   (output / 'results.md').write_text(md)
   title = _plot_title(doc)
@@ -886,5 +901,62 @@ def replot(output: pathlib.Path, log=print) -> dict:
   if not path.exists():
     raise FileNotFoundError(f'{path} does not exist: run the study first (without --replot)')
   doc = json.loads(path.read_text())
+  write_outputs(doc, output, log)
+  return doc
+
+
+def finished_cells(study, output: pathlib.Path) -> tuple[list[dict], list[str]]:
+  """(records of the study's finished cells in `output`, names of the others), in `cells` order.
+  Raises StaleCellError for a finished cell made with another config."""
+  records, missing = [], []
+  for variant, level, seed in cells(study):
+    name = cell_name(variant, level, seed)
+    path = output / 'runs' / name / 'cell.json'
+    if path.exists():
+      records.append(_read_record(path, config_digest(run_config(study, variant, level, seed)), name))
+    else:
+      missing.append(name)
+  return records, missing
+
+
+def partial_outputs(study, output: pathlib.Path, log=print) -> dict:
+  """The tables and plots of the cells finished so far (while the study runs, or after it stopped;
+  no training), over the levels whose cells are all finished, with the ablations if theirs are; the
+  document says which cells are missing. Returns the document (also written as results.json)."""
+  check_study(study)
+  records, missing = finished_cells(study, output)
+  seeds = [int(s) for s in study.seeds]
+
+  def complete(variants, level):
+    return all(_find(records, v, float(level), s) is not None for v in variants for s in seeds)
+
+  levels = [float(v) for v in sorted(study.levels) if complete(study.losses, v)]
+  if not levels:
+    raise FileNotFoundError(f'no level of the study has all its cells finished in {output / "runs"} yet '
+                            f'({len(records)} of {len(records) + len(missing)} cells)')
+  ablations = [v for v in study.ablations if complete([v], study.ablation_level)]
+  data = study.run.data
+  variants = list(dict.fromkeys([*study.losses, *ablations]))
+  shown = [r for r in records if r['level'] in levels and r.get('variant', r['loss']) in variants]
+  doc = {
+      'study': json.loads(study.to_json_best_effort()),
+      'levels': levels, 'losses': list(study.losses), 'seeds': seeds,
+      'ablations': ablations, 'ablation_level': float(study.ablation_level),
+      'noise': {'model': data.relabel_model, 'annotators': int(data.annotators),
+                'annotator_bias': float(data.annotator_bias)},
+      'dataset': {'builder_config': data.config, 'seconds': 0.0},
+      'device': f'{platform.machine()}, {os.cpu_count()} CPUs',
+      'loss_weights': list(study.run.loss.weights),
+      'compile_seconds': {v: max((r['compile_seconds'] or 0.0) for r in shown if r['variant'] == v)
+                          for v in variants},
+      'total_seconds': 0.0,
+      'cells_seconds': float(sum(r['wall_seconds'] for r in records)),
+      'partial': {'finished': len(records), 'cells': len(records) + len(missing), 'missing': missing,
+                  'levels_complete': levels, 'ablations_complete': ablations},
+      'runs': shown,
+      'nme': _json_table(aggregate(shown, variants, levels, 'nme')),
+      'nme_ambiguous': _json_table(aggregate(shown, variants, levels, 'nme_ambiguous')),
+      'nme_other': _json_table(aggregate(shown, variants, levels, 'nme_other')),
+  }
   write_outputs(doc, output, log)
   return doc
