@@ -65,7 +65,7 @@ def _study(argv: list[str]) -> int:
   cli.setup_logging('warning')   # the study prints its own progress; the trainer's INFO lines are noise
   try:
     ambiguity.run_study(command.config, output, log=log)
-  except ambiguity.StaleCellError as e:
+  except (ambiguity.StaleCellError, ambiguity.CellInterruptedError) as e:
     raise cli.UserError(str(e)) from None
   return 0
 

@@ -337,3 +337,15 @@ def test_partial_outputs_show_the_finished_levels_and_name_the_missing_cells(tmp
   stale.write_text(json.dumps(dict(json.loads(stale.read_text()), config_digest='0' * 16)))
   with pytest.raises(ambiguity.StaleCellError, match='another config'):
     ambiguity.partial_outputs(study, tmp_path)
+
+
+def test_a_cell_stopped_by_sigterm_stops_the_study_without_a_record(tmp_path, monkeypatch):
+  from star_jax.training import loop
+  study = load_config('ambiguity_study', 'quick')
+  workdir = tmp_path / 'runs' / 'star_amb0_seed0'
+  # The trainer stopped early (SIGTERM): it saved step 2 of 3 and returned no evaluation.
+  (workdir / 'checkpoints' / '2').mkdir(parents=True)
+  monkeypatch.setattr(loop, 'train_and_evaluate', lambda config, workdir: {})
+  with pytest.raises(ambiguity.CellInterruptedError, match='step 2 of 3'):
+    ambiguity.run_cell(study, 'star', 0.0, 0, tmp_path, log=lambda _: None)
+  assert not (workdir / 'cell.json').exists()

@@ -82,6 +82,15 @@ class StaleCellError(ValueError):
   """A finished cell in the output folder was trained with another config than the study's."""
 
 
+class CellInterruptedError(RuntimeError):
+  """A cell's training was stopped before its last step (SIGTERM); the study stops, resumable."""
+
+
+def _latest_step(workdir: pathlib.Path) -> int:
+  """The last saved training step of a cell's workdir (0 if none)."""
+  return max((int(p.name) for p in (workdir / 'checkpoints').glob('*') if p.name.isdigit()), default=0)
+
+
 def level_name(level: float) -> str:
   return f'{level:g}'
 
@@ -366,6 +375,13 @@ def run_cell(study, variant: str, level: float, seed: int, output: pathlib.Path,
   except loop.NonFiniteLossError as e:
     log(f'  {name}: diverged ({e})')
     diverged = True
+  # The trainer returns no evaluation when SIGTERM stopped it early (it saved the step it reached) or
+  # when it found the run already at its last step (stopped after training, while scoring).
+  if not diverged and not final:
+    reached = _latest_step(workdir)
+    if reached < int(config.total_steps):
+      raise CellInterruptedError(f'{name} stopped at step {reached} of {config.total_steps} (SIGTERM); its '
+                                 'checkpoint is kept: run the same command again to resume the study')
   train_wall = time.perf_counter() - t0
   t1 = time.perf_counter()
   scores = ({k: None for k in _SCORE_KEYS} | {'covariance': None} if diverged
