@@ -632,8 +632,10 @@ def _star_vs_baselines(records, doc) -> list[str]:
         m, s = mean_spread(diff)
         row.append(_pct(m, s, several, signed=True, called=len(seeds) > 1 and math.isfinite(m) and abs(m) > s))
       lines.append('| ' + ' | '.join(row) + ' |')
-  lines += ['', f'(harm difference: STAR\'s harm minus the baseline\'s, level {level_name(base)} → '
-            f'{level_name(levels[-1])}; negative: STAR loses less to the noise.)', '']
+  lines.append('')
+  if len(levels) > 1:
+    lines += [f'(harm difference: STAR\'s harm minus the baseline\'s, level {level_name(base)} → '
+              f'{level_name(levels[-1])}; negative: STAR loses less to the noise.)', '']
   return lines
 
 
