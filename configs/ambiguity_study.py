@@ -1,7 +1,7 @@
 """The ambiguity study: does STAR reduce the harm of ambiguous annotation? (star_jax/experiments/ambiguity.py)
 
 Run (the default: 3 losses x 4 levels x 2 seeds + the w = 0 and v1 ablations, 28 runs; about 45
-minutes on an idle 2-core CPU):
+minutes on an idle 2-core CPU, an estimate; on the shared machine, load 4-10, a cell took ~3.7 min):
   python scripts/ambiguity_study.py --output runs/ambiguity_study
 Smoke test (a few minutes; tests/test_study.py runs it):
   python scripts/ambiguity_study.py --config configs/ambiguity_study.py:quick --output /tmp/study
