@@ -26,6 +26,12 @@ def get_config(arg=None):
   # >= 0: re-draw the training labels at this ambiguity level from the build's exact points, so that
   # one build serves every level (the ambiguity study); < 0: the build's own labels.
   c.data.relabel_ambiguity = -1.0
+  # How relabelling draws the noise (star_jax.data.synthetic.noise): 'independent' (per label, as the
+  # builds) or 'annotators' (a pool of `annotators` simulated annotators, one per face, each with a
+  # consistent habit along the curves making up `annotator_bias` of the variance).
+  c.data.relabel_model = 'independent'
+  c.data.annotators = 5
+  c.data.annotator_bias = 0.75
 
   # A small network and input that train on a 2-core CPU in minutes (64x64 crops, 16x16 maps).
   c.data.image_size = 64

@@ -1,16 +1,21 @@
 """Does STAR reduce the harm of ambiguous annotation? A controlled test on the synthetic faces.
 
-  python scripts/ambiguity_study.py [--config configs/ambiguity_study.py[:tiny|full]] [--output DIR]
-      [--config.levels='(0, 2, 4)'] [--config.run.total_steps=800] [--replot]
+  python scripts/ambiguity_study.py [--config configs/ambiguity_study.py[:quick|full] | --quick]
+      [--output DIR] [--config.levels='(0, 2, 4, 8)'] [--config.run.total_steps=800] [--replot | --partial]
 
 Trains the same small network at several levels of tangential label noise on the synthetic training
-faces (exact test labels), with the STAR loss and with baselines (smooth-L1 / L2 on the soft-argmax
-coordinates plus the same AWing map terms; AWing alone), same seeds, batches and steps, and writes
-the test NMEs as a table (results.md, results.json) and a plot (nme_vs_ambiguity.png) into --output.
-Each run is an ordinary training run in <output>/runs/<loss>_amb<level>_seed<seed>; a finished run
-is not trained again, so an interrupted study resumes. `--replot` rewrites the table and plot of a
-finished study from its results.json. See configs/ambiguity_study.py and
-star_jax/experiments/ambiguity.py.
+faces (exact test labels), with the STAR loss and with matched baselines (smooth-L1 / L2 on the
+soft-argmax coordinates plus the same AWing map terms), same seeds, batches and steps, plus STAR
+without its eigenvalue restriction (w = 0) and STAR v1 at one level; scores every run on the test split
+(NME overall, on the contour and brows, on the others; the predicted covariance's principal axis
+against the true tangent of each point's curve) and writes tables (results.md), every run with its
+timings (results.json) and plots (nme_vs_ambiguity.png, axis_angles.png, covariance_vs_ambiguity.png)
+into --output. Each run is an ordinary training run in <output>/runs/<variant>_amb<level>_seed<seed>;
+a finished run is not trained again, so an interrupted study resumes. `--quick` is the smoke setting
+(`configs/ambiguity_study.py:quick`, a few minutes). `--replot` rewrites the tables and plots of a
+study from its results.json; `--partial` writes them from the cells finished so far (the study
+running or stopped). See configs/ambiguity_study.py, star_jax/experiments/ambiguity.py and
+docs/ambiguity_study.md.
 """
 
 import pathlib
@@ -19,27 +24,49 @@ from absl import flags
 
 from star_jax import cli
 
+_QUICK = 'configs/ambiguity_study.py:quick'
+
+
+def _quick_argv(argv: list[str]) -> list[str]:
+  """`--quick` stands for `--config configs/ambiguity_study.py:quick` (with --config.x overrides kept)."""
+  if '--quick' not in argv[1:]:
+    return argv
+  if any(a == '--config' or a.startswith('--config=') for a in argv[1:]):
+    raise flags.Error('--quick picks the config: give it or --config, not both')
+  rest = [a for a in argv[1:] if a != '--quick']
+  return [argv[0], '--config', _QUICK, *rest]   # before any --config.x override, as absl needs
+
 
 def _study(argv: list[str]) -> int:
-  command = cli.Command(__doc__, argv, config='configs/ambiguity_study.py')
+  command = cli.Command(__doc__, _quick_argv(list(argv)), config='configs/ambiguity_study.py')
   fv = command.fv
-  flags.DEFINE_string('output', 'runs/ambiguity_study', 'where the runs, table and plot go', flag_values=fv)
-  flags.DEFINE_bool('replot', False, "only rewrite results.md and the plot from --output's results.json "
+  flags.DEFINE_string('output', 'runs/ambiguity_study', 'where the runs, tables and plots go', flag_values=fv)
+  flags.DEFINE_bool('replot', False, "only rewrite results.md and the plots from --output's results.json "
                     '(no training)', flag_values=fv)
+  flags.DEFINE_bool('partial', False, 'only write the tables and plots of the cells finished so far in --output '
+                    '(no training; while the study runs, or after it stopped)', flag_values=fv)
   command.parse()
   from star_jax.experiments import ambiguity  # pylint: disable=import-outside-toplevel
 
   log = lambda line: print(line, flush=True)
   output = pathlib.Path(fv.output)
   try:
+    if fv.replot and fv.partial:
+      raise ValueError('--replot and --partial: give one of them')
     if fv.replot:
       ambiguity.replot(output, log=log)
+      return 0
+    if fv.partial:
+      ambiguity.partial_outputs(command.config, output, log=log)
       return 0
     ambiguity.check_study(command.config)
   except (FileNotFoundError, ValueError) as e:
     raise cli.UserError(str(e)) from None
   cli.setup_logging('warning')   # the study prints its own progress; the trainer's INFO lines are noise
-  ambiguity.run_study(command.config, output, log=log)
+  try:
+    ambiguity.run_study(command.config, output, log=log)
+  except (ambiguity.StaleCellError, ambiguity.CellInterruptedError) as e:
+    raise cli.UserError(str(e)) from None
   return 0
 
 

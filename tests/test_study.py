@@ -1,8 +1,10 @@
-"""The ambiguity study (scripts/ambiguity_study.py, star_jax/experiments/ambiguity.py) at a tiny setting.
+"""The ambiguity study (scripts/ambiguity_study.py, star_jax/experiments/ambiguity.py) at its quick setting.
 
 The relabelled training split must equal what the synthetic_faces builder writes at that level (the
-study builds level 0 once and re-draws the labels); the script, run as a user runs it, must write a
-table, JSON and plot covering every (loss, level), through the ordinary trainer, and resume.
+study builds level 0 once and re-draws the labels); the script, run as a user runs it (`--quick`), must
+write tables, JSON and plots covering every (variant, level, seed), through the ordinary trainer, and
+resume; the statistics (mean and spread over seeds, paired differences, when a difference is called)
+and the covariance-to-tangent measurements are checked on constructed inputs.
 """
 
 import json
@@ -88,86 +90,180 @@ def test_part_nmes_split_the_error_by_ambiguity():
 
 def test_study_config_and_cell_configs():
   study = load_config('ambiguity_study')
-  assert tuple(study.levels) == (0.0, 2.0, 4.0) and tuple(study.losses) == ('star', 'smoothl1', 'none')
-  config = ambiguity.run_config(study, 'none', 2.0, 3)
-  assert (config.loss.kind, tuple(config.loss.weights), config.seed) == ('none', (1.0, 10.0, 10.0), 3)
-  assert (config.data.image_size, config.data.heatmap_size, config.data.sigma) == (64, 16, 1.5)
-  assert (config.data.relabel_ambiguity, config.model.decode) == (2.0, 'pointmaps')
-  assert config.milestones == (267, 360) and config.milestone_unit == 'step' and not config.ema
-  assert ambiguity.run_config(study, 'star', 0.0, 0).model.decode == 'landmarks'
+  assert tuple(study.levels) == (0.0, 2.0, 4.0, 8.0) and tuple(study.losses) == ('star', 'smoothl1', 'l2')
+  assert tuple(study.seeds) == (0, 1) and tuple(study.ablations) == ('star_w0', 'star_v1')
+  assert study.run.data.relabel_model == 'annotators' and study.ablation_level in study.levels
+  cells = ambiguity.cells(study)
+  assert len(cells) == 28 and len(set(cells)) == 28                     # 3 x 4 x 2 + 2 ablations x 2 seeds
+  assert cells[:3] == [('star', 0.0, 0), ('smoothl1', 0.0, 0), ('l2', 0.0, 0)]
+  # Level 0 and the ablation level (with the ablations) for both seeds first: a partial study is paired.
+  assert [c[1] for c in cells] == [0.0] * 6 + [4.0] * 10 + [2.0] * 6 + [8.0] * 6
+  assert cells[12:16] == [('star_w0', 4.0, 0), ('star_v1', 4.0, 0), ('star_w0', 4.0, 1), ('star_v1', 4.0, 1)]
+  assert ('star_w0', 4.0, 1) in cells and ('star_v1', 4.0, 0) in cells
+  config = ambiguity.run_config(study, 'star_w0', 2.0, 3)
+  assert (config.loss.kind, config.loss.star_w, tuple(config.loss.weights), config.seed) == ('star', 0.0,
+                                                                                            (1.0, 10.0, 10.0), 3)
+  assert (config.data.relabel_ambiguity, config.model.decode) == (2.0, 'landmarks')
+  assert config.milestone_unit == 'step' and not config.ema
+  assert ambiguity.run_config(study, 'none', 0.0, 0).model.decode == 'pointmaps'
+  assert ambiguity.run_config(study, 'star_v1', 0.0, 0).loss.star_w == study.run.loss.star_w == 1.0
   assert study.run.loss.kind == 'star'   # the study's own config is not changed by a cell
+  # A cell's digest tells its config apart from any other cell's.
+  digests = {ambiguity.config_digest(ambiguity.run_config(study, *cell)) for cell in cells}
+  assert len(digests) == len(cells)
   full = load_config('ambiguity_study', 'full')
   assert len(full.seeds) == 3 and full.run.data.config == 'wflw98_amb0'  # the standard build
-  study.losses = ('star', 'l3')
-  with pytest.raises(ValueError, match='unknown loss'):
+  quick = load_config('ambiguity_study', 'quick')
+  assert len(ambiguity.cells(quick)) == 10
+  for bad, message in ((('star', 'l3'), 'unknown loss'), (('star', 'star_w'), 'unknown loss')):
+    study.losses = bad
+    with pytest.raises(ValueError, match=message):
+      ambiguity.check_study(study)
+  study.losses = ('star',)
+  study.ablation_level = 3.0
+  with pytest.raises(ValueError, match='ablation_level'):
     ambiguity.check_study(study)
+  assert ambiguity.variant_loss('star_v1_w0.5') == ('star_v1', 0.5)
 
 
-def _run_script(out, tfds_dir):
+def _cov_along(directions, major=4.0, minor=1.0):
+  """(..., 2, 2) covariances with eigenvalues (major, minor), the major axis along `directions`."""
+  d = directions / np.linalg.norm(directions, axis=-1, keepdims=True)
+  n = np.stack([-d[..., 1], d[..., 0]], -1)
+  return major * d[..., :, None] * d[..., None, :] + minor * n[..., :, None] * n[..., None, :]
+
+
+def test_axis_statistics_measure_the_angle_to_the_true_tangent():
+  faces = [synthetic.generate(0, 'test', i, image_size=128).clean_landmarks.astype(np.float64) for i in range(3)]
+  gt_px = np.stack(faces)
+  gt = gt_px / 64.0 - 1.0    # a scale and a shift, as the eval crop: directions are unchanged
+  tangents = np.stack([synthetic.curve_tangents(p, layouts.WFLW) for p in gt_px])
+  has = np.linalg.norm(tangents, axis=-1) > 0.5
+  safe = np.where(has[..., None], tangents, np.array([1.0, 0.0]))
+  # Along the tangent on the contour and brows, across it elsewhere; an axis has no direction, so a
+  # flipped sign changes nothing.
+  along = _cov_along(-safe)
+  across = _cov_along(np.stack([-safe[..., 1], safe[..., 0]], -1), major=9.0)
+  cov = np.where(ambiguity.ambiguous_points()[None, :, None, None], along, across)
+  stats = ambiguity.axis_statistics(cov, gt, gt_px, layouts.WFLW)
+  groups = stats['groups']
+  for name in ('contour', 'brows'):
+    assert groups[name]['angle_median'] == pytest.approx(0.0, abs=1e-4)
+    assert groups[name]['aligned'] == 1.0 and groups[name]['angle_hist'][0] == 1.0
+    assert groups[name]['anisotropy_median'] == pytest.approx(4.0)
+  others = groups['others']
+  assert others['angle_median'] == pytest.approx(90.0, abs=1e-4) and others['aligned'] == 0.0
+  assert others['anisotropy_median'] == pytest.approx(9.0)
+  assert others['count'] == 3 * (47 - 2)                                  # the pupils have no tangent
+  iod = np.linalg.norm(gt[:, 60] - gt[:, 72], axis=-1)
+  assert groups['contour']['std_major'] == pytest.approx(np.median(2.0 / iod))
+  points = stats['points']
+  assert points['angle_median'][96] is None and points['angle_median'][0] == pytest.approx(0.0, abs=1e-4)
+  assert points['anisotropy_median'][60] == pytest.approx(9.0)
+  # A 30-degree turn of every axis reads as 30 degrees, in either direction of rotation.
+  turn = np.radians(30.0)
+  rot = np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
+  turned = ambiguity.axis_statistics(_cov_along(safe @ rot.T), gt, gt_px, layouts.WFLW)['groups']
+  assert turned['contour']['angle_median'] == pytest.approx(30.0, abs=1e-3)
+  turned = ambiguity.axis_statistics(_cov_along(safe @ rot), gt, gt_px, layouts.WFLW)['groups']
+  assert turned['brows']['angle_median'] == pytest.approx(30.0, abs=1e-3)
+
+
+def _run_script(out, tfds_dir, *extra):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
              # Compile fast (this is about plumbing, not speed) and share programs between test runs.
              XLA_FLAGS='--xla_backend_optimization_level=0', **COMPILE_CACHE_ENV)
-  return subprocess.run([sys.executable, 'scripts/ambiguity_study.py', '--config', 'configs/ambiguity_study.py:tiny',
-                         f'--config.run.data.data_dir={tfds_dir}', '--output', str(out)], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
+  return subprocess.run([sys.executable, 'scripts/ambiguity_study.py', '--quick',
+                         f'--config.run.data.data_dir={tfds_dir}', '--output', str(out), *extra], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=900)
 
 
-def test_script_end_to_end_at_a_tiny_setting(tfds_dir, tmp_path):
+def test_script_end_to_end_at_the_quick_setting(tfds_dir, tmp_path):
   out = tmp_path / 'study'
   proc = _run_script(out, tfds_dir)
   assert proc.returncode == 0, proc.stderr[-4000:]
 
   doc = json.loads((out / 'results.json').read_text())
   runs = doc['runs']
-  assert sorted((r['loss'], r['level']) for r in runs) == [('l2', 0.0), ('l2', 4.0), ('star', 0.0), ('star', 4.0)]
+  assert sorted((r['variant'], r['level'], r['seed']) for r in runs) == sorted(
+      [(v, lv, s) for s in (0, 1) for lv in (0.0, 4.0) for v in ('star', 'l2')] + [('star_w0', 4.0, 0), ('star_w0', 4.0, 1)])
   for r in runs:
-    for key in ('nme', 'nme_ambiguous', 'nme_other', 'fr', 'auc', 'final_train_loss', 'train_seconds'):
-      assert r[key] is not None and math.isfinite(r[key]), (r['loss'], r['level'], key)
-    assert 0 < r['nme'] < 5 and not r['diverged']
+    for key in ('nme', 'nme_ambiguous', 'nme_other', 'nme_contour', 'nme_eyes', 'fr', 'auc', 'final_train_loss',
+                'train_seconds', 'wall_seconds'):
+      assert r[key] is not None and math.isfinite(r[key]), (r['variant'], r['level'], key)
+    assert 0 < r['nme'] < 5 and not r['diverged'] and r['noise_model'] == 'annotators'
     # The overall NME is the point-count-weighted mean of the two parts (same IOD, same images).
     assert r['nme'] == pytest.approx((51 * r['nme_ambiguous'] + 47 * r['nme_other']) / 98, rel=1e-4)
-  assert set(doc['compile_seconds']) == {'star', 'l2'}
+    groups = r['covariance']['groups']
+    assert set(groups) == {'contour', 'brows', 'others'} and groups['others']['count'] == 8 * 45
+    assert 0 <= groups['contour']['angle_median'] <= 90 and groups['brows']['anisotropy_median'] >= 1
+    assert sum(groups['contour']['angle_hist']) == pytest.approx(1.0)
+  assert (r['star_w'] == 0.0) == (r['variant'] == 'star_w0')
+  assert set(doc['compile_seconds']) == {'star', 'l2', 'star_w0'}
   assert doc['dataset']['num_train'] == 16 and doc['dataset']['num_test'] == 8
-  # One seed: the aggregate of a (loss, level) is that run's NME, with zero spread.
-  star0 = next(r for r in runs if (r['loss'], r['level']) == ('star', 0.0))
-  assert doc['nme']['star']['0'] == [star0['nme'], 0.0]
+  assert doc['noise'] == {'model': 'annotators', 'annotators': 5, 'annotator_bias': 0.75}
+  # Two seeds: the aggregate of a (loss, level) is the mean and half the difference of its runs.
+  star0 = [r['nme'] for r in runs if (r['variant'], r['level']) == ('star', 0.0)]
+  assert doc['nme']['star']['0'] == pytest.approx([np.mean(star0), abs(star0[0] - star0[1]) / 2])
   # Each cell is an ordinary training workdir, and the trainer's own evaluation agrees with the study's.
   cell = out / 'runs' / 'star_amb0_seed0'
+  first = next(r for r in runs if (r['variant'], r['level'], r['seed']) == ('star', 0.0, 0))
   assert (cell / 'checkpoints').is_dir() and (cell / 'cell.json').exists()
-  assert json.loads((cell / 'final_metrics.json').read_text())['model/nme'] == pytest.approx(star0['nme'], rel=1e-5)
+  assert json.loads((cell / 'final_metrics.json').read_text())['model/nme'] == pytest.approx(first['nme'], rel=1e-5)
 
   table = (out / 'results.md').read_text()
-  rows = [line for line in table.splitlines() if line.startswith('| star (') or line.startswith('| l2 (')]
-  assert len(rows) == 6  # 2 losses x 3 tables (all points, contour + brows, the others)
-  assert '| loss | level 0 | level 4 | increase 0 → 4 |' in table
-  assert table.split('**NME (%), all 98 points**')[1].split('| star (')[1].split(' | ')[1] == \
-      f"{100 * doc['nme']['star']['0'][0]:.2f}"
-  assert table in proc.stdout  # the table is printed too
-  png = (out / 'nme_vs_ambiguity.png').read_bytes()
-  assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10_000
+  for title in ('**NME (%), all 98 points**', '**Harm: NME at the level', '**STAR minus baseline',
+                '**Eigenvalue restriction and STAR version at level 4**', '**Predicted covariance against'):
+    assert title in table
+  assert '| loss | level 0 | level 4 |' in table
+  row = table.split('**NME (%), all 98 points**')[1].split('| star (')[1].split(' | ')[1]
+  assert row == f"{100 * doc['nme']['star']['0'][0]:.2f} ± {100 * doc['nme']['star']['0'][1]:.2f}"
+  assert table in proc.stdout  # the tables are printed too
+  for name in ('nme_vs_ambiguity.png', 'axis_angles.png', 'covariance_vs_ambiguity.png'):
+    png = (out / name).read_bytes()
+    assert png[:8] == b'\x89PNG\r\n\x1a\n' and 10_000 < len(png) < 300_000, name
 
   # Run again: every cell is finished, so nothing trains and the results are the same.
   again = _run_script(out, tfds_dir)
   assert again.returncode == 0, again.stderr[-4000:]
-  assert again.stdout.count('done earlier') == 4
+  assert again.stdout.count('done earlier') == 10
   assert json.loads((out / 'results.json').read_text())['runs'] == runs
+  # A changed study in the same folder does not reuse cells made with another config.
+  changed = _run_script(out, tfds_dir, '--config.run.data.annotators=3')
+  assert changed.returncode == 1 and 'another config' in changed.stderr
 
 
-def test_tables_average_seeds_and_mark_a_diverged_run():
-  grid = {'levels': [0.0, 4.0], 'losses': ['star', 'l2'], 'seeds': [0, 1]}
+def test_statistics_pair_seeds_and_call_only_differences_beyond_the_spread():
   records = []
-  for loss, level, seed, nme in (('star', 0.0, 0, 0.05), ('star', 0.0, 1, 0.07), ('star', 4.0, 0, 0.08),
-                                 ('star', 4.0, 1, 0.08), ('l2', 0.0, 0, 0.06), ('l2', 0.0, 1, 0.06),
-                                 ('l2', 4.0, 0, None), ('l2', 4.0, 1, 0.09)):
-    records.append({'loss': loss, 'level': level, 'seed': seed, 'nme': nme, 'nme_ambiguous': nme,
-                    'nme_other': nme, 'train_seconds': 1.0})
-  table = ambiguity.aggregate(records, grid, 'nme')
-  assert table['star']['0'] == pytest.approx((0.06, 0.01))
-  assert math.isnan(table['l2']['4'][0])
+  for variant, level, seed, nme in (('star', 0.0, 0, 0.05), ('star', 0.0, 1, 0.07), ('star', 4.0, 0, 0.08),
+                                    ('star', 4.0, 1, 0.08), ('l2', 0.0, 0, 0.06), ('l2', 0.0, 1, 0.06),
+                                    ('l2', 4.0, 0, None), ('l2', 4.0, 1, 0.09), ('star_w0', 4.0, 0, 0.09),
+                                    ('star_w0', 4.0, 1, 0.10)):
+    records.append({'variant': variant, 'loss': variant.split('_w')[0], 'level': level, 'seed': seed, 'nme': nme,
+                    'nme_ambiguous': nme, 'nme_other': nme, 'train_seconds': 1.0})
+  seeds = [0, 1]
+  assert ambiguity.mean_spread(ambiguity.seed_values(records, 'star', 0.0, 'nme', seeds)) == pytest.approx((0.06, 0.01))
+  assert math.isnan(ambiguity.mean_spread(ambiguity.seed_values(records, 'l2', 4.0, 'nme', seeds))[0])
+  # Harm of STAR, paired by seed: +0.03 and +0.01: both seeds agree, so it is called.
+  assert ambiguity.paired_difference(records, ('star', 4.0), ('star', 0.0), 'nme', seeds) == pytest.approx(
+      (0.02, 0.01, True))
+  # STAR minus L2 at level 0: -0.01 and +0.01: within the spread, not called.
+  mean, spread, called = ambiguity.paired_difference(records, ('star', 0.0), ('l2', 0.0), 'nme', seeds)
+  assert (mean, spread, called) == (pytest.approx(0.0), pytest.approx(0.01), False)
+  # One seed is never called, however large the difference.
+  assert not ambiguity.paired_difference(records, ('star_w0', 4.0), ('star', 4.0), 'nme', [0])[2]
+  table = ambiguity.aggregate(records, ['star', 'l2'], [0.0, 4.0], 'nme')
+  assert table['star']['0'] == pytest.approx((0.06, 0.01)) and math.isnan(table['l2']['4'][0])
   assert ambiguity._json_table(table)['l2']['4'] == [None, None]
+  grid = {'levels': [0.0, 4.0], 'losses': ['star', 'l2'], 'seeds': seeds, 'ablations': ['star_w0'],
+          'ablation_level': 4.0}
   md = ambiguity.markdown_tables(records, grid)
-  assert '| star (STAR (v2) + AWing) | 6.00 ± 1.00 | 8.00 ± 0.00 | +2.00 |' in md
-  assert '| l2 (L2 coords + AWing) | 6.00 ± 0.00 | diverged | n/a |' in md
+  assert '| star (STAR (v2) + AWing) | 6.00 ± 1.00 | 8.00 ± 0.00 |' in md
+  assert '| l2 (L2 coords + AWing) | 6.00 ± 0.00 | diverged |' in md
+  assert '| star | all | **+2.00 ± 1.00** |' in md                      # called: bold
+  star_minus_l2 = next(line for line in md.splitlines() if line.startswith('| star − l2 | all |'))
+  assert star_minus_l2.endswith('0.00 ± 1.00 | diverged | diverged |')     # per level, and the harm difference
+  assert '| star_w0 (STAR (v2) + AWing, w = 0) | 9.50 ± 0.50 |' in md and '**+1.50 ± 0.50**' in md
 
 
 def test_decode_pointmaps_finds_peaks_to_sub_pixel():
@@ -185,18 +281,71 @@ def test_decode_pointmaps_finds_peaks_to_sub_pixel():
   assert np.abs(px[1] - truth[1]).max() < np.abs(np.round(truth[1]) - truth[1]).max()  # beats argmax
 
 
-def test_replot_rewrites_table_and_plot_from_the_json(tmp_path):
-  runs = [{'loss': loss, 'level': level, 'seed': 0, 'nme': nme, 'nme_ambiguous': nme, 'nme_other': nme,
-           'train_seconds': 2.0}
-          for loss, base in (('star', 0.05), ('none', 0.8)) for level, nme in ((0.0, base), (2.0, base + 0.01),
-                                                                                (4.0, base + 0.02))]
-  doc = {'levels': [0.0, 2.0, 4.0], 'losses': ['star', 'none'], 'seeds': [0], 'runs': runs,
-         'total_seconds': 60.0, 'device': 'test', 'dataset': {'seconds': 1.0},
+def test_replot_rewrites_tables_and_plots_from_the_json(tmp_path):
+  runs = []
+  for loss, base in (('star', 0.05), ('none', 0.8)):
+    for level, nme in ((0.0, base), (2.0, base + 0.01), (4.0, base + 0.02)):
+      hist = [0.5, 0.2, 0.1, 0.05, 0.05, 0.04, 0.03, 0.02, 0.01]
+      cov = {'groups': {g: {'angle_median': 10.0 + level, 'aligned': 0.7, 'angle_hist': hist,
+                            'anisotropy_median': 2.0 + level, 'std_major': 0.05, 'std_minor': 0.02, 'count': 10}
+                        for g in ambiguity.GROUPS}, 'points': {}}
+      runs.append({'variant': loss, 'loss': loss, 'level': level, 'seed': 0, 'nme': nme, 'nme_ambiguous': nme,
+                   'nme_other': nme, 'train_seconds': 2.0, 'wall_seconds': 3.0, 'covariance': cov})
+  doc = {'levels': [0.0, 2.0, 4.0], 'losses': ['star', 'none'], 'seeds': [0], 'ablations': [], 'ablation_level': 0.0,
+         'runs': runs, 'total_seconds': 60.0, 'device': 'test', 'dataset': {'seconds': 1.0},
          'compile_seconds': {'star': 1.0, 'none': 1.0}}
   (tmp_path / 'results.json').write_text(json.dumps(doc))
   ambiguity.replot(tmp_path, log=lambda _: None)
   md = (tmp_path / 'results.md').read_text()
-  assert '| star (STAR (v2) + AWing) | 5.00 | 6.00 | 7.00 | +2.00 |' in md
-  assert (tmp_path / 'nme_vs_ambiguity.png').read_bytes()[:4] == b'\x89PNG'  # with an off-scale loss
+  assert '| star (STAR (v2) + AWing) | 5.00 | 6.00 | 7.00 |' in md
+  assert '| star | all | +1.00 | +2.00 |' in md
+  assert '| star | 4 | 14 | 0.70 | 6.0 |' in md
+  for name in ('nme_vs_ambiguity.png', 'axis_angles.png', 'covariance_vs_ambiguity.png'):
+    assert (tmp_path / name).read_bytes()[:4] == b'\x89PNG'  # with an off-scale loss
   with pytest.raises(FileNotFoundError, match='run the study first'):
     ambiguity.replot(tmp_path / 'nothing')
+
+
+def _fake_record(study, variant, level, seed, nme):
+  hist = [0.5, 0.2, 0.1, 0.05, 0.05, 0.04, 0.03, 0.02, 0.01]
+  cov = {'groups': {g: {'angle_median': 20.0, 'aligned': 0.6, 'angle_hist': hist, 'anisotropy_median': 3.0,
+                        'std_major': 0.05, 'std_minor': 0.02, 'count': 10} for g in ambiguity.GROUPS}, 'points': {}}
+  digest = ambiguity.config_digest(ambiguity.run_config(study, variant, level, seed))
+  return {'variant': variant, 'loss': ambiguity.variant_loss(variant)[0], 'level': level, 'seed': seed, 'nme': nme,
+          'nme_ambiguous': nme, 'nme_other': nme, 'covariance': cov, 'compile_seconds': 5.0, 'train_seconds': 2.0,
+          'wall_seconds': 3.0, 'config_digest': digest}
+
+
+def test_partial_outputs_show_the_finished_levels_and_name_the_missing_cells(tmp_path):
+  study = load_config('ambiguity_study', 'quick')
+  with pytest.raises(FileNotFoundError, match='no level'):
+    ambiguity.partial_outputs(study, tmp_path)
+  # Level 0 finished for both seeds and both losses, one cell of level 4: level 0 is shown, level 4 named.
+  done = [(v, 0.0, s) for s in (0, 1) for v in ('star', 'l2')] + [('star', 4.0, 0)]
+  for k, (variant, level, seed) in enumerate(done):
+    cell = tmp_path / 'runs' / ambiguity.cell_name(variant, level, seed)
+    cell.mkdir(parents=True)
+    (cell / 'cell.json').write_text(json.dumps(_fake_record(study, variant, level, seed, 0.05 + 0.01 * k)))
+  doc = ambiguity.partial_outputs(study, tmp_path, log=lambda _: None)
+  assert doc['levels'] == [0.0] and doc['ablations'] == [] and len(doc['runs']) == 4
+  assert doc['partial']['finished'] == 5 and 'l2_amb4_seed0' in doc['partial']['missing']
+  md = (tmp_path / 'results.md').read_text()
+  assert md.startswith('**Partial results: 5 of 10 cells finished.**') and '| loss | level 0 |' in md
+  assert (tmp_path / 'nme_vs_ambiguity.png').read_bytes()[:4] == b'\x89PNG'
+  # A finished cell of another config is an error, not silently shown.
+  stale = tmp_path / 'runs' / 'star_amb0_seed0' / 'cell.json'
+  stale.write_text(json.dumps(dict(json.loads(stale.read_text()), config_digest='0' * 16)))
+  with pytest.raises(ambiguity.StaleCellError, match='another config'):
+    ambiguity.partial_outputs(study, tmp_path)
+
+
+def test_a_cell_stopped_by_sigterm_stops_the_study_without_a_record(tmp_path, monkeypatch):
+  from star_jax.training import loop
+  study = load_config('ambiguity_study', 'quick')
+  workdir = tmp_path / 'runs' / 'star_amb0_seed0'
+  # The trainer stopped early (SIGTERM): it saved step 2 of 3 and returned no evaluation.
+  (workdir / 'checkpoints' / '2').mkdir(parents=True)
+  monkeypatch.setattr(loop, 'train_and_evaluate', lambda config, workdir: {})
+  with pytest.raises(ambiguity.CellInterruptedError, match='step 2 of 3'):
+    ambiguity.run_cell(study, 'star', 0.0, 0, tmp_path, log=lambda _: None)
+  assert not (workdir / 'cell.json').exists()

@@ -201,7 +201,7 @@ def load_source(data_cfg, split: str, *, build_if_missing: bool = True, layout=N
   source = builder.as_data_source(split=split)
   level = float(_field(data_cfg, 'relabel_ambiguity', -1.0))
   if level >= 0 and split == 'train':
-    source = relabelled(source, builder, level)
+    source = relabelled(source, builder, level, data_cfg)
   return source
 
 
@@ -226,14 +226,21 @@ def _warn_if_tsv_landmarks_missing(builder) -> bool:
   return True
 
 
-def relabelled(source, builder, level: float):
+def relabelled(source, builder, level: float, data_cfg=None):
   """The synthetic train split `source` with its labels re-drawn at ambiguity `level` from its exact
-  points (`synthetic.RelabelledSource`): one build serves every level of the ambiguity study."""
+  points (`synthetic.RelabelledSource`): one build serves every level of the ambiguity study. The
+  noise model comes from `data_cfg` (`relabel_model` 'independent' | 'annotators', `annotators`,
+  `annotator_bias`; absent fields: the builder's independent noise)."""
   if builder.name != 'synthetic_faces':
     raise ValueError(f'data.relabel_ambiguity is for the synthetic_faces dataset, not {builder.name!r}')
   from star_jax.data import synthetic  # pylint: disable=import-outside-toplevel
   cfg = builder.builder_config
-  return synthetic.RelabelledSource(source, level, seed=cfg.seed, image_size=cfg.image_size)
+  data_cfg = {} if data_cfg is None else data_cfg
+  return synthetic.RelabelledSource(
+      source, level, seed=cfg.seed, image_size=cfg.image_size,
+      model=str(_field(data_cfg, 'relabel_model', 'independent')),
+      annotators=int(_field(data_cfg, 'annotators', 5)),
+      bias_share=float(_field(data_cfg, 'annotator_bias', synthetic.ANNOTATOR_BIAS_SHARE)))
 
 
 def _build(argv: list[str]) -> int:

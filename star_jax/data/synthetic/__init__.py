@@ -14,7 +14,9 @@ moved along the local tangent of their curve (`curve_tangents`), by a Gaussian a
 deviation is `level x AMBIGUITY_FRACTION[part] x inter-ocular distance`: largest on the face contour
 and brows (where human annotators disagree most), small on eyes and lips, zero on the pupils. The
 test split is always exact. The image and the exact points do not depend on the level (separate
-random streams), so the `level` configs differ only in their training labels.
+random streams), so the `level` configs differ only in their training labels. A second model of the
+noise (`noise.RELABEL_MODELS`, for the ambiguity study) draws it from a pool of simulated annotators,
+each with a consistent habit along the curves (`annotator_biases`), one annotator per face.
 
 Determinism: sample `index` of split `split` is a pure function of (seed, split, index).
 
@@ -30,8 +32,12 @@ point layouts), `samples` (seeded samples and the dataset records), `preview` (a
 """
 
 from star_jax.data.synthetic.noise import AMBIGUITY_FRACTION
+from star_jax.data.synthetic.noise import ANNOTATOR_BIAS_SHARE
 from star_jax.data.synthetic.noise import PART_SLICES
+from star_jax.data.synthetic.noise import RELABEL_MODELS
 from star_jax.data.synthetic.noise import ambiguity_fractions
+from star_jax.data.synthetic.noise import annotator_biases
+from star_jax.data.synthetic.noise import annotator_noise
 from star_jax.data.synthetic.noise import curve_tangents
 from star_jax.data.synthetic.noise import inter_ocular
 from star_jax.data.synthetic.noise import tangential_noise
@@ -54,14 +60,18 @@ from star_jax.data.synthetic.template import template
 
 __all__ = [
     'AMBIGUITY_FRACTION',
+    'ANNOTATOR_BIAS_SHARE',
     'FaceParams',
     'PART_SLICES',
+    'RELABEL_MODELS',
     'RelabelledSource',
     'Rendered',
     'Sample',
     'WFLW_TO_300W',
     'WFLW_TO_COFW',
     'ambiguity_fractions',
+    'annotator_biases',
+    'annotator_noise',
     'attribute_flags',
     'curve_tangents',
     'encode_image',

@@ -1,8 +1,21 @@
 """Annotation ambiguity of the synthetic faces: the training labels slide along the tangent of their
 curve by a seeded Gaussian amount, largest on the contour and brows (where human annotators disagree
-most); the test labels are exact. Coordinates: pixel (x, y) of the 98 WFLW points."""
+most); the test labels are exact. Coordinates: pixel (x, y) of the 98 WFLW points.
+
+Two models of how the slide is drawn (`RELABEL_MODELS`), both in units of the per-point standard
+deviation `level x AMBIGUITY_FRACTION[part] x IOD` (`tangential_noise`):
+  * 'independent': every label of every face draws its own standard-normal amount (the builder's).
+  * 'annotators': a pool of simulated annotators, each with a consistent habit (a fixed amount per
+    point, the same on every face they label: `annotator_biases`) plus their own random error; each
+    training face is labelled by one of them (`annotator_noise`). The habits are smooth along each
+    curve, mirror-symmetric (a horizontal flip of a labelled face is labelled by the same habit) and
+    centred over the pool (the pool's consensus is the exact point), with unit variance per point,
+    so both models give every label the same spread at a level.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -95,3 +108,89 @@ def tangential_noise(clean98: np.ndarray, z: np.ndarray, level: float,
     amount = np.clip(amount, -back, fwd)
   return clean98 + amount[:, None] * tangent
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Simulated annotators
+# ------------------------------------------------------------------------------------------------
+
+RELABEL_MODELS = ('independent', 'annotators')
+# Share of the label variance that is the annotator's habit (the rest is their random error).
+# Assumed: most disagreement between annotators is systematic (each places a contour point a little
+# higher or lower than the others, on every face), not a fresh random error per face.
+ANNOTATOR_BIAS_SHARE = 0.75
+# Correlation length of a habit along its curve, in points (neighbours are placed alike).
+ANNOTATOR_SMOOTHING = 2.0
+# Mixed into the habits' seed, so that they are a stream of their own (not a sample's).
+_ANNOTATOR_STREAM = 0x5A4E
+
+
+@functools.lru_cache(maxsize=None)
+def flip_signs() -> np.ndarray:
+  """(98,) +1 / -1 / 0: how a horizontal flip maps tangents. Point i's mirrored tangent is
+  `flip_signs()[i]` times the tangent of its flip partner, on a frontal face (0: no tangent)."""
+  from star_jax.data.synthetic.params import neutral_params  # pylint: disable=import-outside-toplevel
+  from star_jax.data.synthetic.render import render  # pylint: disable=import-outside-toplevel
+  # A frontal face with an open mouth: its inner lip corners have two distinct neighbours.
+  points = render(neutral_params(mouth_open=0.5), 256).points
+  tangent = curve_tangents(points, layouts.WFLW)
+  perm = layouts.WFLW.flip_permutation()
+  dots = (tangent * np.array([-1.0, 1.0]) * tangent[perm]).sum(-1)
+  return np.where(np.abs(dots) > 0.5, np.sign(dots), 0.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _habit_map(smoothing: float) -> np.ndarray:
+  """(98, 98) A: habit = A @ e for standard-normal e (98,) is smooth along each curve (Gaussian
+  kernel over the index, `smoothing` points), mirror-symmetric, and of unit variance per point
+  (zero where symmetry forbids a habit: a self-mirrored point with a horizontal tangent, the
+  chin; and points without a tangent, the pupils)."""
+  n = 98
+  smooth = np.eye(n)
+  if smoothing > 0:
+    done = np.zeros(n, bool)
+    for closed, idx in layouts.WFLW.edges:   # a point on several edges keeps its first, as curve_tangents
+      idx = np.asarray(idx)
+      k = np.arange(len(idx))
+      d = np.abs(k[:, None] - k[None, :])
+      if closed:
+        d = np.minimum(d, len(idx) - d)
+      kernel = np.exp(-0.5 * (d / smoothing) ** 2)
+      rows = idx[~done[idx]]
+      smooth[np.ix_(rows, idx)] = kernel[~done[idx]]
+      done[idx] = True
+  # Symmetrise: a flip moves the label of point i to its partner p(i) with the amount times s_i, so a
+  # mirror-invariant habit has b[p(i)] = s_i b[i]; (b + F b) / 2 with (F b)[j] = s_j b[p(j)] is one.
+  perm = layouts.WFLW.flip_permutation()
+  flip = np.zeros((n, n))
+  flip[np.arange(n), perm] = flip_signs()
+  a = 0.5 * (np.eye(n) + flip) @ smooth
+  a[flip_signs() == 0] = 0.0
+  norm = np.linalg.norm(a, axis=1, keepdims=True)
+  return np.where(norm > 1e-9, a / np.maximum(norm, 1e-12), 0.0)
+
+
+def annotator_biases(seed: int, num_annotators: int, smoothing: float = ANNOTATOR_SMOOTHING) -> np.ndarray:
+  """(K, 98) the habits of a pool of K >= 2 annotators, in standard deviations of the label noise.
+
+  Deterministic in (seed, K, smoothing). Each row is smooth along the curves and mirror-symmetric
+  (`_habit_map`); the rows are centred (their mean over the pool is exactly 0: the annotators'
+  consensus is the exact point, as a benchmark's test labels are the same annotators' consensus)
+  and scaled by sqrt(K / (K - 1)), which keeps each point's variance over the draw of the pool at 1.
+  """
+  k = int(num_annotators)
+  if k < 2:
+    raise ValueError(f'the annotator model needs at least 2 annotators, got {num_annotators}')
+  rng = np.random.default_rng(np.random.SeedSequence([int(seed), _ANNOTATOR_STREAM, k]))
+  habits = rng.standard_normal((k, 98)) @ _habit_map(float(smoothing)).T
+  return (habits - habits.mean(0)) * np.sqrt(k / (k - 1))
+
+
+def annotator_noise(biases: np.ndarray, annotator: int, z: np.ndarray,
+                    bias_share: float = ANNOTATOR_BIAS_SHARE) -> np.ndarray:
+  """(98,) standard-normal-scale amounts of one face labelled by `annotator`: the habit plus the
+  face's own draws `z` (98,), weighted so the variance stays 1: sqrt(share) b + sqrt(1 - share) z.
+  Pass it to `tangential_noise` as its `z`."""
+  if not 0.0 <= bias_share <= 1.0:
+    raise ValueError(f'the annotators\' bias share must be in [0, 1], got {bias_share}')
+  return np.sqrt(bias_share) * biases[int(annotator)] + np.sqrt(1.0 - bias_share) * np.asarray(z, np.float64)

@@ -12,6 +12,11 @@ import numpy as np
 
 from star_jax import layouts
 from star_jax.data import crop
+from star_jax.data.synthetic.noise import ANNOTATOR_BIAS_SHARE
+from star_jax.data.synthetic.noise import ANNOTATOR_SMOOTHING
+from star_jax.data.synthetic.noise import RELABEL_MODELS
+from star_jax.data.synthetic.noise import annotator_biases
+from star_jax.data.synthetic.noise import annotator_noise
 from star_jax.data.synthetic.noise import tangential_noise
 from star_jax.data.synthetic.params import FaceParams
 from star_jax.data.synthetic.params import sample_params
@@ -114,20 +119,51 @@ def encode_image(image: np.ndarray, fmt: str = 'jpeg', quality: int = 95) -> byt
 class RelabelledSource:
   """A level-0 synthetic train split whose 'landmarks' are re-drawn at another ambiguity level.
 
-  Record i gets exactly the labels the synthetic_faces builder gives train sample i at `level`: its
-  exact points (the record's 'clean_landmarks', 98 WFLW points in image px) moved along their tangents
-  by the sample's own label-noise stream (`sample_rngs`). Images and everything else are the
-  level-0 record's, which are the same at every level (separate random streams). So one build of the
-  exact labels serves every level (`data.label_noise` of the synthetic configs).
+  model 'independent' (the builder's): record i gets exactly the labels the synthetic_faces builder
+  gives train sample i at `level`: its exact points (the record's 'clean_landmarks', 98 WFLW points in
+  image px) moved along their tangents by the sample's own label-noise stream (`sample_rngs`).
+
+  model 'annotators': record i is labelled by one of `annotators` simulated annotators
+  (`noise.annotator_biases`, drawn from the build's seed), chosen by the next draw of the sample's
+  label-noise stream after its 98 normal draws; the amounts are that annotator's habit plus those
+  draws (`noise.annotator_noise`, `bias_share` of the variance is the habit). So record i's labels
+  are a pure function of (seed, i, level, annotators, bias_share), and each label has the same
+  spread as in the independent model.
+
+  Images and everything else are the level-0 record's, which are the same at every level (separate
+  random streams). So one build of the exact labels serves every level and model
+  (`data.relabel_ambiguity`, `data.relabel_model`, `data.annotators`, `data.annotator_bias` of the
+  synthetic configs).
   """
 
-  def __init__(self, source: Sequence[Mapping[str, Any]], level: float, *, seed: int, image_size: int):
+  def __init__(self, source: Sequence[Mapping[str, Any]], level: float, *, seed: int, image_size: int,
+               model: str = 'independent', annotators: int = 5, bias_share: float = ANNOTATOR_BIAS_SHARE,
+               smoothing: float = ANNOTATOR_SMOOTHING):
     if level < 0:
       raise ValueError(f'ambiguity level must be >= 0, got {level}')
+    if model not in RELABEL_MODELS:
+      raise ValueError(f'relabel model must be one of {RELABEL_MODELS}, got {model!r}')
+    if not 0.0 <= bias_share <= 1.0:
+      raise ValueError(f"the annotators' bias share must be in [0, 1], got {bias_share}")
     self.source, self.level, self.seed, self.image_size = source, float(level), int(seed), int(image_size)
+    self.model, self.bias_share = model, float(bias_share)
+    # (K, 98) habits; None for the independent model.
+    self.biases = annotator_biases(self.seed, annotators, smoothing) if model == 'annotators' else None
 
   def __len__(self) -> int:
     return len(self.source)
+
+  def _draws(self, index: int) -> tuple[np.ndarray, int | None]:
+    """(z (98,), annotator or None) of record `index`: the builder's draw, then the annotator's."""
+    _, noise_rng = sample_rngs(self.seed, 'train', index)
+    z = noise_rng.standard_normal(98)  # the builder's first (and only) draw from this stream
+    if self.biases is None:
+      return z, None
+    return z, int(noise_rng.integers(len(self.biases)))
+
+  def annotator(self, index: int) -> int | None:
+    """Which annotator labels record `index` (None for the independent model)."""
+    return self._draws(int(index))[1]
 
   def __getitem__(self, index):
     index = int(index)
@@ -135,7 +171,8 @@ class RelabelledSource:
     clean = np.asarray(record['clean_landmarks'], np.float64)
     if clean.shape != (98, 2):
       raise ValueError(f"record {index}: 'clean_landmarks' must be the (98, 2) WFLW points, got {clean.shape}")
-    _, noise_rng = sample_rngs(self.seed, 'train', index)
-    z = noise_rng.standard_normal(98)  # the builder's first (and only) draw from this stream
+    z, annotator = self._draws(index)
+    if annotator is not None:
+      z = annotator_noise(self.biases, annotator, z, self.bias_share)
     record['landmarks'] = tangential_noise(clean, z, self.level, self.image_size).astype(np.float32)
     return record
