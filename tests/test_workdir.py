@@ -152,3 +152,17 @@ def test_every_free_key_is_a_config_field():
   from conftest import load_config
   fields = workdir.flatten(load_config('synthetic', 'tiny').to_dict())
   assert set(workdir.FREE_KEYS) <= set(fields)
+
+
+def test_fields_added_later_at_their_neutral_value_are_not_changes():
+  old = {'lr': 0.001, 'data': {'name': 'synthetic_faces'}}     # a workdir written before the fields existed
+  new = {'lr': 0.001, 'init_from': '', 'init_from_strict': True,
+         'data': {'name': 'synthetic_faces', 'relabel_model': 'independent', 'annotators': 5, 'annotator_bias': 0.75}}
+  assert workdir.config_changes(old, new) == {}
+  new['data']['relabel_model'] = 'annotators'
+  new['init_from'] = 'weights.pkl'
+  assert workdir.config_changes(old, new) == {'data.relabel_model': ('<absent>', 'annotators'),
+                                              'init_from': ('<absent>', 'weights.pkl')}
+  from conftest import load_config
+  fields = workdir.flatten(load_config('synthetic', 'tiny').to_dict())
+  assert all(fields[k] == v for k, v in workdir.ADDED_FIELDS.items())   # the defaults are the neutral values

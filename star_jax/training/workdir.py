@@ -47,6 +47,14 @@ FREE_KEYS = (
     'data.skip_bad_examples',
 )
 
+# Config fields added after workdirs were already being written, with the value that behaves as runs
+# made before them did. A checkpoint's stored config that lacks one of these is not a change when the
+# new config holds that value (so such workdirs still resume); any other value is.
+ADDED_FIELDS = {
+    'init_from': '', 'init_from_strict': True,
+    'data.relabel_model': 'independent', 'data.annotators': 5, 'data.annotator_bias': 0.75,
+}
+
 
 class WorkdirError(Exception):
   """A problem with the workdir that stops a run; the message says what to do."""
@@ -338,13 +346,16 @@ def flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
 
 def config_changes(old: dict, new: dict, *, free: tuple[str, ...] = FREE_KEYS) -> dict[str, tuple]:
   """{dotted key: (old value, new value)} for every field outside `free` that differs, including
-  fields present in only one of the two (the other side is '<absent>')."""
+  fields present in only one of the two (the other side is '<absent>'), except a field of
+  `ADDED_FIELDS` absent from `old` and at its neutral value in `new`."""
   a, b = flatten(old), flatten(new)
   changes = {}
   for key in sorted(set(a) | set(b)):
     if key in free:
       continue
     va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
+    if va is _ABSENT and key in ADDED_FIELDS and vb == ADDED_FIELDS[key]:
+      continue
     if va != vb:
       changes[key] = (va, vb)
   return changes
