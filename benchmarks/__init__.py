@@ -1,7 +1,14 @@
 """Benchmark sections for scripts/benchmark.py; each module has `run(args) -> list[dict]`."""
 
+import os
+import pathlib
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -38,3 +45,43 @@ def repeats(args, *, full_network: bool = False) -> int:
   if full_network and jax.default_backend() == 'cpu':
     return DEFAULT_REPEATS_FULL_NETWORK_CPU
   return DEFAULT_REPEATS
+
+
+class WorkerProcess:
+  """A child Python process of the benchmarks (the official code's side), driven by lines on its stdin
+  and answering with lines 'WORD REST'; run with the caller's environment as it was before star_jax's CPU
+  tuning (the official code runs as shipped) and this checkout on PYTHONPATH. Its stderr is kept for the
+  error message when an answer is not the expected one."""
+
+  def __init__(self, argv: list[str], python: str = '', cwd: str | None = None):
+    from star_jax import cpu_tuning  # pylint: disable=import-outside-toplevel
+    self._stderr = tempfile.TemporaryFile(mode='w+')
+    env = cpu_tuning.untuned_environment()
+    env['PYTHONPATH'] = os.pathsep.join([str(_REPO)] + [p for p in [env.get('PYTHONPATH', '')] if p])
+    self._proc = subprocess.Popen([python or sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=self._stderr, text=True, env=env, cwd=cwd)
+
+  def _ask(self, line: str, expected: str = 'done') -> str:
+    self._proc.stdin.write(line + '\n')
+    self._proc.stdin.flush()
+    return self._reply(expected)
+
+  def _reply(self, expected: str) -> str:
+    """The REST of the next line when its WORD is `expected`; else closes and raises with stderr's tail."""
+    line = self._proc.stdout.readline().strip()
+    if not line.startswith(expected + ' '):
+      self._stderr.seek(0)
+      tail = (line + ' ' + self._stderr.read()[-2000:]).strip()
+      self.close()
+      raise RuntimeError(f'official worker failed: {tail}')
+    return line[len(expected) + 1:]
+
+  def close(self):
+    if self._proc.poll() is None:
+      try:
+        self._proc.stdin.write('quit\n')
+        self._proc.stdin.flush()
+        self._proc.wait(timeout=60)
+      except (OSError, ValueError, subprocess.TimeoutExpired):
+        self._proc.kill()
+    self._stderr.close()

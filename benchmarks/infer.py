@@ -34,12 +34,13 @@ from __future__ import annotations
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+import benchmarks
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 PHOTO = _REPO / 'tests' / 'data' / 'real_faces_full' / 'breakingbad.jpg'
@@ -93,7 +94,7 @@ def _timed(fn) -> float:
 
 # ---- The official network in its own process ----------------------------------------------------
 
-class OfficialWorker:
+class OfficialWorker(benchmarks.WorkerProcess):
   """The official StackedHGNetV1 (random weights, eval, no_grad) in a child process, driven by lines:
   'net B' times one forward pass on a prepared (B, 3, S, S) tensor; 'crops PATH' runs the network on
   the uint8 RGB crops in PATH (.npy) as the official demo does and writes the last stack's landmarks
@@ -101,31 +102,11 @@ class OfficialWorker:
   would share one process otherwise (see benchmarks/train.py)."""
 
   def __init__(self, path: str, python: str, shape: dict):
-    from star_jax import cpu_tuning  # pylint: disable=import-outside-toplevel
-    self._stderr = tempfile.TemporaryFile(mode='w+')
-    env = cpu_tuning.untuned_environment()   # the official code runs as shipped
-    env['PYTHONPATH'] = os.pathsep.join([str(_REPO)] + [p for p in [env.get('PYTHONPATH', '')] if p])
-    self._proc = subprocess.Popen(
-        [python or sys.executable, '-m', 'benchmarks.infer', '--official-worker', path,
-         str(shape['image_size']), str(shape['nstack']), str(shape['channels'])],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env, cwd=str(_REPO))
+    super().__init__(['-m', 'benchmarks.infer', '--official-worker', path, str(shape['image_size']),
+                      str(shape['nstack']), str(shape['channels'])], python=python, cwd=str(_REPO))
     self._dir = tempfile.mkdtemp(prefix='star_infer_', dir='/dev/shm' if os.path.isdir('/dev/shm') else None)
     note = self._reply('ready')
     self.flops, self.note = note.split(' ', 1)
-
-  def _ask(self, line: str, expected: str = 'done') -> str:
-    self._proc.stdin.write(line + '\n')
-    self._proc.stdin.flush()
-    return self._reply(expected)
-
-  def _reply(self, expected: str) -> str:
-    line = self._proc.stdout.readline().strip()
-    if not line.startswith(expected + ' '):
-      self._stderr.seek(0)
-      tail = (line + ' ' + self._stderr.read()[-2000:]).strip()
-      self.close()
-      raise RuntimeError(f'official worker failed: {tail}')
-    return line[len(expected) + 1:]
 
   def network_seconds(self, batch: int) -> float:
     return float(self._ask(f'net {batch}'))
@@ -138,14 +119,7 @@ class OfficialWorker:
     return {'landmarks': np.load(path + '.out.npy')}
 
   def close(self):
-    if self._proc.poll() is None:
-      try:
-        self._proc.stdin.write('quit\n')
-        self._proc.stdin.flush()
-        self._proc.wait(timeout=60)
-      except (OSError, ValueError, subprocess.TimeoutExpired):
-        self._proc.kill()
-    self._stderr.close()
+    super().close()
     for name in os.listdir(self._dir):
       os.unlink(os.path.join(self._dir, name))
     os.rmdir(self._dir)
@@ -250,7 +224,6 @@ def run(args):
   import cv2  # pylint: disable=import-outside-toplevel  (not at the top: the official worker has no OpenCV)
   import jax  # pylint: disable=import-outside-toplevel
 
-  import benchmarks  # pylint: disable=import-outside-toplevel
   from star_jax.inference import face_detect, predictor  # pylint: disable=import-outside-toplevel
   from star_jax.inference.landmarker import FaceLandmarker  # pylint: disable=import-outside-toplevel
 

@@ -40,8 +40,6 @@ defaults.
 from __future__ import annotations
 
 import dataclasses
-import os
-import pathlib
 import statistics
 import sys
 import time
@@ -51,13 +49,12 @@ import numpy as np
 
 import benchmarks
 from benchmarks import official
-from star_jax import config_lib, cpu_tuning, layouts
+from star_jax import config_lib, layouts
 from star_jax.data import targets
 from star_jax.training import state as state_lib
 from star_jax.training import step as step_lib
 
 LAYOUT = layouts.WFLW
-_REPO = pathlib.Path(__file__).resolve().parents[1]
 SIGMA = 1.5
 BLOCK = 3   # consecutive steps per turn (the first is not counted), see interleaved()
 PIPELINED = 10   # steps dispatched back to back for the pipelined rate (GPU)
@@ -234,7 +231,7 @@ def interleaved(fns: dict, repeats: int, block: int = BLOCK) -> dict:
           for name, v in samples.items()}
 
 
-class OfficialWorker:
+class OfficialWorker(benchmarks.WorkerProcess):
   """The official step in a child process (same Python), driven one step at a time.
 
   A separate process, not the same one: sharing a process with PyTorch slows our step down by
@@ -245,44 +242,16 @@ class OfficialWorker:
   """
 
   def __init__(self, path: str, batch: int, shape: Shape = FULL, device: str = 'cpu'):
-    import subprocess  # pylint: disable=import-outside-toplevel
-    import tempfile  # pylint: disable=import-outside-toplevel
-    self._stderr = tempfile.TemporaryFile(mode='w+')
-    env = cpu_tuning.untuned_environment()   # the official code runs as shipped
-    env['PYTHONPATH'] = os.pathsep.join([str(_REPO)] + [p for p in [env.get('PYTHONPATH', '')] if p])
-    self._proc = subprocess.Popen(
-        [sys.executable, '-m', 'benchmarks.train', '--official-worker', path, str(batch),
-         'small' if shape == SMALL else 'full', device],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)
+    super().__init__(['-m', 'benchmarks.train', '--official-worker', path, str(batch),
+                      'small' if shape == SMALL else 'full', device])
     self.note = self._reply('ready')
     self.peak_bytes = 0
 
-  def _reply(self, expected: str) -> str:
-    line = self._proc.stdout.readline().strip()
-    if not line.startswith(expected + ' '):
-      self._stderr.seek(0)
-      tail = (line + ' ' + self._stderr.read()[-2000:]).strip()
-      self.close()
-      raise RuntimeError(f'official worker failed: {tail}')
-    return line[len(expected) + 1:]
-
   def step(self, anomaly: bool) -> tuple[float, float]:
     """Runs one official step; returns its (wall s, CPU s) as the worker measured them."""
-    self._proc.stdin.write(f'step {int(anomaly)}\n')
-    self._proc.stdin.flush()
-    wall, cpu, _, peak = self._reply('done').split()
+    wall, cpu, _, peak = self._ask(f'step {int(anomaly)}').split()
     self.peak_bytes = max(self.peak_bytes, int(peak))
     return float(wall), float(cpu)
-
-  def close(self):
-    if self._proc.poll() is None:
-      try:
-        self._proc.stdin.write('quit\n')
-        self._proc.stdin.flush()
-        self._proc.wait(timeout=60)
-      except (OSError, ValueError):
-        self._proc.kill()
-    self._stderr.close()
 
 
 def _worker_main(path: str, batch: int, shape: Shape, device: str):

@@ -195,6 +195,15 @@ def oracle_jitter(num_frames: int = 48, noise: float = 0.02, image_size: int = 1
   return out
 
 
+def write_mp4(path, frames: np.ndarray, fps: float = 25.0) -> None:
+  """RGB frames (T, H, W, 3) uint8 -> an MP4 file, by the video path's own writer."""
+  from star_jax.inference import video  # pylint: disable=import-outside-toplevel
+  writer = video.VideoWriter(pathlib.Path(path), fps)
+  for frame in frames:
+    writer.write(frame)
+  writer.close()
+
+
 def video_fps(checkpoint, frames: np.ndarray, fps: float = 25.0, extra: tuple = ()) -> tuple[float, dict]:
   """Frames/s of the predict command's whole video path on `frames` (written to an MP4 first), after the
   first frame (which compiles the network): (frames/s, the command's JSON summary)."""
@@ -204,10 +213,7 @@ def video_fps(checkpoint, frames: np.ndarray, fps: float = 25.0, extra: tuple = 
 
   with tempfile.TemporaryDirectory() as tmp:
     path = pathlib.Path(tmp) / 'clip.mp4'
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'mp4v'), fps, (frames.shape[2], frames.shape[1]))
-    for f in frames:
-      writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-    writer.release()
+    write_mp4(path, frames, fps)
     status = predict.main(['predict', '--checkpoint', str(checkpoint), str(path), '--output', f'{tmp}/out', *extra])
     if status:
       raise RuntimeError(f'predict failed with status {status}')
@@ -246,10 +252,7 @@ def tracked_fps(checkpoint, frames: np.ndarray, fps: float = 25.0, smooth: bool 
 
   with tempfile.TemporaryDirectory() as tmp:
     path = pathlib.Path(tmp) / 'clip.mp4'
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'mp4v'), fps, (frames.shape[2], frames.shape[1]))
-    for f in frames:
-      writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-    writer.release()
+    write_mp4(path, frames, fps)
 
     def call(crops):
       out = real_call(crops)

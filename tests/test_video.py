@@ -140,17 +140,10 @@ def test_tracker_follows_every_face_with_faces_all(clip):
 
 # ---- The command --------------------------------------------------------------------------------
 
-def _write_mp4(path, frames, fps=25.0):
-  writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'mp4v'), fps, (frames.shape[2], frames.shape[1]))
-  for f in frames:
-    writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-  writer.release()
-
-
 def test_predict_command_on_a_video(clip, tmp_path, monkeypatch, capsys):
   frames, truth = clip
   frames, truth = frames[:30], truth[:30]
-  _write_mp4(tmp_path / 'clip.mp4', frames)
+  bench.write_mp4(tmp_path / 'clip.mp4', frames)
   made = []
 
   def from_checkpoint(path, **options):
