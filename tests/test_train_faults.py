@@ -84,20 +84,10 @@ def _copy(reference, tmp_path, *, drop=()) -> pathlib.Path:
   return workdir
 
 
-def _no_traceback(stderr: str, *, orbax_background: bool = False):
-  """No traceback in the run's stderr, and it ends with its one 'error: ...' when it failed.
-
-  orbax_background: the run's checkpoint restores failed; then Orbax's own background reads of those
-  checkpoints may print their after-effects from its threads ('Event loop is closed', coroutines whose
-  exceptions were never retrieved; seen with orbax-checkpoint 0.12.8, timing-dependent). Those are allowed
-  as long as no star_jax frame appears in any traceback. (Known problem, noted on the reliability issue.)
-  """
-  if not orbax_background:
-    assert 'Traceback' not in stderr, stderr[-4000:]
-    return
-  frames = [line for line in stderr.splitlines() if line.lstrip().startswith('File "')]
-  assert not [f for f in frames if '/star_jax/' in f or '/star_jax_' in f], stderr[-4000:]
-  assert [line for line in stderr.splitlines() if line.startswith('error: ')], stderr[-4000:]
+def _no_traceback(stderr: str):
+  """No traceback in the run's stderr (also none printed by Orbax's background reads of a checkpoint
+  that failed to restore: checkpoints._run_sync_and_settle)."""
+  assert 'Traceback' not in stderr and 'Exception ignored' not in stderr, stderr[-4000:]
 
 
 def test_kill_9_during_a_save_then_resume_continues_from_the_last_complete_checkpoint(reference, tfds_dir, tmp_path):
@@ -167,7 +157,7 @@ def test_no_checkpoint_that_restores_is_an_error_naming_each_and_moving_nothing(
   err = proc.stderr
   assert f'error: no checkpoint in {workdir / "checkpoints"} restores; nothing was moved or deleted' in err, err[-3000:]
   assert '  step 10: ValueError: OUT_OF_RANGE' in err and '  step 8: ValueError: OUT_OF_RANGE' in err
-  _no_traceback(err, orbax_background=True)
+  _no_traceback(err)
   assert _steps(workdir) == [8, 10] and not (workdir / 'checkpoints_corrupt').exists()
 
 
@@ -228,7 +218,7 @@ def test_a_changed_model_is_refused_naming_the_config_fields(reference, tfds_dir
   err = proc.stderr
   assert f'error: {workdir / "checkpoints"} step 10 holds a different model than this config builds' in err, err[-3000:]
   assert 'model.channels: 32 -> 16' in err and 'stored (' in err
-  _no_traceback(err, orbax_background=True)
+  _no_traceback(err)
   assert _steps(workdir) == [8, 10] and not (workdir / 'checkpoints_corrupt').exists()   # nothing moved
 
 
