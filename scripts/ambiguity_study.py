@@ -45,6 +45,8 @@ def _study(argv: list[str]) -> int:
                     '(no training)', flag_values=fv)
   flags.DEFINE_bool('partial', False, 'only write the tables and plots of the cells finished so far in --output '
                     '(no training; while the study runs, or after it stopped)', flag_values=fv)
+  flags.DEFINE_bool('error_split', False, "only score the finished cells' test error along and across the true "
+                    'tangent again from their checkpoints (error_split.md in --output; no training)', flag_values=fv)
   command.parse()
   from star_jax.experiments import ambiguity  # pylint: disable=import-outside-toplevel
 
@@ -58,6 +60,9 @@ def _study(argv: list[str]) -> int:
       return 0
     if fv.partial:
       ambiguity.partial_outputs(command.config, output, log=log)
+      return 0
+    if fv.error_split:
+      log(ambiguity.rescore_error_split(command.config, output, log=log))
       return 0
     ambiguity.check_study(command.config)
   except (FileNotFoundError, ValueError) as e:

@@ -169,6 +169,27 @@ def test_axis_statistics_measure_the_angle_to_the_true_tangent():
   assert turned['brows']['angle_median'] == pytest.approx(30.0, abs=1e-3)
 
 
+def test_error_split_measures_the_error_along_and_across_the_tangent():
+  faces = [synthetic.generate(0, 'test', i, image_size=128).clean_landmarks.astype(np.float64) for i in range(3)]
+  gt_px = np.stack(faces)
+  gt = gt_px / 64.0 - 1.0    # a scale and a shift, as the eval crop: directions are unchanged
+  tangents = np.stack([synthetic.curve_tangents(p, layouts.WFLW) for p in gt_px])
+  normals = np.stack([-tangents[..., 1], tangents[..., 0]], -1)
+  iod = np.linalg.norm(gt[:, 60] - gt[:, 72], axis=-1)[:, None, None]
+  # 3 % of the IOD along the curve (either way) and 1 % across it, at every point with a tangent.
+  sign = np.where(np.arange(98) % 2 == 0, 1.0, -1.0)[None, :, None]
+  pred = gt + iod * (0.03 * sign * tangents + 0.01 * normals)
+  split = ambiguity.error_split(pred, gt, gt_px, layouts.WFLW)
+  assert set(split) == {'contour', 'brows', 'others'} and split['others']['count'] == 3 * 45
+  for group in split.values():
+    assert group['tangential'] == pytest.approx(0.03) and group['normal'] == pytest.approx(0.01)
+  # Exact predictions have no error either way; a pure tangential shift has no normal part.
+  assert ambiguity.error_split(gt, gt, gt_px, layouts.WFLW)['contour'] == {'tangential': 0.0, 'normal': 0.0,
+                                                                          'count': 3 * 33}
+  along = ambiguity.error_split(gt + iod * 0.02 * tangents, gt, gt_px, layouts.WFLW)['brows']
+  assert along['tangential'] == pytest.approx(0.02) and along['normal'] == pytest.approx(0.0, abs=1e-12)
+
+
 def _run_script(out, tfds_dir, *extra):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
              # Compile fast (this is about plumbing, not speed) and share programs between test runs.
@@ -198,6 +219,10 @@ def test_script_end_to_end_at_the_quick_setting(tfds_dir, tmp_path):
     assert set(groups) == {'contour', 'brows', 'others'} and groups['others']['count'] == 8 * 45
     assert 0 <= groups['contour']['angle_median'] <= 90 and groups['brows']['anisotropy_median'] >= 1
     assert sum(groups['contour']['angle_hist']) == pytest.approx(1.0)
+    split = r['error_split']
+    assert set(split) == {'contour', 'brows', 'others'}
+    # Along and across are the two components of each point's error: their norm bounds it from below.
+    assert split['contour']['tangential'] + split['contour']['normal'] >= r['nme_contour'] * (1 - 1e-6)
   assert (r['star_w'] == 0.0) == (r['variant'] == 'star_w0')
   assert set(doc['compile_seconds']) == {'star', 'l2', 'star_w0'}
   assert doc['dataset']['num_train'] == 16 and doc['dataset']['num_test'] == 8
@@ -222,6 +247,15 @@ def test_script_end_to_end_at_the_quick_setting(tfds_dir, tmp_path):
   for name in ('nme_vs_ambiguity.png', 'axis_angles.png', 'covariance_vs_ambiguity.png'):
     png = (out / name).read_bytes()
     assert png[:8] == b'\x89PNG\r\n\x1a\n' and 10_000 < len(png) < 300_000, name
+
+  # The error split is scored again from the checkpoints, as each cell recorded it.
+  split = _run_script(out, tfds_dir, '--error_split')
+  assert split.returncode == 0, split.stderr[-4000:]
+  assert '**Test error along / across the true tangent**' in (out / 'error_split.md').read_text()
+  again_split = json.loads((out / 'error_split.json').read_text())
+  rescored = next(x for x in again_split if (x['variant'], x['level']) == ('star', 0.0))['seeds']['0']
+  for group, values in first['error_split'].items():
+    assert rescored[group]['tangential'] == pytest.approx(values['tangential'], rel=1e-5)
 
   # Run again: every cell is finished, so nothing trains and the results are the same.
   again = _run_script(out, tfds_dir)

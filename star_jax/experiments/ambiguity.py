@@ -263,6 +263,71 @@ def axis_statistics(cov: np.ndarray, gt: np.ndarray, gt_px: np.ndarray, layout: 
   return {'groups': groups, 'points': points}
 
 
+def error_split(pred: np.ndarray, gt: np.ndarray, gt_px: np.ndarray, layout: layouts.Layout) -> dict:
+  """The test error of each point split along and across the true tangent of its curve.
+
+  Args:
+    pred, gt: (M, 98, 2) predicted and exact points in one frame (the normalised crop); the IOD is gt's.
+    gt_px: (M, 98, 2) exact points in image pixels, for the tangents (the crop is a scale and a
+      translation, so directions are the same in both frames).
+  Returns:
+    {group: {'tangential', 'normal'}}: per `GROUPS` group, the mean over faces and points with a tangent
+    of |error . tangent| and |error . normal|, / IOD (as NME fractions); 'count' points.
+  """
+  pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
+  tangents = np.stack([synthetic.curve_tangents(p, layout) for p in np.asarray(gt_px, np.float64)])
+  valid = np.linalg.norm(tangents, axis=-1) > 0.5                            # (M, N)
+  normals = np.stack([-tangents[..., 1], tangents[..., 0]], axis=-1)
+  left, right = layout.norm_indices('ocular')
+  iod = np.linalg.norm(gt[:, left] - gt[:, right], axis=-1)[:, None]
+  err = pred - gt
+  along = np.abs((err * tangents).sum(-1)) / iod
+  across = np.abs((err * normals).sum(-1)) / iod
+  out = {}
+  for name, idx in GROUPS.items():
+    ok = valid[:, list(idx)]
+    if ok.any():
+      out[name] = {'tangential': float(along[:, list(idx)][ok].mean()),
+                   'normal': float(across[:, list(idx)][ok].mean()), 'count': int(ok.sum())}
+  return out
+
+
+def rescore_error_split(study, output: pathlib.Path, log=print) -> str:
+  """Scores the tangential and normal test error (`error_split`) of every finished cell of the study
+  in `output` again from its checkpoint; writes error_split.json and error_split.md there and returns
+  the markdown (mean ± spread over seeds, % of IOD)."""
+  output = pathlib.Path(output)
+  rows = {}
+  for variant, level, seed in cells(study):
+    workdir = output / 'runs' / cell_name(variant, level, seed)
+    if not (workdir / 'cell.json').exists():
+      continue
+    split = score_checkpoint(workdir, run_config(study, variant, level, seed))['error_split']
+    rows.setdefault((variant, float(level)), {})[int(seed)] = split
+    log(f'  {cell_name(variant, level, seed)}: ' + ', '.join(
+        f"{g} {100 * v['tangential']:.2f}/{100 * v['normal']:.2f}" for g, v in split.items()))
+  if not rows:
+    raise FileNotFoundError(f'no finished cell in {output / "runs"}')
+  lines = ['**Test error along / across the true tangent** (% of IOD, mean ± spread over seeds; '
+           'mean |error · tangent| and |error · normal| over faces and points)', '',
+           '| variant | level | contour along | contour across | brows along | brows across | others along | '
+           'others across |', '|---|---|---|---|---|---|---|---|']
+  for (variant, level), by_seed in rows.items():
+    cols = []
+    for group in GROUPS:
+      for key in ('tangential', 'normal'):
+        values = np.array([100 * s[group][key] for s in by_seed.values() if group in s])
+        mean, spread = mean_spread(values)
+        cols.append(f'{mean:.2f} ± {spread:.2f}')
+    lines.append(f'| {variant} | {level_name(level)} | ' + ' | '.join(cols) + ' |')
+  text = '\n'.join(lines) + '\n'
+  (output / 'error_split.md').write_text(text)
+  (output / 'error_split.json').write_text(json.dumps(
+      [{'variant': v, 'level': lv, 'seeds': {str(k): x for k, x in d.items()}} for (v, lv), d in rows.items()],
+      indent=1))
+  return text
+
+
 def _finite(x) -> float | None:
   x = float(x)
   return x if math.isfinite(x) else None
@@ -305,7 +370,8 @@ def score_checkpoint(workdir: pathlib.Path, config) -> dict:
   parts = part_nmes(results['pred'], results['gt'], layout)
   return {'nme': _finite(summary['nme']), **{k: _finite(v) for k, v in parts.items()},
           'fr': _finite(summary['fr']), 'auc': _finite(summary['auc']), 'nme_image': _finite(summary['nme_image']),
-          'covariance': axis_statistics(cov, results['gt'], results['gt_px'], layout)}
+          'covariance': axis_statistics(cov, results['gt'], results['gt_px'], layout),
+          'error_split': error_split(results['pred'], results['gt'], results['gt_px'], layout)}
 
 
 def _final_train_loss(workdir: pathlib.Path, window: int) -> float | None:
@@ -384,7 +450,7 @@ def run_cell(study, variant: str, level: float, seed: int, output: pathlib.Path,
                                  'checkpoint is kept: run the same command again to resume the study')
   train_wall = time.perf_counter() - t0
   t1 = time.perf_counter()
-  scores = ({k: None for k in _SCORE_KEYS} | {'covariance': None} if diverged
+  scores = ({k: None for k in _SCORE_KEYS} | {'covariance': None, 'error_split': None} if diverged
             else score_checkpoint(workdir, config))
   kind, _ = variant_loss(variant)
   record = {
