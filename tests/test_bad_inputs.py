@@ -65,13 +65,19 @@ def _error(capsys) -> str:
 
 # ---- Checkpoints: truncated, partial, foreign, NaN -------------------------------------------------
 
-def test_truncated_checkpoint_is_named_by_evaluate_and_predict(checkpoint, tmp_path, capsys):
+def _truncated_copy(checkpoint, tmp_path):
+  """A copy of `checkpoint` whose step 5 has the largest array file of each weights item cut to 50 bytes."""
   broken = tmp_path / 'broken'
   shutil.copytree(checkpoint, broken)
   for item in ('model', 'ema'):
     files = sorted((broken / '5' / item).rglob('ocdbt.process_*/d/*'), key=lambda p: p.stat().st_size)
     with open(files[-1], 'r+b') as f:
       f.truncate(50)
+  return broken
+
+
+def test_truncated_checkpoint_is_named_by_evaluate_and_predict(checkpoint, tmp_path, capsys):
+  broken = _truncated_copy(checkpoint, tmp_path)
   assert _evaluate(f'--checkpoint={broken}') == 1
   err = _error(capsys)
   assert f'{broken} step 5: cannot read its \'ema\' item' in err and 'OUT_OF_RANGE' in err
@@ -99,12 +105,7 @@ def test_a_failed_restore_leaves_no_background_reads_behind(checkpoint, tmp_path
   not print tracebacks afterwards ('Event loop is closed', 'Exception ignored in: <coroutine ...>',
   as Orbax 0.12.8 does on its own: 71 such messages in 20 failed reads, measured): the one clear error
   stays the only output."""
-  broken = tmp_path / 'broken'
-  shutil.copytree(checkpoint, broken)
-  for item in ('model', 'ema'):
-    files = sorted((broken / '5' / item).rglob('ocdbt.process_*/d/*'), key=lambda p: p.stat().st_size)
-    with open(files[-1], 'r+b') as f:
-      f.truncate(50)
+  broken = _truncated_copy(checkpoint, tmp_path)
   # stderr goes to a file: with both streams read through pipes the noise hardly ever shows (timing).
   with open(tmp_path / 'stderr.txt', 'w') as stderr:
     proc = subprocess.run([sys.executable, '-c', _READ_BROKEN, str(broken), '10'], stdout=subprocess.PIPE,

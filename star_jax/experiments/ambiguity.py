@@ -209,6 +209,13 @@ def part_nmes(pred: np.ndarray, gt: np.ndarray, layout: layouts.Layout) -> dict[
   return out
 
 
+def _tangents(gt_px: np.ndarray, layout: layouts.Layout) -> tuple[np.ndarray, np.ndarray]:
+  """(M, N, 2) unit tangents of the exact points `gt_px` (M, N, 2) along their curves, and (M, N) bool:
+  which points have one (the pupils have none)."""
+  tangents = np.stack([synthetic.curve_tangents(p, layout) for p in np.asarray(gt_px, np.float64)])
+  return tangents, np.linalg.norm(tangents, axis=-1) > 0.5
+
+
 def axis_statistics(cov: np.ndarray, gt: np.ndarray, gt_px: np.ndarray, layout: layouts.Layout) -> dict:
   """How each point's predicted covariance lines up with the true tangent of its curve.
 
@@ -229,8 +236,7 @@ def axis_statistics(cov: np.ndarray, gt: np.ndarray, gt_px: np.ndarray, layout: 
   cov = 0.5 * (cov + np.swapaxes(cov, -1, -2))
   evalues, evectors = np.linalg.eigh(cov)                                   # ascending
   major = evectors[..., :, 1]                                               # (M, N, 2)
-  tangents = np.stack([synthetic.curve_tangents(p, layout) for p in np.asarray(gt_px, np.float64)])
-  valid = np.linalg.norm(tangents, axis=-1) > 0.5                           # (M, N)
+  tangents, valid = _tangents(gt_px, layout)
   cosine = np.clip(np.abs((major * tangents).sum(-1)), 0.0, 1.0)
   angle = np.degrees(np.arccos(cosine))
   small = np.maximum(evalues[..., 0], 1e-12)
@@ -275,8 +281,7 @@ def error_split(pred: np.ndarray, gt: np.ndarray, gt_px: np.ndarray, layout: lay
     of |error . tangent| and |error . normal|, / IOD (as NME fractions); 'count' points.
   """
   pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
-  tangents = np.stack([synthetic.curve_tangents(p, layout) for p in np.asarray(gt_px, np.float64)])
-  valid = np.linalg.norm(tangents, axis=-1) > 0.5                            # (M, N)
+  tangents, valid = _tangents(gt_px, layout)
   normals = np.stack([-tangents[..., 1], tangents[..., 0]], axis=-1)
   left, right = layout.norm_indices('ocular')
   iod = np.linalg.norm(gt[:, left] - gt[:, right], axis=-1)[:, None]
