@@ -178,6 +178,12 @@ _ZIP_MAGIC = b'PK\x03\x04'
 _PICKLE_PROTOCOL_2_PLUS = b'\x80'
 
 
+def _not_torch(path: str, head: bytes) -> str:
+  """The error message of a file that is neither a zip archive nor a pickle of protocol 2 or later."""
+  return (f'{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle; it starts with '
+          f'{head!r})')
+
+
 def read_torch_checkpoint(path: str):
   """Loads a torch.save file as nested Python containers with numpy arrays instead of tensors.
 
@@ -196,14 +202,15 @@ def read_torch_checkpoint(path: str):
     if head.startswith(_ZIP_MAGIC):
       raise CheckpointFormatError(f'{path}: a damaged or truncated zip archive (the start of a torch.save '
                                   'file, but its end is missing); download or copy it again')
+    if not head.startswith(_PICKLE_PROTOCOL_2_PLUS):
+      # Decided here, not by torch.load: with PyTorch installed it would fail on such a file with an
+      # obscure error (a KeyError of a byte value), without PyTorch we could not ask it.
+      raise CheckpointFormatError(_not_torch(path, head))
     return _read_with_torch(path)
   except (CheckpointFormatError, FileNotFoundError):
     raise
-  except ValueError as e:
-    if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTOCOL_2_PLUS):
-      raise CheckpointFormatError(str(e)) from None
-    raise CheckpointFormatError(f'{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a '
-                                f'pickle; it starts with {head!r})') from None
+  except ValueError as e:   # a zip archive that is no torch.save file; an old format without PyTorch
+    raise CheckpointFormatError(str(e)) from None
   except Exception as e:  # pylint: disable=broad-except  (a damaged pickle can fail in any way)
     raise CheckpointFormatError(f'{path}: not a readable torch.save checkpoint ({type(e).__name__}: '
                                 f'{str(e)[:300]})') from None
