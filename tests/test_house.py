@@ -17,7 +17,7 @@ from conftest import COMPILE_CACHE_ENV, REPO
 _PROBE = textwrap.dedent('''
     import importlib, json, logging, os, pkgutil, signal, sys
     import absl.flags, absl.logging, cv2, flax, grain, jax, matplotlib, ml_collections, numpy, optax, orbax.checkpoint
-    import tensorflow_datasets, tqdm
+    import tensorboardX, tensorflow_datasets, tqdm
     from jax._src import xla_bridge
     before = dict(env=dict(os.environ), flags=sorted(absl.flags.FLAGS), handlers=len(logging.getLogger().handlers),
                   absl_handlers=len(logging.getLogger('absl').handlers), verbosity=absl.logging.get_verbosity(),

@@ -347,8 +347,8 @@ def score_checkpoint(workdir: pathlib.Path, config) -> dict:
   from star_jax.data import build  # pylint: disable=import-outside-toplevel
   from star_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   from star_jax.evaluation import scoring  # pylint: disable=import-outside-toplevel
-  from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
-  from star_jax.training import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from star_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  from star_jax import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
 
   layout = layouts.get_layout(config.layout)
   loaded = checkpoints.load_model(workdir, weights='model')
