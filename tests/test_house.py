@@ -48,7 +48,7 @@ def test_importing_star_jax_changes_nothing(tmp_path):
   report = json.loads(proc.stdout.strip().splitlines()[-1])
   # Every module was imported (the walk found the package's rooms), and none of them did anything.
   for module in ('star_jax.cpu_tuning', 'star_jax.train', 'star_jax.evaluate', 'star_jax.predict',
-                 'star_jax.training.loop', 'star_jax.data.synthetic.render', 'star_jax.experiments.ambiguity',
+                 'star_jax.training.loop', 'star_jax.data.synthetic.render', 'star_jax.checkpoints.init_from',
                  'star_jax_datasets.synthetic_faces.synthetic_faces_dataset_builder'):
     assert module in report['modules']
   assert report['changed'] == {}
