@@ -15,8 +15,9 @@ whichever has the lowest NME so far as best_model.pkl, whose `net` its tester ev
 records the same choice with each evaluated checkpoint (README, "Relation to the official code").
 --step chooses a step ('best', 'latest' or a number; with a number the weights default to the ones
 that won that step's evaluation) and --weights the weights (model or ema). For --pytorch the default
-is the `.pkl`'s `net`, what the official tester evaluates (--weights=ema: its `net_ema`). Reports say which step and weights were scored, how they were chosen
-and whether they are the best by the official protocol. The dataset comes from the config and can be changed from the command line, e.g.
+is the `.pkl`'s `net`, what the official tester evaluates (--weights=ema: its `net_ema`). Reports say
+which step and weights were scored, how they were chosen and whether they are the best by the official
+protocol. The dataset comes from the config and can be changed from the command line, e.g.
 `--config.data.data_dir=~/tensorflow_datasets`, `--config.data.max_eval_examples=100`,
 `--config.eval_batch_size=16`.
 
