@@ -62,12 +62,25 @@ scipy.integrate.simpson).
   train_step_golden.npz  [train_step]  the compact form of the reference's train_step.npz (three
       official training steps in float64), made by scripts/make_train_step_golden.py (its docstring
       says how it is stored); the official CoordConv radius channels in it are computed with PyTorch.
+  train_step_s21_pure64.npz  [train_step_draws]  three official training steps on the draw of seed 21,
+      float64 throughout (pure64), with the official step's self-agreement, made by
+      scripts/make_train_step_draw.py (no inputs from the reference: the draw comes from the seed).
+  train_step_self_agreement.json  [train_step_self_agreement]  how well the official step agrees with
+      itself on the reference's train_step.npz and train_step_s13_pure64.npz draws, measured by
+      scripts/make_train_step_draw.py --remeasure (reruns here, and the files' own values).
+  losses_hard_cases.npz  [loss_hard_cases]  inputs drawn by `hard_case_inputs` (no reference needed):
+      STARLoss_v2 (smoothl1, l1, l2, and wing applied per projected error) per map, value and heatmap
+      gradient, and AWingLoss on the batch, computed by the official losses in float64 throughout
+      (official.pure64); per map also how far the official result moves under changes that leave the
+      loss the same up to rounding (one ulp, transposed, mirrored).
 
 --check rebuilds the selected files in a temporary folder and compares them with those in --output,
 printing the largest difference of each array; exit status 1 when one is out of tolerance. Inputs
 must be bit-equal, and so must real_faces/*, the checkpoints and the layouts' JSON text (the gzip
 header may differ). A recomputed array may differ from the committed one by the tolerance at which the
-tests compare with it (GOLDENS below). Recomputing on another CPU changes float32 results in their
+tests compare with it (GOLDENS below). A rebuilt train-step draw is another run of the official step, so
+it is compared per group (make_train_step_golden.compare) within ten times the self-agreement the
+committed file states; a rebuilt self-agreement file must name the same draws, within a factor of ten. Recomputing on another CPU changes float32 results in their
 last bits (summation orders; PyTorch's float32 sqrt, which is not correctly rounded everywhere, enters
 even the float64 run of the tiny networks through the official CoordConv radius, computed in
 float32), and the ill-conditioned train mode of those random networks amplifies that; OpenCV builds
@@ -199,6 +212,166 @@ def make_losses(src: Sources, out: pathlib.Path) -> None:
     _, grad = value_and_grad(star[name](), heatmap, target)
     arrays[f'h64/{name}/grad_heatmap'] = grad[maps][None] * scale
   _save_npz(out / 'losses_star_reference.npz', arrays)
+
+
+# ---- losses_hard_cases.npz -----------------------------------------------------------------------------
+
+STAR_DISTANCES = ('smoothl1', 'l1', 'l2', 'wing')
+HARD_SIZE = 16
+# (name, what the map is): the maps an untrained network produces and the corners of the STAR loss.
+HARD_MAPS = (
+    ('uniform', 'all ones: numerically isotropic, its eigenvectors are rounding noise'),
+    ('near_uniform_1e-3', 'ones + 1e-3 noise'),
+    ('near_uniform_1e-7', 'ones + 1e-7 noise: eigenvalue gap ~1e-7 of the mean'),
+    ('relu_noise', 'max(0, N(0, 1)): an untrained network\'s map'),
+    ('blob', 'an anisotropic Gaussian blob, rotated 30 degrees'),
+    ('near_isotropic_1e-4', 'a centred radial blob stretched by 1e-4 along 30 degrees'),
+    ('near_isotropic_1e-9', 'the same stretched by 1e-9'),
+    ('thin_row', 'a blob one pixel row high: a singular covariance (an eigenvalue 0)'),
+    ('thin_diagonal', 'a line along the diagonal: singular, rotated'),
+    ('single_pixel', 'one pixel: zero covariance (both eigenvalues 0)'),
+    ('zeros', 'all zero: the sum is clamped to 1e-6'),
+    ('blob_target_outside', 'a blob, its target outside the crop (1.4, -1.3)'),
+)
+
+
+def hard_case_inputs() -> dict[str, np.ndarray]:
+  """The inputs of losses_hard_cases.npz, float64, NCHW: STAR maps (2, 12, 16, 16) with targets (2, 12, 2)
+  (image 1: the same maps, mirrored left-right, with other targets), and AWing pred / target (2, 4, 16, 16)."""
+  rng = np.random.default_rng(23)
+  n = HARD_SIZE
+  grid = np.arange(n) / (n - 1) * 2 - 1
+  x, y = np.meshgrid(grid, grid)                                     # (H, W): x across, y down
+
+  def gaussian(cx, cy, sx, sy, angle):
+    c, s = np.cos(angle), np.sin(angle)
+    u, v = (x - cx) * c + (y - cy) * s, -(x - cx) * s + (y - cy) * c
+    return np.exp(-0.5 * ((u / sx) ** 2 + (v / sy) ** 2))
+
+  radial = 0.25
+  maps = {
+      'uniform': np.ones((n, n)),
+      'near_uniform_1e-3': 1 + 1e-3 * rng.standard_normal((n, n)),
+      'near_uniform_1e-7': 1 + 1e-7 * rng.standard_normal((n, n)),
+      'relu_noise': np.maximum(0, rng.standard_normal((n, n))),
+      'blob': 2.5 * gaussian(0.2, -0.1, 0.3, 0.12, np.pi / 6),
+      'near_isotropic_1e-4': gaussian(0, 0, radial * (1 + 1e-4), radial, np.pi / 6),
+      'near_isotropic_1e-9': gaussian(0, 0, radial * (1 + 1e-9), radial, np.pi / 6),
+      'thin_row': np.where(np.arange(n)[:, None] == 5, gaussian(0.1, grid[5], 0.3, 1.0, 0.0), 0.0),
+      'thin_diagonal': np.eye(n) * 0.7,
+      'single_pixel': np.where((np.arange(n)[:, None] == 9) & (np.arange(n)[None] == 4), 3.0, 0.0),
+      'zeros': np.zeros((n, n)),
+      'blob_target_outside': gaussian(0.6, -0.7, 0.15, 0.2, 0.4),
+  }
+  assert list(maps) == [name for name, _ in HARD_MAPS]
+  stack = np.stack(list(maps.values()))
+  heatmap = np.stack([stack, stack[:, :, ::-1]])                    # (2, 12, 16, 16)
+  target = rng.uniform(-0.9, 0.9, (2, len(maps), 2))
+  target[:, list(maps).index('blob_target_outside')] = [[1.4, -1.3], [-1.6, 1.05]]
+  target[0, 0] = [0.3, 0.0]                     # uniform map, error along an axis
+  target[1, 0] = [0.004, -0.003]                # ... and inside smooth-L1's quadratic zone
+
+  # AWing: targets are point maps in [0, 1] with values at the weight map's threshold 0.2 (and one
+  # float64 step below it), ones and zeros; predictions equal to the target, theta = 0.5 away, at 0 and 1.
+  target_maps = np.stack([gaussian(cx, cy, 0.15, 0.15, 0.0) for cx, cy in ((0.1, 0.2), (-0.5, 0.4), (0.7, -0.6), (0, 0))])
+  target_maps = np.stack([target_maps, target_maps[:, ::-1]])        # (2, 4, 16, 16)
+  target_maps[0, 0, 0, :4] = [0.2, np.nextafter(0.2, 0.0), 1.0, 0.0]
+  target_maps[1, 2, 8, 8:11] = [0.2, 0.2, 1.0]
+  pred = np.clip(target_maps + rng.uniform(-0.6, 0.6, target_maps.shape), 0.0, 1.0)
+  pred[0, 1] = target_maps[0, 1]                                     # delta = 0 everywhere on a map
+  pred[0, 0, 1, :3] = target_maps[0, 0, 1, :3] + 0.5                 # delta = theta: the linear branch
+  pred[1, 3, 2, :3] = np.abs(target_maps[1, 3, 2, :3] - 0.5)
+  pred[1, 0, 0, :2] = [0.0, 1.0]
+  return {'star/heatmap': heatmap, 'star/target': target, 'awing/pred': pred, 'awing/target': target_maps}
+
+
+def _ulp_perturbed(a: np.ndarray, rng) -> np.ndarray:
+  """a with every element moved by one float64 unit in the last place, up or down at random."""
+  return np.where(rng.random(a.shape) < 0.5, np.nextafter(a, np.inf), np.nextafter(a, -np.inf))
+
+
+def _transposed(heatmap, target, rng):
+  del rng
+  return heatmap.swapaxes(-1, -2), target[..., ::-1], lambda g: g.swapaxes(-1, -2)
+
+
+def _mirrored(axis):
+  def change(heatmap, target, rng):
+    del rng
+    flip = np.array([-1.0, 1.0]) if axis == -1 else np.array([1.0, -1.0])   # x across (W), y down (H)
+    return np.flip(heatmap, axis), target * flip, lambda g: np.flip(g, axis)
+  return change
+
+
+def _perturbed(heatmap, target, rng):
+  return _ulp_perturbed(heatmap, rng), target, lambda g: g
+
+
+# Changes of a STAR problem that leave its loss the same up to rounding (each returns the changed map and
+# target and how to bring the changed gradient back).
+_EQUIVALENT_CHANGES = (_perturbed, _perturbed, _transposed, _mirrored(-1), _mirrored(-2))
+
+
+def make_loss_hard_cases(src: Sources, out: pathlib.Path) -> None:
+  from benchmarks import official  # pylint: disable=import-outside-toplevel
+  torch = _torch()
+  loss = official.losses(src.official)
+  arrays = hard_case_inputs()
+  arrays['star/case_names'] = np.array([name for name, _ in HARD_MAPS])
+  rng = np.random.default_rng(5)
+
+  def value_and_grad(criterion, prediction, target):
+    prediction = torch.from_numpy(np.ascontiguousarray(prediction)).requires_grad_(True)
+    value = criterion(prediction, torch.from_numpy(np.ascontiguousarray(target)))
+    value.backward()
+    return float(value.detach()), prediction.grad.numpy().copy()
+
+  def wing_per_element(official_wing):
+    """The official WingLoss applied to each projected error on its own (STARLoss_v2 calls its distance
+    with reduction='none', which WingLoss does not take: as shipped, dist='wing' raises TypeError)."""
+    def dist(error, zeros, reduction='none'):
+      del reduction
+      flat = error.reshape(-1, 1)
+      return torch.stack([official_wing(flat[i:i + 1], zeros.reshape(-1, 1)[i:i + 1]) for i in range(len(flat))]
+                         ).reshape(error.shape[:-1])
+    return dist
+
+  heatmap, target = arrays['star/heatmap'], arrays['star/target']
+  b, m = heatmap.shape[:2]
+  with official.pure64():   # float64 throughout: the losses' coordinate grids too (`.float()` gives float64)
+    for dist in STAR_DISTANCES:
+      def criterion(dist=dist):
+        star = loss.STARLoss_v2(dist='l1' if dist == 'wing' else dist, w=1)
+        if dist == 'wing':
+          star.dist_func = wing_per_element(loss.WingLoss())
+        return star
+      # Per map (the loss of each map alone, B = N = 1): value, gradient, and how far both move under
+      # changes that leave the loss the same up to rounding: the map moved by one float64 ulp per element
+      # (twice, at random), and the problem transposed or mirrored (other summation orders): the
+      # conditioning of the case.
+      values, grads = np.zeros((b, m)), np.zeros_like(heatmap)
+      value_sensitivity, grad_sensitivity = np.zeros((b, m)), np.zeros((b, m))
+      for i in range(b):
+        for j in range(m):
+          one, t = heatmap[i:i + 1, j:j + 1], target[i:i + 1, j:j + 1]
+          values[i, j], grads[i, j] = value_and_grad(criterion(), one, t)
+          for change in _EQUIVALENT_CHANGES:
+            changed_map, changed_target, restore = change(one, t, rng)
+            v, g = value_and_grad(criterion(), changed_map, changed_target)
+            g = restore(g)
+            value_sensitivity[i, j] = max(value_sensitivity[i, j], abs(v - values[i, j]) / abs(values[i, j]))
+            scale = np.abs(grads[i, j]).max()
+            diff = np.abs(g[0, 0] - grads[i, j]).max()
+            moved = diff / scale if scale > 0 else diff
+            grad_sensitivity[i, j] = max(grad_sensitivity[i, j], moved if np.isfinite(moved) else np.inf)
+      arrays[f'star/{dist}/values'] = values
+      arrays[f'star/{dist}/grad_heatmap'] = grads
+      arrays[f'star/{dist}/value_sensitivity'] = value_sensitivity
+      arrays[f'star/{dist}/grad_sensitivity'] = grad_sensitivity
+      arrays[f'star/{dist}/value'], _ = value_and_grad(criterion(), heatmap, target)   # the batch's mean
+    arrays['awing/value'], arrays['awing/grad_pred'] = value_and_grad(loss.AWingLoss(), arrays['awing/pred'],
+                                                                      arrays['awing/target'])
+  _save_npz(out / 'losses_hard_cases.npz', {k: np.asarray(v) for k, v in arrays.items()})
 
 
 # ---- metrics_reference.npz ----------------------------------------------------------------------------
@@ -434,6 +607,11 @@ GOLDENS = {
     'losses': Golden(('losses_star_reference.npz',), True, make_losses, (
         ('*/heatmap', 'exact', EXACT), ('*/target', 'exact', EXACT), ('h16/awing/pred', 'exact', EXACT),
         ('*', 'rel', 1e-5))),                     # test_losses: rtol 1e-5, gradients' floor 1e-5 x max
+    'loss_hard_cases': Golden(('losses_hard_cases.npz',), True, make_loss_hard_cases, (
+        ('star/heatmap', 'exact', EXACT), ('star/target', 'exact', EXACT), ('star/case_names', 'exact', EXACT),
+        ('awing/pred', 'exact', EXACT), ('awing/target', 'exact', EXACT), ('awing/*', 'rel', 1e-13),
+        ('*sensitivity', 'unread', EXACT),      # rounding itself: they only widen test_losses' tolerances
+        ('*', 'rel', 1e-12))),
     'metrics': Golden(('metrics_reference.npz',), True, make_metrics, (
         ('*/gt', 'exact', EXACT), ('*/pred', 'exact', EXACT), ('*/threshold', 'exact', EXACT),
         ('*', 'abs', 1e-9))),                     # test_metrics: NME, FR, AUC to 1e-9
@@ -501,13 +679,17 @@ def _compare_npz(got_path: pathlib.Path, want_path: pathlib.Path, tolerances) ->
       ok = False
       continue
     kind, tol, how = _tolerance(key, b, tolerances)
-    equal = np.array_equal(a, b)
+    equal = np.array_equal(a, b, equal_nan=a.dtype.kind == 'f')
     if a.dtype.kind not in 'biuf':   # text entries: equal or not
       good = equal or kind == 'unread'
       ok &= good
       print(f'  {key:40s} {"equal" if equal else "differs":22s}{"" if good else "  MISMATCH"}')
       continue
-    diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if a.size else 0.0
+    # NaN where the official code gives NaN (a zero covariance's eigenvector gradient): it must stay NaN.
+    same_nan = np.array_equal(np.isnan(a), np.isnan(b)) if a.dtype.kind == 'f' else True
+    finite = ~np.isnan(a) if a.dtype.kind == 'f' else np.ones(a.shape, bool)
+    diff = float(np.abs(a[finite].astype(np.float64) - b[finite].astype(np.float64)).max()) if finite.any() else 0.0
+    diff = diff if same_nan else np.inf
     good = equal or kind == 'unread' or (kind != 'exact' and diff <= tol)
     ok &= good
     what = 'bit-equal' if equal else f'max |diff| {diff:.3g}'

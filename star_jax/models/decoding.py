@@ -116,7 +116,10 @@ def _moments_forward(heatmaps):
   # official code centres its float32 sums: accurate on sharp maps
   # (tests/test_losses.py::test_star_loss_is_accurate_on_sharp_maps), where one fixed centre cancels in
   # float32, and faster than sums about several fixed centres (docs/benchmarks.md, "STAR loss").
-  row_x = (heatmaps * dx[:, None]).sum(axis=2) / total[:, None]        # sum_w p (x - mx), (B, H, N)
+  # p = hm / T first, as px is made: a map on the diagonal then gives sxy equal to sxx bit for bit (the
+  # same products in the same order), so its singular covariance has the exact zero eigenvalue that
+  # LAPACK finds there (tests/test_losses.py's hard cases).
+  row_x = ((heatmaps / total[:, None, None]) * dx[:, None]).sum(axis=2)  # sum_w p (x - mx), (B, H, N)
   return dict(
       mx=mx, my=my,
       sxx=(px * dx * dx).sum(1), syy=(py * dy * dy).sum(1), sxy=(row_x * dy).sum(1),
