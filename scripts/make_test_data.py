@@ -1,8 +1,8 @@
 """Rebuilds the golden files of tests/data with the official STAR code, or checks the committed ones.
 
   python scripts/make_test_data.py --official /path/to/STAR --reference ../shared/reference
-      [--output tests/data] [--only losses,metrics,targets,tiny_outputs,layouts,checkpoints,real_faces,
-      real_faces_full,train_step]
+      [--output tests/data] [--only losses,loss_hard_cases,metrics,targets,tiny_outputs,layouts,checkpoints,
+      real_faces,real_faces_full,train_step,train_step_draws,train_step_self_agreement]
       [--faces DIR] [--check]
 
 --official is a checkout of the official PyTorch code (github.com/ZhenglinZhou/STAR; the goldens were
@@ -136,11 +136,14 @@ class Golden(NamedTuple):
   the official code, how it makes them, and the tolerances of --check for its npz arrays:
   (key pattern, kind, value), the first matching pattern applies. Kinds: 'exact' (bit-equal), 'abs'
   (|difference| <= value), 'rel' (<= value x the committed array's largest |entry|), 'unread' (not
-  read by any test: the difference is reported only)."""
+  read by any test, or only to widen a tolerance by how much rounding moves a result: the difference is
+  reported only)."""
   files: tuple[str, ...]
   needs_torch: bool
   make: Callable[[Sources, pathlib.Path], None]
   tolerances: tuple[tuple[str, str, float], ...] = ()
+  # --check's comparison of a rebuilt file with the committed one, when not the array-by-array one.
+  check: Callable[[pathlib.Path, pathlib.Path], bool] | None = None
 
 
 # ---- Helpers ------------------------------------------------------------------------------------------
@@ -653,13 +656,82 @@ GOLDENS['train_step'] = Golden(('train_step_golden.npz',), True, make_train_step
     ('coordconv/*', 'abs', 3e-7), ('sha256', 'unread', EXACT)))
 
 
+def _script(name: str):
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(name, REPO / 'scripts' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+DRAW_SEEDS = (21,)
+
+
+def make_train_step_draws(src: Sources, out: pathlib.Path) -> None:
+  for seed in DRAW_SEEDS:
+    if _script('make_train_step_draw').main(['make_train_step_draw.py', '--official', str(src.official), '--seed',
+                                             str(seed), '--output', str(out / f'train_step_s{seed}_pure64.npz')]):
+      raise cli.UserError(f'make_train_step_draw.py --seed {seed} failed (see above)')
+
+
+def make_train_step_self_agreement(src: Sources, out: pathlib.Path) -> None:
+  files = [str(_input(src.reference, name)) for name in ('train_step.npz', 'train_step_s13_pure64.npz')]
+  if _script('make_train_step_draw').main(['make_train_step_draw.py', '--official', str(src.official), '--remeasure',
+                                           ','.join(files), '--output', str(out / 'train_step_self_agreement.json')]):
+    raise cli.UserError('make_train_step_draw.py --remeasure failed (see above)')
+
+
+def _check_train_step_draw(got: pathlib.Path, want: pathlib.Path) -> bool:
+  """A rebuilt draw against the committed one: the same inputs, and every group within ten times the
+  official step's self-agreement (a rebuild is one more run of the official step)."""
+  fmt = _script('make_train_step_golden')
+  with np.load(got) as g, np.load(want) as w:
+    rebuilt, committed = fmt.decode(dict(g)), fmt.decode(dict(w))
+  if fmt.draw_digest(rebuilt) != fmt.draw_digest(committed):
+    print('  inputs (initial weights, batches, targets) differ  MISMATCH')
+    return False
+  print('  inputs bit-equal')
+  ok = True
+  for group, values in sorted(fmt.compare(committed, rebuilt).items()):
+    if group.endswith('/null'):
+      continue
+    limit = max(10 * float(committed.get(f'self_agreement/{group}', 0.0)), 1e-12)
+    good = values[0][0] <= limit
+    ok &= good
+    print(f'  {group:16s} max {values[0][0]:.2e} (tolerance 10 x self-agreement = {limit:.2e}){"" if good else "  MISMATCH"}')
+  return ok
+
+
+def _check_self_agreement(got: pathlib.Path, want: pathlib.Path) -> bool:
+  """A rebuilt self-agreement file: the same draws, each group within a factor of ten."""
+  rebuilt, committed = json.loads(got.read_text()), json.loads(want.read_text())
+  ok = set(rebuilt) == set(committed)
+  for name in sorted(set(rebuilt) & set(committed)):
+    a, b = rebuilt[name], committed[name]
+    same_draw = a['draw_digest'] == b['draw_digest'] and a['pure64'] == b['pure64']
+    ok &= same_draw
+    print(f'  {name}: {"the same draw" if same_draw else "another draw  MISMATCH"}')
+    for group in sorted(b['self_agreement']):
+      x, y = a['self_agreement'].get(group, np.inf), b['self_agreement'][group]
+      good = (x <= 1e-15 and y <= 1e-15) or (y / 10 <= x <= 10 * y)
+      ok &= good
+      print(f'    {group:16s} {x:.2e} vs {y:.2e}{"" if good else "  MISMATCH"}')
+  return ok
+
+
+GOLDENS['train_step_draws'] = Golden(tuple(f'train_step_s{seed}_pure64.npz' for seed in DRAW_SEEDS), True,
+                                     make_train_step_draws, check=_check_train_step_draw)
+GOLDENS['train_step_self_agreement'] = Golden(('train_step_self_agreement.json',), True,
+                                              make_train_step_self_agreement, check=_check_self_agreement)
+
+
 # ---- --check ------------------------------------------------------------------------------------------
 
 def _tolerance(key: str, expected: np.ndarray, tolerances) -> tuple[str, float, str]:
   """(kind, largest allowed |difference|, how it was set) for one array of a rebuilt npz."""
   kind, value = next(((k, v) for pattern, k, v in tolerances if fnmatch.fnmatchcase(key, pattern)), ('exact', EXACT))
   if kind == 'rel':
-    scale = float(np.abs(expected).max()) if expected.size else 0.0
+    scale = float(np.nanmax(np.abs(expected))) if expected.size else 0.0
     return kind, value * scale, f'{value:g} x max {scale:.3g}'
   return kind, value, {'exact': 'bit-equal', 'unread': 'not read by the tests: reported only'}.get(kind, f'{value:g}')
 
@@ -775,7 +847,11 @@ def _make_test_data(argv: list[str]) -> int:
     ok = True
     for golden in selected.values():
       for file in golden.files:
-        ok &= _compare(file, folder / file, output / file, golden.tolerances)
+        if golden.check is not None and (output / file).exists():
+          print(file)
+          ok &= golden.check(folder / file, output / file)
+        else:
+          ok &= _compare(file, folder / file, output / file, golden.tolerances)
     print(f'\n{"all within tolerance" if ok else "MISMATCH: some files differ beyond tolerance"}')
     return 0 if ok else 1
 
