@@ -40,7 +40,7 @@ command says so and exits with status 1 without writing, unless --keep_ill_condi
 
 Output: `--output` the compact golden (scripts/make_train_step_golden.py's format: about a quarter of
 the reference's size, decoded by its `decode`); `--reference_output` the full reference (the layout of
-the shared train_step_s13_pure64.npz). 
+the shared train_step_s13_pure64.npz).
 
 --remeasure FILE,...: for existing reference files (their initial weights and batches, float32 islands
 as `config/pure64` says), reruns the official steps here: the run with --threads, and the two reruns
