@@ -61,6 +61,8 @@ def get_base_config(layout: str, dataset: str) -> ml_collections.ConfigDict:
   c.loss.star_dist = 'smoothl1'     # STAR distance: 'smoothl1' (scale 0.01), 'l1', 'l2', 'wing'
   c.loss.star_eps = 1e-5            # added to eigenvalues before the square root
   c.loss.eig_clamp = 0.0            # >0: clamp eigenvalues to at least this (off in the official code)
+  c.loss.star_isotropic = 'pin'     # eigenvectors of numerically isotropic covariances: 'pin' (axes, finite
+                                    # gradient) or 'official' (LAPACK's, however ill-conditioned); docs/fidelity.md
   c.loss.weights = (1.0, 10.0, 10.0)  # per stack: landmark loss, AWing point maps, AWing edge maps
 
   # ---- Optimisation -----------------------------------------------------------------------------

@@ -47,6 +47,7 @@ FREE_KEYS = (
 ADDED_FIELDS = {
     'init_from': '', 'init_from_strict': True,
     'data.relabel_model': 'independent', 'data.annotators': 5, 'data.annotator_bias': 0.75,
+    'loss.star_isotropic': 'pin',
 }
 
 
