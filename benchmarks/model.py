@@ -100,15 +100,11 @@ def _time_official_child(path: str, batch: int, repeats: int, shape: train_bench
   """`_time_official` in a child process (PyTorch and JAX on one GPU in one process could clash over
   CUDA libraries and memory; a crash there must not take our rows with it)."""
   import json  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
-  from star_jax import cpu_tuning  # pylint: disable=import-outside-toplevel
-  env = cpu_tuning.untuned_environment()   # the official code runs as shipped
-  env['PYTHONPATH'] = os.pathsep.join([str(train_bench._REPO)] + [p for p in [env.get('PYTHONPATH', '')] if p])  # pylint: disable=protected-access
   proc = subprocess.run([sys.executable, '-m', 'benchmarks.model', '--official-forward', path, str(batch),
                          str(repeats), 'small' if shape == train_bench.SMALL else 'full', device],
-                        env=env, capture_output=True, text=True, timeout=600)
+                        env=benchmarks.child_environment(), capture_output=True, text=True, timeout=600)
   lines = [line for line in proc.stdout.splitlines() if line.startswith('{')]
   if proc.returncode or not lines:
     raise RuntimeError(f'official forward failed ({proc.returncode}): {proc.stderr[-1500:]}')

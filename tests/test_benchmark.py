@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import types
@@ -15,6 +16,8 @@ import pytest
 
 import benchmarks
 from conftest import REPO
+
+SECTIONS = ('loss', 'model', 'data', 'train', 'eval', 'export', 'video', 'infer')
 
 
 def test_repeats_given_are_used_as_given():
@@ -60,19 +63,30 @@ def test_bad_repeats_is_refused_before_any_work(tmp_path):
   assert not (tmp_path / 'rows.json').exists()
 
 
-@pytest.mark.parametrize('section', ['loss', 'model', 'data', 'train', 'eval', 'export', 'video', 'infer'])
-def test_every_section_binds_the_globals_its_run_uses(section):
-  """The heavy sections are not run here (seconds to minutes per call): check instead that every
-  global name `run` (and the functions and lambdas inside it) loads is bound, which catches a missing
-  import before a long benchmark fails on it."""
+@pytest.mark.parametrize('section', SECTIONS)
+def test_every_section_binds_the_globals_and_attributes_it_uses(section):
+  """The heavy sections are not run here (seconds to minutes per call): check instead that every global
+  name the section's functions (and the functions and lambdas inside them) load is bound, and that
+  every attribute they take of one of the project's modules (`train_bench.SMALL`) exists, which catches
+  a missing import or a renamed helper before a long benchmark fails on it."""
   module = importlib.import_module(f'benchmarks.{section}')
-  codes, loaded = [module.run.__code__], set()
+  top = compile(pathlib.Path(module.__file__).read_text(), module.__file__, 'exec')
+  codes, missing, attributes = [c for c in top.co_consts if isinstance(c, types.CodeType)], set(), set()
   while codes:
     code = codes.pop()
-    loaded |= {ins.argval for ins in dis.get_instructions(code) if ins.opname == 'LOAD_GLOBAL'}
+    instructions = list(dis.get_instructions(code))
+    for ins, after in zip(instructions, instructions[1:] + [None]):
+      if ins.opname != 'LOAD_GLOBAL':
+        continue
+      if not hasattr(module, ins.argval) and not hasattr(builtins, ins.argval):
+        missing.add(f'{code.co_name}: {ins.argval}')
+      value = getattr(module, ins.argval, None)
+      if (isinstance(value, types.ModuleType) and value.__name__.split('.')[0] in ('benchmarks', 'star_jax')
+          and after is not None and after.opname in ('LOAD_ATTR', 'LOAD_METHOD') and not hasattr(value, after.argval)):
+        attributes.add(f'{code.co_name}: {ins.argval}.{after.argval}')
     codes += [c for c in code.co_consts if isinstance(c, types.CodeType)]
-  missing = sorted(n for n in loaded if not hasattr(module, n) and not hasattr(builtins, n))
-  assert not missing, f'benchmarks/{section}.py run() uses undefined globals: {missing}'
+  assert not missing, f'benchmarks/{section}.py uses undefined globals: {sorted(missing)}'
+  assert not attributes, f'benchmarks/{section}.py uses attributes its modules do not have: {sorted(attributes)}'
 
 
 # The official side of the infer section, when these point at a checkout of the official code and a
