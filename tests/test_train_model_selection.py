@@ -4,34 +4,23 @@ predict and the Python API load it by default and say so; --step / --weights ove
 written before the rule still load (star_jax/training/checkpoints.py, `best_checkpoint`)."""
 
 import json
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import COMPILE_CACHE_ENV, REPO, TINY_CONFIG as TINY
+from conftest import TINY_CONFIG as TINY
 from star_jax import evaluate
 from star_jax.training import checkpoints
 
-# 32 training faces at batch 16: 2 steps per epoch, an evaluation every epoch, 4 in all; checkpoints
-# only at evaluations (checkpoint_every_epochs=100) and only the latest one kept besides the best.
-RUN = ['--config.total_steps=8', '--config.batch_size=16', '--config.eval_every_epochs=1',
-       '--config.checkpoint_every_epochs=100', '--config.keep_checkpoints=1']
-
 
 @pytest.fixture(scope='module')
-def trained(tiny_tfds_dir, tmp_path_factory):
-  """(workdir, data dir, the train command's stdout) of a short run."""
-  workdir = tmp_path_factory.mktemp('selection') / 'run'
-  proc = subprocess.run([sys.executable, '-m', 'star_jax.train', TINY, f'--workdir={workdir}',
-                         f'--config.data.data_dir={tiny_tfds_dir}', '--config.progress=False', *RUN],
-                        cwd=REPO, capture_output=True, text=True, timeout=900,
-                        env=dict(os.environ, JAX_PLATFORMS='cpu', **COMPILE_CACHE_ENV))
-  assert proc.returncode == 0, proc.stderr[-4000:]
+def trained(trained_tiny, tiny_tfds_dir):
+  """(workdir, data dir, the train command's stdout) of the shared short run (conftest.TRAINED_RUN: 32
+  training faces at batch 16, 2 steps per epoch, an evaluation every epoch, 4 in all; checkpoints only
+  at evaluations and only the latest one kept besides the best)."""
+  workdir, proc = trained_tiny
   return workdir, tiny_tfds_dir, proc.stdout
 
 
