@@ -4,9 +4,9 @@ Forward (eval mode) and forward + backward (train mode, batch statistics, gradie
 all stack outputs) at batch 8, jit-compiled, median of `--repeats` runs (default 3 on a CPU); on a
 GPU also batch 32 in float32 and bfloat16. `--batch` and `--dtypes` time those settings instead,
 `--small` a small network (64 px, 4 stacks, 32 channels: dry runs). With `--official PATH` (a checkout of
-ZhenglinZhou/STAR) and PyTorch importable, the official network's forward is timed the same way, in
-the same process, for comparison: at batch 8 on the CPU, or on `--official_device` (the GPU when ours
-runs on one) at each float32 setting's batch.
+ZhenglinZhou/STAR) and PyTorch importable, the official network's forward is timed the same way, in a
+child process, for comparison: on `--official_device` (the GPU when ours runs on one) at each float32
+setting's batch (batch 8 when every setting is bfloat16).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def run(args):
   rows[-1]['memory'] = train_bench.device_memory()
   if getattr(args, 'official', ''):
     device = train_bench.official_device(args, backend)
-    batches = sorted({b for b, d in settings if d == 'float32'}) if device != 'cpu' else [8]
+    batches = sorted({b for b, d in settings if d == 'float32'})
     for batch in batches or [8]:
       try:
         seconds, note = _time_official_child(args.official, batch, repeats, shape, device)
