@@ -154,9 +154,12 @@ def checkpoint_steps(workdir) -> list:
 
 
 # The one training run of the tiny model shared by the tests that need a trained workdir (they copy it
-# before changing it): 32 training faces at batch 16, 2 steps per epoch, an evaluation every epoch (4 in
-# all), checkpoints only at evaluations and only the latest one kept besides the best.
-TRAINED_RUN = ('--config.total_steps=8', '--config.batch_size=16', '--config.eval_every_epochs=1',
+# before changing it): 32 training faces at the tiny config's batch 4, 8 steps per epoch, an evaluation
+# every epoch (4 in all), checkpoints only at evaluations and only the latest one kept besides the best.
+# (The tiny config's batch, not a batch of its own: the train step it compiles is the one the other
+# tests' runs of the tiny config compile.)
+TRAINED_STEPS = 32
+TRAINED_RUN = (f'--config.total_steps={TRAINED_STEPS}', '--config.eval_every_epochs=1',
                '--config.checkpoint_every_epochs=100', '--config.keep_checkpoints=1')
 
 

@@ -131,7 +131,7 @@ def test_crop_pixels_are_the_pipelines():
 
 @pytest.fixture(scope='module')
 def trained(trained_tiny):
-  """A training workdir of configs/synthetic.py:tiny after 8 steps (conftest.trained_tiny: checkpoints
+  """A training workdir of configs/synthetic.py:tiny after 32 steps (conftest.trained_tiny: checkpoints
   with 'model' and 'ema')."""
   return trained_tiny[0]
 
