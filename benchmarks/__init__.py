@@ -47,6 +47,16 @@ def repeats(args, *, full_network: bool = False) -> int:
   return DEFAULT_REPEATS
 
 
+def child_environment() -> dict:
+  """The environment of a child process running the official code: the caller's as it was before
+  star_jax's CPU tuning (the official code runs as shipped), with this checkout on PYTHONPATH (for
+  `python -m benchmarks.<section>`)."""
+  from star_jax import cpu_tuning  # pylint: disable=import-outside-toplevel
+  env = cpu_tuning.untuned_environment()
+  env['PYTHONPATH'] = os.pathsep.join([str(_REPO)] + [p for p in [env.get('PYTHONPATH', '')] if p])
+  return env
+
+
 class WorkerProcess:
   """A child Python process of the benchmarks (the official code's side), driven by lines on its stdin
   and answering with lines 'WORD REST'; run with the caller's environment as it was before star_jax's CPU
@@ -54,12 +64,9 @@ class WorkerProcess:
   error message when an answer is not the expected one."""
 
   def __init__(self, argv: list[str], python: str = '', cwd: str | None = None):
-    from star_jax import cpu_tuning  # pylint: disable=import-outside-toplevel
     self._stderr = tempfile.TemporaryFile(mode='w+')
-    env = cpu_tuning.untuned_environment()
-    env['PYTHONPATH'] = os.pathsep.join([str(_REPO)] + [p for p in [env.get('PYTHONPATH', '')] if p])
     self._proc = subprocess.Popen([python or sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=self._stderr, text=True, env=env, cwd=cwd)
+                                  stderr=self._stderr, text=True, env=child_environment(), cwd=cwd)
 
   def _ask(self, line: str, expected: str = 'done') -> str:
     self._proc.stdin.write(line + '\n')

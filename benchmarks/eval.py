@@ -3,6 +3,7 @@ pass plus mapping the landmarks back to image pixels, as star_jax.evaluate and s
 
 Batch 8 on CPU; batch 32 when a GPU is present. Random weights (speed does not depend on them) and
 random images; data loading is not included (scripts/evaluate.py reports both figures on real data).
+`--small` times a small network instead (64 px, 4 stacks, 32 channels: dry runs and smoke tests).
 """
 
 from __future__ import annotations
@@ -10,11 +11,6 @@ from __future__ import annotations
 import numpy as np
 
 import benchmarks
-
-
-def _wflw_config():
-  from star_jax import config_lib  # pylint: disable=g-import-not-at-top
-  return config_lib.load_config('configs/wflw.py')
 
 
 def _time(predict_fn, batch: int, image_size: int, repeats: int, seed: int = 0) -> float:
@@ -37,15 +33,17 @@ def run(args) -> list[dict]:
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   from star_jax import models  # pylint: disable=g-import-not-at-top
+  from benchmarks import train as train_bench  # pylint: disable=g-import-not-at-top
 
-  config = _wflw_config()
+  small = bool(getattr(args, 'small', False))
+  config = train_bench.wflw_config('float32', train_bench.shape_of(args))
   size = int(config.data.image_size)
   on_gpu = jax.default_backend() == 'gpu'
   rows = []
   cases = [('float32', 32)] if on_gpu else [('float32', 8)]
   if on_gpu:
     cases.append(('bfloat16', 32))
-  repeats = benchmarks.repeats(args, full_network=True)
+  repeats = benchmarks.repeats(args, full_network=not small)
   for dtype, batch in cases:
     config.model.dtype = dtype
     model = models.create_model(config, nnx.Rngs(0))

@@ -13,6 +13,7 @@ only constant folding turns into initialisers) and `quantize_dynamic` with int8 
 the k x k convolutions into ConvInteger; the 1x1 convolutions are Gemm, which dynamic quantisation
 does not cover.
 Needs the 'export' extra (jax2onnx, onnx, onnxruntime); without it the section returns one row saying so.
+`--small` exports a small network instead (64 px, 4 stacks, 32 channels: dry runs and smoke tests).
 """
 
 from __future__ import annotations
@@ -29,16 +30,16 @@ import numpy as np
 from flax import nnx
 
 import benchmarks
+from benchmarks import train as train_bench
 from star_jax import export, layouts
 from star_jax.models import StackedHGNet
 
 LAYOUT = layouts.WFLW
-SIZE = 256
 
 
-def _model() -> StackedHGNet:
-  model = StackedHGNet(LAYOUT.num_points, LAYOUT.edge_membership(), image_size=SIZE, nstack=4,
-                       nlevels=4, channels=256, rngs=nnx.Rngs(0))
+def _model(shape: train_bench.Shape = train_bench.FULL) -> StackedHGNet:
+  model = StackedHGNet(LAYOUT.num_points, LAYOUT.edge_membership(), image_size=shape.image, nstack=shape.nstack,
+                       nlevels=4, channels=shape.channels, rngs=nnx.Rngs(0))
   model.eval()
   return model
 
@@ -65,16 +66,18 @@ def run(args):
     from onnxruntime.quantization.shape_inference import quant_pre_process  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     return [{'name': 'ONNX export', 'value': float('nan'), 'unit': '', 'notes': f'skipped: {e}'}]
-  repeats = benchmarks.repeats(args, full_network=True)
-  model = _model()
+  shape = train_bench.shape_of(args)
+  repeats = benchmarks.repeats(args, full_network=shape == train_bench.FULL)
+  model = _model(shape)
+  what = shape.label
   rows = []
   t0 = time.perf_counter()
   proto = export.export_onnx(model)
   seconds = time.perf_counter() - t0
   data = proto.SerializeToString()
-  rows.append({'name': 'ONNX export WFLW 256px (jax2onnx)', 'value': seconds, 'unit': 's',
+  rows.append({'name': f'ONNX export {what} (jax2onnx)', 'value': seconds, 'unit': 's',
                'notes': f'opset {export.DEFAULT_OPSET}, trace + convert, model built beforehand'})
-  rows.append({'name': 'ONNX file size WFLW 256px', 'value': len(data) / 2 ** 20, 'unit': 'MiB', 'notes': ''})
+  rows.append({'name': f'ONNX file size {what}', 'value': len(data) / 2 ** 20, 'unit': 'MiB', 'notes': ''})
 
   with tempfile.TemporaryDirectory() as tmp:
     fp32, int8 = os.path.join(tmp, 'model.onnx'), os.path.join(tmp, 'model.int8.onnx')
@@ -86,7 +89,7 @@ def run(args):
     quantize_dynamic(pre, int8, weight_type=QuantType.QInt8)
     quant_seconds = time.perf_counter() - t0
     ops = collections.Counter(node.op_type for node in onnx.load(int8).graph.node)
-    rows.append({'name': 'ONNX int8 dynamic quantisation WFLW 256px', 'value': os.path.getsize(int8) / 2 ** 20,
+    rows.append({'name': f'ONNX int8 dynamic quantisation {what}', 'value': os.path.getsize(int8) / 2 ** 20,
                  'unit': 'MiB', 'notes': f'quant_pre_process + quantize_dynamic QInt8, {quant_seconds:.0f} s; '
                                          f'{ops["ConvInteger"]} ConvInteger, {ops["MatMulInteger"]} MatMulInteger, '
                                          f'{ops["Conv"]} Conv and {ops["Gemm"]} Gemm left in float'})
@@ -99,7 +102,7 @@ def run(args):
     engines = {name: (lambda x, s=s: s.run(None, {export.INPUT_NAME: x})) for name, s in sessions.items()}
     engines['jax'] = lambda x: jax.block_until_ready(jax_fn(x))
     for batch in (1, 8):
-      images = np.random.default_rng(batch).uniform(0, 255, (batch, SIZE, SIZE, 3)).astype(np.float32)
+      images = np.random.default_rng(batch).uniform(0, 255, (batch, shape.image, shape.image, 3)).astype(np.float32)
       load = os.getloadavg()[0]
       for name, secs in _in_turns(engines, images, repeats).items():
         rows.append({'name': f'{name} per image, batch {batch}', 'value': secs / batch * 1e3, 'unit': 'ms',

@@ -25,9 +25,10 @@ Rows: per run the mean training loss over the last 20 steps and the test NME (in
 network after the last step in eval mode, last stack's soft-argmax landmarks); per comparison with
 `official` the relative difference of that final loss, the mean relative difference of the loss
 curves (20-step running means) and the NME difference in points. Each run's loss curve is in its row
-('curve'). scripts/fidelity_plot.py draws them.
+('curve'). scripts/fidelity_plot.py draws them. `--small` runs SMALL_STEPS steps on SMALL_TRAIN_FACES
+faces (a smoke test of the same code; its figures say nothing).
 
-  python scripts/benchmark.py fidelity --official /path/to/STAR --official_python /work/torchvenv/bin/python
+  python scripts/benchmark.py fidelity --official /path/to/STAR --official_python /path/to/python-with-torch
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ STEPS = 200
 BATCH = 16
 IMAGE, MAPS, NSTACK, CHANNELS = 64, 16, 4, 32
 TRAIN_FACES, TEST_FACES = 800, 200
+# --small (smoke tests): a few steps on a few faces, the same code path.
+SMALL_STEPS, SMALL_TRAIN_FACES, SMALL_TEST_FACES = 2 * 20, 64, 16
 SMOOTH = 20           # running mean of the loss curves, and the final loss's window
 LAYOUT = layouts.WFLW
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -74,11 +77,11 @@ def _faces(split: str, count: int) -> dict[str, np.ndarray]:
   }
 
 
-def batch_order(order_seed: int) -> np.ndarray:
-  """(STEPS, BATCH) indices of the training faces: epochs in a permutation drawn from `order_seed`."""
+def batch_order(order_seed: int, steps: int = STEPS, faces: int = TRAIN_FACES) -> np.ndarray:
+  """(steps, BATCH) indices of the training faces: epochs in a permutation drawn from `order_seed`."""
   rng = np.random.default_rng(order_seed)
-  epochs = -(-STEPS * BATCH // TRAIN_FACES)
-  return np.concatenate([rng.permutation(TRAIN_FACES) for _ in range(epochs)])[:STEPS * BATCH].reshape(STEPS, BATCH)
+  epochs = -(-steps * BATCH // faces)
+  return np.concatenate([rng.permutation(faces) for _ in range(epochs)])[:steps * BATCH].reshape(steps, BATCH)
 
 
 # ---- The official side (child process, PyTorch) -------------------------------------------------------
@@ -149,7 +152,7 @@ def _config(isotropic: str):
   return c
 
 
-def _run_ours(data: dict, init: dict, order_seed: int, isotropic: str) -> dict:
+def _run_ours(data: dict, init: dict, order_seed: int, isotropic: str, train_faces: int) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
@@ -157,7 +160,7 @@ def _run_ours(data: dict, init: dict, order_seed: int, isotropic: str) -> dict:
   from star_jax.training import state as state_lib  # pylint: disable=import-outside-toplevel
   from star_jax.training import step as step_lib  # pylint: disable=import-outside-toplevel
   config = _config(isotropic)
-  tx = state_lib.make_optimizer(config, TRAIN_FACES // BATCH)
+  tx = state_lib.make_optimizer(config, train_faces // BATCH)
   graphs, state = state_lib.create_train_state(config, tx, rng_seed=0)
   model = nnx.merge(graphs.train, state.params, state.batch_stats)
   convert_pytorch.load_into_model(init, model)
@@ -197,20 +200,22 @@ def run(args) -> list[dict]:
   if not args.official:
     return [{'name': 'skipped: the fidelity section needs --official PATH (and PyTorch)', 'value': float('nan'),
              'unit': '', 'notes': 'it compares our training with the official trainer'}]
+  steps, train_faces, test_faces = ((SMALL_STEPS, SMALL_TRAIN_FACES, SMALL_TEST_FACES)
+                                     if getattr(args, 'small', False) else (STEPS, TRAIN_FACES, TEST_FACES))
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     folder = pathlib.Path(tmp)
-    data = {f'train/{k}': v for k, v in _faces('train', TRAIN_FACES).items()}
-    data.update({f'test/{k}': v for k, v in _faces('test', TEST_FACES).items()})
-    data.update({f'order/{seed}': batch_order(seed) for seed in (0, 1)})
+    data = {f'train/{k}': v for k, v in _faces('train', train_faces).items()}
+    data.update({f'test/{k}': v for k, v in _faces('test', test_faces).items()})
+    data.update({f'order/{seed}': batch_order(seed, steps, train_faces) for seed in (0, 1)})
     np.savez(folder / 'data.npz', **data)
     runs = {'official': _run_official(args, folder, 'official', 1, 0)}
     with np.load(folder / 'init.npz') as f:
       init = {k: f[k] for k in f.files}
     runs['official_threads'] = _run_official(args, folder, 'official_threads', 2, 0)
     runs['official_order'] = _run_official(args, folder, 'official_order', 1, 1)
-    runs['ours'] = _run_ours(data, init, 0, 'pin')
-    runs['ours_official'] = _run_ours(data, init, 0, 'official')
+    runs['ours'] = _run_ours(data, init, 0, 'pin', train_faces)
+    runs['ours_official'] = _run_ours(data, init, 0, 'official', train_faces)
   what = {'official': 'official trainer (1 thread, order 0)', 'official_threads': 'official trainer, 2 threads',
           'official_order': 'official trainer, data order 1', 'ours': 'ours (defaults)',
           'ours_official': "ours, loss.star_isotropic='official'"}
@@ -218,9 +223,9 @@ def run(args) -> list[dict]:
   final = {name: float(r['losses'][-SMOOTH:].mean()) for name, r in runs.items()}
   for name, r in runs.items():
     rows.append({'name': f'{name}: final loss (mean of the last {SMOOTH} steps)', 'value': final[name], 'unit': 'loss',
-                 'notes': f'{what[name]}; {STEPS} steps in {float(r["seconds"]):.0f} s', 'curve': r['losses'].tolist()})
+                 'notes': f'{what[name]}; {steps} steps in {float(r["seconds"]):.0f} s', 'curve': r['losses'].tolist()})
     rows.append({'name': f'{name}: test NME', 'value': nme[name], 'unit': '%',
-                 'notes': f'{what[name]}; inter-ocular, {TEST_FACES} synthetic test faces'})
+                 'notes': f'{what[name]}; inter-ocular, {test_faces} synthetic test faces'})
   reference = _smooth(runs['official']['losses'])
   for name in ('official_threads', 'official_order', 'ours', 'ours_official'):
     curve = _smooth(runs[name]['losses'])

@@ -2,7 +2,7 @@
 weights: ours in JAX (float32, bfloat16), the ONNX export in onnxruntime (float32; int8 dynamic
 quantisation for the network alone) and the official PyTorch network (`--official PATH`).
 
-  python scripts/benchmark.py infer [--official /tmp/star_ref --official_python /work/torchvenv/bin/python]
+  python scripts/benchmark.py infer [--official /path/to/STAR --official_python /path/to/python-with-torch]
       [--repeats 3] [--small]
 
 Two measurements, at batch 1 (per-face latency) and batch 8 (throughput):

@@ -4,9 +4,9 @@ Forward (eval mode) and forward + backward (train mode, batch statistics, gradie
 all stack outputs) at batch 8, jit-compiled, median of `--repeats` runs (default 3 on a CPU); on a
 GPU also batch 32 in float32 and bfloat16. `--batch` and `--dtypes` time those settings instead,
 `--small` a small network (64 px, 4 stacks, 32 channels: dry runs). With `--official PATH` (a checkout of
-ZhenglinZhou/STAR) and PyTorch importable, the official network's forward is timed the same way, in
-the same process, for comparison: at batch 8 on the CPU, or on `--official_device` (the GPU when ours
-runs on one) at each float32 setting's batch.
+ZhenglinZhou/STAR) and PyTorch importable, the official network's forward is timed the same way, in a
+child process, for comparison: on `--official_device` (the GPU when ours runs on one) at each float32
+setting's batch (batch 8 when every setting is bfloat16).
 """
 
 from __future__ import annotations
@@ -100,15 +100,11 @@ def _time_official_child(path: str, batch: int, repeats: int, shape: train_bench
   """`_time_official` in a child process (PyTorch and JAX on one GPU in one process could clash over
   CUDA libraries and memory; a crash there must not take our rows with it)."""
   import json  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
-  from star_jax import cpu_tuning  # pylint: disable=import-outside-toplevel
-  env = cpu_tuning.untuned_environment()   # the official code runs as shipped
-  env['PYTHONPATH'] = os.pathsep.join([str(train_bench._REPO)] + [p for p in [env.get('PYTHONPATH', '')] if p])  # pylint: disable=protected-access
   proc = subprocess.run([sys.executable, '-m', 'benchmarks.model', '--official-forward', path, str(batch),
                          str(repeats), 'small' if shape == train_bench.SMALL else 'full', device],
-                        env=env, capture_output=True, text=True, timeout=600)
+                        env=benchmarks.child_environment(), capture_output=True, text=True, timeout=600)
   lines = [line for line in proc.stdout.splitlines() if line.startswith('{')]
   if proc.returncode or not lines:
     raise RuntimeError(f'official forward failed ({proc.returncode}): {proc.stderr[-1500:]}')
@@ -141,7 +137,7 @@ def run(args):
   rows[-1]['memory'] = train_bench.device_memory()
   if getattr(args, 'official', ''):
     device = train_bench.official_device(args, backend)
-    batches = sorted({b for b, d in settings if d == 'float32'}) if device != 'cpu' else [8]
+    batches = sorted({b for b, d in settings if d == 'float32'})
     for batch in batches or [8]:
       try:
         seconds, note = _time_official_child(args.official, batch, repeats, shape, device)

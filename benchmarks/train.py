@@ -32,9 +32,9 @@ per-term `.item()` calls impose on it. Our step runs with star_jax's CPU tuning
 (star_jax/cpu_tuning.py) as the trainer does; STAR_JAX_CPU_TUNING=0 times it with XLA's and glibc's
 defaults.
 
-  python scripts/benchmark.py train [--official /tmp/star_ref] [--repeats 3] [--batch 32] [--dtypes float32,bfloat16]
+  python scripts/benchmark.py train [--official /path/to/STAR] [--repeats 3] [--batch 32] [--dtypes float32,bfloat16]
 
-(run it with a Python that has both star_jax and PyTorch for `--official`, e.g. /work/torchvenv).
+(run it with a Python that has both star_jax and PyTorch for `--official`, a virtual environment with both installed).
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ The tests use both (tests/test_video.py); this section reports, through the pred
   inter-ocular distance) and the mean error, with and without One Euro smoothing, for the oracle;
 - frames/s of the whole video path (decode, track, network, draw, encode) for the tiny and the
   full-size WFLW networks (random weights: the speed does not depend on them).
+
+`--small` (dry runs and smoke tests): the frames/s of the tiny network only, on the video's first
+SMALL_FRAMES frames.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PHOTO = REPO / 'tests' / 'data' / 'real_faces_full' / 'takeo.png'
 # Out-of-photo pixels repeat the border: they move with the photo, and hold no second face.
 PAD = 160
+FRAMES = 48          # frames of the section's videos
+SMALL_FRAMES = 12    # frames/s with --small: the first frames (the same motion from frame to frame)
 
 
 def read_pts(path: pathlib.Path) -> np.ndarray:
@@ -59,7 +64,7 @@ def motion(num_frames: int, amplitude: float = 1.0) -> list[tuple[float, float, 
   return out
 
 
-def motion_video(num_frames: int = 48, size: tuple[int, int] = (288, 256), amplitude: float = 1.0,
+def motion_video(num_frames: int = FRAMES, size: tuple[int, int] = (288, 256), amplitude: float = 1.0,
                  photo: pathlib.Path = PHOTO) -> tuple[np.ndarray, np.ndarray]:
   """(frames uint8 (T, H, W, 3) RGB, true landmarks (T, 68, 2) in frame px) of the photo moved by
   `motion`: frame t shows the photo rotated and zoomed about the face centre, which is placed at the
@@ -170,7 +175,7 @@ def track(landmarker, frames: np.ndarray, fps: float = 25.0, **tracker_options):
   return out, per_frame
 
 
-def oracle_jitter(num_frames: int = 48, noise: float = 0.02, image_size: int = 128, fps: float = 25.0,
+def oracle_jitter(num_frames: int = FRAMES, noise: float = 0.02, image_size: int = 128, fps: float = 25.0,
                   **tracker_options) -> dict:
   """The oracle's landmarks through the tracker, without and with smoothing: jitter and mean error
   (px, and as fractions of the inter-ocular distance), and whether the track had the face in every
@@ -268,8 +273,9 @@ def tracked_fps(checkpoint, frames: np.ndarray, fps: float = 25.0, smooth: bool 
   return (summary['num_frames'] - 1) / (steady - oracle_after_first), summary
 
 
-def _checkpoints(tmp: pathlib.Path) -> dict:
-  """{'tiny': the tiny test network converted, 'full WFLW': the full-size WFLW network (random weights)}."""
+def _checkpoints(tmp: pathlib.Path, full_size: bool = True) -> dict:
+  """{'tiny': the tiny test network converted, 'full WFLW': the full-size WFLW network (random weights,
+  unless not `full_size`)}."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   from star_jax import config_lib  # pylint: disable=import-outside-toplevel
@@ -281,15 +287,18 @@ def _checkpoints(tmp: pathlib.Path) -> dict:
   tiny.model.nstack, tiny.model.channels = 4, 32
   convert_pytorch.convert_checkpoint(str(REPO / 'tests' / 'data' / 'tiny_wflw_checkpoint.pkl'), tiny,
                                      str(tmp / 'tiny'))
-  full = config_lib.load_config(str(REPO / 'configs' / 'wflw.py'))
-  checkpoints.save_model_checkpoint(tmp / 'full', model=create_model(full, nnx.Rngs(0)), config=full)
-  return {'tiny (input 64, 4 stacks x 32 channels)': tmp / 'tiny', 'full WFLW (input 256, 4 stacks x 256)': tmp / 'full'}
+  out = {'tiny (input 64, 4 stacks x 32 channels)': tmp / 'tiny'}
+  if full_size:
+    full = config_lib.load_config(str(REPO / 'configs' / 'wflw.py'))
+    checkpoints.save_model_checkpoint(tmp / 'full', model=create_model(full, nnx.Rngs(0)), config=full)
+    out['full WFLW (input 256, 4 stacks x 256)'] = tmp / 'full'
+  return out
 
 
 def run(args) -> list[dict]:
   """Rows for scripts/benchmark.py: the oracle's jitter and error, raw and smoothed; the video path's
-  frames/s with the tiny and the full-size WFLW networks."""
-  del args
+  frames/s with the tiny and the full-size WFLW networks (`--small`: the tiny one, fewer frames)."""
+  small = bool(getattr(args, 'small', False))
   rows = []
   j = oracle_jitter()
   for name in ('raw', 'smoothed'):
@@ -298,9 +307,10 @@ def run(args) -> list[dict]:
                           f'({j["inter_ocular_px"]:.1f} px); face in every frame: {j[f"{name}/every_frame"]}'})
     rows.append({'name': f'oracle through the tracker, {name}: mean error', 'value': j[f'{name}/error_px'],
                  'unit': 'px', 'notes': f'{100 * j[f"{name}/error_iod"]:.2f} % inter-ocular'})
-  frames, _ = motion_video(48, size=(640, 480))
+  frames, _ = motion_video(FRAMES, size=(640, 480))
+  frames = frames[:SMALL_FRAMES] if small else frames
   with tempfile.TemporaryDirectory() as tmp:
-    for name, checkpoint in _checkpoints(pathlib.Path(tmp)).items():
+    for name, checkpoint in _checkpoints(pathlib.Path(tmp), full_size=not small).items():
       for smooth in (False, True):
         value, summary = tracked_fps(checkpoint, frames, smooth=smooth)
         rows.append({'name': f'video 640x480 tracked, {name}{" smoothed" if smooth else ""}', 'value': value,
@@ -316,7 +326,7 @@ def run(args) -> list[dict]:
   return rows
 
 
-def picture(path: pathlib.Path, num_frames: int = 48) -> None:
+def picture(path: pathlib.Path, num_frames: int = FRAMES) -> None:
   """docs/video_tracking.jpg: four frames of the oracle tracked with smoothing (landmarks and 1-sigma
   ellipses), and a landmark's error over time without and with smoothing."""
   import matplotlib  # pylint: disable=import-outside-toplevel

@@ -7,16 +7,17 @@
 Prints a table on stdout and writes the rows as JSON. Runs on the default JAX backend (the GPU when
 one is present). `--official PATH` points at a checkout of the official PyTorch code
 (github ZhenglinZhou/STAR) to time it side by side; that needs PyTorch installed, star_jax does not.
-`--batch`, `--dtypes` and `--small` (a small network, for dry runs on a CPU) choose what the model and
-train sections time; `--workers` the Grain worker processes the data section tries; `--official_device`
-where the official PyTorch code runs (auto: on the GPU when ours does). scripts/device_check.sh runs the
+`--batch` and `--dtypes` choose what the model and train sections time, `--small` a small network in
+every section (dry runs on a CPU, smoke tests); `--workers` the Grain worker processes the data section
+tries; `--official_device` where the official PyTorch code runs (auto: on the GPU when ours does). scripts/device_check.sh runs the
 GPU set (docs/gpu.md). Each section lives in `benchmarks/<section>.py` (a folder of the repository, not of the installed
 library) and returns a list of row dicts: {'section', 'name', 'value', 'unit', 'notes'}; the official
 code is loaded by `benchmarks/official.py`. `fidelity` is not about speed: it trains the small synthetic
 network for 200 steps with the official trainer and with ours (both float32) and compares the loss curves
-and test NME with the official trainer's own run-to-run difference (docs/fidelity.md). Sections that run
-the official code in a child process (train, infer, fidelity) start it with `--official_python` (default:
-this interpreter), which needs PyTorch and numpy, not JAX.
+and test NME with the official trainer's own run-to-run difference (docs/fidelity.md). The model and
+train sections run the official code in a child process of this interpreter (which then needs PyTorch
+too); infer and fidelity start theirs with `--official_python` (default: this interpreter), which needs
+PyTorch and numpy, not JAX.
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ def _benchmark(argv: list[str]) -> int:
                        'an accelerator)', flag_values=fv)
   flags.DEFINE_string('dtypes', '', 'compute dtypes of the model and train sections, comma-separated (default: '
                       'float32 on a CPU, float32,bfloat16 on an accelerator)', flag_values=fv)
-  flags.DEFINE_bool('small', False, 'model, train and infer sections: a small network instead of the full WFLW '
-                    'one, for dry runs and smoke tests (model, train: 64 px, 4 stacks, 32 channels; infer: 256 '
-                    'px, 4 stacks, 16 channels)', flag_values=fv)
+  flags.DEFINE_bool('small', False, 'a small network instead of the full WFLW one, for dry runs and smoke '
+                    'tests (model, train, eval, export: 64 px, 4 stacks, 32 channels; infer: 256 px, 4 stacks, '
+                    '16 channels; video: the tiny network only, on fewer frames)', flag_values=fv)
   flags.DEFINE_string('workers', '', 'data section: also time the Grain pipeline with these numbers of worker '
                       'processes (config.data.num_workers), comma-separated, e.g. 0,8,15', flag_values=fv)
   flags.DEFINE_string('official_device', 'auto', "torch device of the official training step: 'auto' (the GPU "

@@ -1,8 +1,14 @@
-"""Shared test fixtures: paths to the golden data committed under tests/data, the tiny synthetic
-dataset, and the environment of subprocesses that run the real commands."""
+"""Shared test fixtures and helpers: paths to the golden data committed under tests/data, the tiny
+synthetic dataset, one tiny model trained by the real train command, the commands run in this process
+(`run_command`) and the environment of the subprocesses that run them as a user does."""
 
+import contextlib
+import dataclasses
+import io
+import json
 import os
 import pathlib
+import shutil
 import sys
 
 import pytest
@@ -23,6 +29,10 @@ COMPILE_CACHE = pathlib.Path(os.environ.get('STAR_JAX_TEST_CACHE', '/tmp/star_ja
 # or quick to compile.
 COMPILE_CACHE_ENV = {'JAX_COMPILATION_CACHE_DIR': str(COMPILE_CACHE), 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
                      'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+# The tests' own process keeps its larger programs there too (JAX's default: those that take a second
+# or more to compile): a command run here several times (run_command) traces its jit-compiled
+# functions anew each time, and compiles each program once per cache instead of once per run.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(COMPILE_CACHE))
 # configs/synthetic.py:tiny as a --config flag.
 TINY_CONFIG = f'--config={REPO / "configs" / "synthetic.py"}:tiny'
 
@@ -73,3 +83,109 @@ def tiny_landmarker(tiny_wflw_checkpoint):
   compiles once per session; a test that changes an attribute puts it back."""
   from star_jax.inference.landmarker import FaceLandmarker
   return FaceLandmarker.from_checkpoint(tiny_wflw_checkpoint)
+
+
+# ---- The commands, run in this process ---------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Completed:
+  """What a command run in this process returned and printed (as subprocess.CompletedProcess names it)."""
+  returncode: int
+  stdout: str
+  stderr: str
+
+
+def run_command(main, *argv) -> Completed:
+  """`main(['prog', *argv])` of a star_jax command (`star_jax.train.main`, ...) in this process: its
+  exit status, and its stdout and stderr with its log lines (absl's handler writes to the stderr of
+  the moment, or to its own stream once absl's flags are parsed: both are captured)."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  out, err = io.StringIO(), io.StringIO()
+  handler = absl_logging.get_absl_handler().python_handler
+  stream = handler.stream
+  handler.setStream(err)
+  try:
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      status = main(['prog', *map(str, argv)])
+  finally:
+    handler.setStream(stream)
+  return Completed(status, out.getvalue(), err.getvalue())
+
+
+def load_script(name: str):
+  """scripts/<name>.py as a module (the scripts are files of the checkout, not a package), for its `main`."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(name, REPO / 'scripts' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def command_env(devices: int = 1, **extra) -> dict:
+  """The environment of a subprocess running a command (`python -m star_jax.train ...`) on the CPU, with
+  `devices` devices. Without star_jax's CPU tuning (STAR_JAX_CPU_TUNING=0: XLA's default kernels, as
+  in this process) unless `extra` turns it on: its programs are then the ones this process compiles
+  for the same config, and COMPILE_CACHE holds them once for both."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', STAR_JAX_CPU_TUNING='0', **COMPILE_CACHE_ENV)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env.update(extra)
+  return env
+
+
+def train_tiny(workdir, tfds_dir, *extra) -> Completed:
+  """`python -m star_jax.train` on configs/synthetic.py:tiny and the data in `tfds_dir`, run in this
+  process (`extra`: more flags, e.g. '--config.total_steps=8')."""
+  from star_jax import train  # pylint: disable=import-outside-toplevel
+  return run_command(train.main, TINY_CONFIG, f'--workdir={workdir}', f'--config.data.data_dir={tfds_dir}',
+                     '--config.progress=False', *extra)
+
+
+def metric_records(workdir, key: str) -> dict:
+  """step -> the value of `key` in <workdir>/metrics.jsonl, the last record of each step (a resumed run
+  logs its steps again)."""
+  records = map(json.loads, (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines())
+  return {r['step']: r[key] for r in records if key in r}
+
+
+def checkpoint_steps(workdir) -> list:
+  """The step folders of <workdir>/checkpoints, in order."""
+  return sorted(int(p.name) for p in (pathlib.Path(workdir) / 'checkpoints').iterdir() if p.name.isdigit())
+
+
+# The one training run of the tiny model shared by the tests that need a trained workdir (they copy it
+# before changing it): 32 training faces at the tiny config's batch 4, 8 steps per epoch, an evaluation
+# every epoch (4 in all), checkpoints only at evaluations and only the latest one kept besides the best.
+# (The tiny config's batch, not a batch of its own: the train step it compiles is the one the other
+# tests' runs of the tiny config compile.)
+TRAINED_STEPS = 32
+TRAINED_RUN = (f'--config.total_steps={TRAINED_STEPS}', '--config.eval_every_epochs=1',
+               '--config.checkpoint_every_epochs=100', '--config.keep_checkpoints=1')
+
+
+@pytest.fixture(scope='session')
+def trained_tiny(tiny_tfds_dir, tmp_path_factory):
+  """(workdir, the train command's Completed) of configs/synthetic.py:tiny trained by the train command
+  for TRAINED_RUN on tiny_tfds_dir, once per session. Read only: copy it (`copy_workdir`) to change it."""
+  workdir = tmp_path_factory.mktemp('trained_tiny') / 'run'
+  proc = train_tiny(workdir, tiny_tfds_dir, *TRAINED_RUN)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return workdir, proc
+
+
+@pytest.fixture(scope='session')
+def trained_tiny_onnx(trained_tiny, tmp_path_factory):
+  """(path, the export command's Completed) of trained_tiny exported to ONNX by the export command (its
+  defaults: the latest step, the EMA weights), once per session. Needs the 'export' extra: the tests
+  that use it skip without."""
+  from star_jax import export  # pylint: disable=import-outside-toplevel
+  path = tmp_path_factory.mktemp('trained_tiny_onnx') / 'tiny.onnx'
+  proc = run_command(export.main, '--checkpoint', trained_tiny[0], '--output', path)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return path, proc
+
+
+def copy_workdir(workdir, destination) -> pathlib.Path:
+  """A copy of a training workdir at `destination`, for a test that changes it."""
+  shutil.copytree(workdir, destination)
+  return pathlib.Path(destination)

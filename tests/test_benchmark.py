@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import types
@@ -16,6 +17,8 @@ import pytest
 
 import benchmarks
 from conftest import REPO
+
+SECTIONS = ('loss', 'model', 'data', 'train', 'eval', 'export', 'video', 'infer', 'fidelity')
 
 
 def test_repeats_given_are_used_as_given():
@@ -36,9 +39,9 @@ def test_repeats_below_one_is_an_error():
     benchmarks.repeats(types.SimpleNamespace(repeats=0))
 
 
-def _benchmark(*args, cwd):
+def _benchmark(*args, cwd, timeout=600):
   return subprocess.run([sys.executable, str(REPO / 'scripts' / 'benchmark.py'), *args], cwd=cwd,
-                        capture_output=True, text=True, timeout=600)
+                        capture_output=True, text=True, timeout=timeout)
 
 
 def test_loss_section_runs_and_writes_its_rows(tmp_path):
@@ -61,23 +64,35 @@ def test_bad_repeats_is_refused_before_any_work(tmp_path):
   assert not (tmp_path / 'rows.json').exists()
 
 
-@pytest.mark.parametrize('section', ['loss', 'model', 'data', 'train', 'eval', 'export', 'video', 'infer', 'fidelity'])
-def test_every_section_binds_the_globals_its_run_uses(section):
-  """The heavy sections are not run here (seconds to minutes per call): check instead that every
-  global name `run` (and the functions and lambdas inside it) loads is bound, which catches a missing
-  import before a long benchmark fails on it."""
+@pytest.mark.parametrize('section', SECTIONS)
+def test_every_section_binds_the_globals_and_attributes_it_uses(section):
+  """The heavy sections are not run here (seconds to minutes per call; with the official code in
+  test_every_section_runs_beside_the_official_code): check instead that every global name the
+  section's functions (and the functions and lambdas inside them) load is bound, and that every
+  attribute they take of one of the project's modules (`train_bench.SMALL`) exists, which catches a
+  missing import or a renamed helper before a long benchmark fails on it."""
   module = importlib.import_module(f'benchmarks.{section}')
-  codes, loaded = [module.run.__code__], set()
+  top = compile(pathlib.Path(module.__file__).read_text(), module.__file__, 'exec')
+  codes, missing, attributes = [c for c in top.co_consts if isinstance(c, types.CodeType)], set(), set()
   while codes:
     code = codes.pop()
-    loaded |= {ins.argval for ins in dis.get_instructions(code) if ins.opname == 'LOAD_GLOBAL'}
+    instructions = list(dis.get_instructions(code))
+    for ins, after in zip(instructions, instructions[1:] + [None]):
+      if ins.opname != 'LOAD_GLOBAL':
+        continue
+      if not hasattr(module, ins.argval) and not hasattr(builtins, ins.argval):
+        missing.add(f'{code.co_name}: {ins.argval}')
+      value = getattr(module, ins.argval, None)
+      if (isinstance(value, types.ModuleType) and value.__name__.split('.')[0] in ('benchmarks', 'star_jax')
+          and after is not None and after.opname in ('LOAD_ATTR', 'LOAD_METHOD') and not hasattr(value, after.argval)):
+        attributes.add(f'{code.co_name}: {ins.argval}.{after.argval}')
     codes += [c for c in code.co_consts if isinstance(c, types.CodeType)]
-  missing = sorted(n for n in loaded if not hasattr(module, n) and not hasattr(builtins, n))
-  assert not missing, f'benchmarks/{section}.py run() uses undefined globals: {missing}'
+  assert not missing, f'benchmarks/{section}.py uses undefined globals: {sorted(missing)}'
+  assert not attributes, f'benchmarks/{section}.py uses attributes its modules do not have: {sorted(attributes)}'
 
 
 # The official side of the infer section, when these point at a checkout of the official code and a
-# Python with PyTorch (e.g. /tmp/star_ref and /work/torchvenv/bin/python); else it is left out.
+# Python with PyTorch (e.g. /path/to/STAR and /path/to/python-with-torch); else it is left out.
 OFFICIAL_CHECKOUT = os.environ.get('STAR_JAX_OFFICIAL_CHECKOUT', '')
 OFFICIAL_PYTHON = os.environ.get('STAR_JAX_OFFICIAL_PYTHON', '')
 
@@ -140,3 +155,72 @@ def test_fidelity_plot_draws_the_curves_and_refuses_other_rows(tmp_path):
   proc = subprocess.run(script + ['--json', str(bad), '--output', str(tmp_path / 'no.png')],
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1 and 'no fidelity rows' in proc.stderr and not (tmp_path / 'no.png').exists()
+def _official_missing() -> str:
+  """Why the official code cannot run beside ours in this Python ('' when it can)."""
+  if importlib.util.find_spec('torch') is None:
+    return ('PyTorch is not installed in this Python (the official code runs on it; pip install torch, then set '
+            'STAR_JAX_OFFICIAL_CHECKOUT)')
+  if not OFFICIAL_CHECKOUT:
+    return ('set STAR_JAX_OFFICIAL_CHECKOUT to a checkout of the official code (git clone '
+            'https://github.com/ZhenglinZhou/STAR)')
+  if importlib.util.find_spec('jax2onnx') is None or importlib.util.find_spec('onnxruntime') is None:
+    return "the export and infer sections export ONNX: needs the 'export' extra"
+  return ''
+
+
+@pytest.mark.skipif(bool(_official_missing()), reason=_official_missing() or 'runs')
+def test_every_section_runs_beside_the_official_code(tmp_path):
+  """`benchmark.py all --official` on the small networks, once per section: every section finishes,
+  and those with an official side (loss, model, data, train, infer, fidelity) run it, none skipped. The data
+  section's official pipeline reads its TSV with pandas: without pandas it says so instead."""
+  out = tmp_path / 'rows.json'
+  proc = _benchmark('all', '--small', '--repeats', '1', '--batch', '2', '--official', OFFICIAL_CHECKOUT, '--json',
+                    str(out), cwd=tmp_path, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(out.read_text())['rows']
+  by_section = {s: {r['name']: r for r in rows if r['section'] == s} for s in SECTIONS}
+  assert all(by_section.values()), {s: len(r) for s, r in by_section.items()}
+  has_pandas = importlib.util.find_spec('pandas') is not None
+  skipped = [r['name'] for r in rows if r['notes'].startswith('skipped') or 'error' in r]
+  assert not skipped, skipped
+  for row in rows:
+    if not (row['section'] == 'data' and row['name'] == 'official AlignmentDataset.__getitem__' and not has_pandas):
+      assert row['value'] == row['value'], row                      # not NaN: nothing left out
+
+  loss = by_section['loss']
+  assert loss['official STARLoss_v2 fwd+bwd (B32 N98 64x64)']['value'] > 0
+  assert loss['speed-up of star_loss over official']['value'] > 0
+  assert loss['gradient difference to official']['value'] < 1e-3       # the same loss on the same input
+  model = by_section['model']
+  assert model['StackedHGNet small 64px 4x32ch forward b2 float32']['value'] > 0
+  assert model['official PyTorch forward b2 float32']['value'] > 0
+  data = by_section['data']
+  if has_pandas:
+    assert data['official AlignmentDataset.__getitem__ (1 thread, CPU time)']['value'] > 0
+    assert data['parity: max |landmark diff| (normalised)']['value'] < 1e-3   # the same crop, same random draws
+  else:
+    assert "No module named 'pandas'" in data['official AlignmentDataset.__getitem__']['notes']
+  train = by_section['train']
+  assert train['train step small 64px 4x32ch b2 float32']['value'] > 0
+  assert train['official PyTorch train step b2 float32']['value'] > 0
+  assert train['official PyTorch train step b2, as shipped']['value'] > 0
+  assert train['speed-up of our train step over official']['value'] > 0
+  assert [r['name'] for r in by_section['eval'].values()] == [
+      f'eval forward + map back{cov}, WFLW 64px nstack 4 C32 float32 b8' for cov in ('', ' + covariances')]
+  export = by_section['export']
+  assert export['ONNX file size small 64px 4x32ch']['value'] > 0
+  for batch in (1, 8):
+    for engine in ('onnxruntime', 'onnxruntime 1 thread', 'onnxruntime int8', 'jax'):
+      assert export[f'{engine} per image, batch {batch}']['value'] > 0
+  video = by_section['video']
+  assert len(video) == 8 and not any('full WFLW' in name for name in video)   # --small: the tiny network only
+  assert video['video 640x480 predict command, tiny (input 64, 4 stacks x 32 channels)']['value'] > 0
+  infer = by_section['infer']
+  for batch in (1, 8):
+    assert infer[f'network official b{batch}']['value'] > 0 and infer[f'end to end official b{batch}']['value'] > 0
+    assert 'x the official' in infer[f'network jax f32 b{batch}']['notes']
+  fidelity = by_section['fidelity']
+  for name in ('official', 'official_threads', 'official_order', 'ours', 'ours_official'):
+    assert len(fidelity[f'{name}: final loss (mean of the last 20 steps)']['curve']) == 40
+    assert 0 <= fidelity[f'{name}: test NME']['value'] < 100
+  assert fidelity['ours vs official: loss curve']['value'] < 0.5    # the same training, a few steps in

@@ -83,7 +83,8 @@ def test_an_installed_copy_trains_and_evaluates_without_the_checkout(tmp_path, t
   assert proc.returncode == 0, proc.stderr[-3000:]
   elsewhere = tmp_path / 'elsewhere'
   elsewhere.mkdir()
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(target), **COMPILE_CACHE_ENV)
+  # Untuned, as the other tests' runs of this config (conftest.command_env): the same programs, compiled once.
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(target), STAR_JAX_CPU_TUNING='0', **COMPILE_CACHE_ENV)
   where = subprocess.run([sys.executable, '-c', 'import star_jax, star_jax_configs; print(star_jax.__file__)'],
                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
   assert where.stdout.startswith(str(target)), where.stdout + where.stderr

@@ -5,7 +5,9 @@ The JAX-free run is a subprocess whose interpreter cannot import JAX or its stac
 module on PYTHONPATH puts a finder first on sys.meta_path that refuses jax, jaxlib, flax, orbax,
 optax, chex, tensorflow and tensorflow_datasets (an ImportError, as on an install without them) and
 logs every attempt, and at exit writes the top-level modules the process had loaded. The model is
-the tiny official WFLW network (conftest's tiny_wflw_checkpoint: input 64, random weights).
+the tiny model trained by the train command (conftest's trained_tiny: WFLW layout, input 64, 2
+stacks), exported by the export command (its latest step, EMA weights: trained_tiny_onnx), and the
+JAX path runs the same step and weights of its checkpoint.
 """
 
 import csv
@@ -61,10 +63,20 @@ SITECUSTOMIZE = textwrap.dedent('''
 
 
 @pytest.fixture(scope='module')
-def tiny_onnx(tiny_wflw_checkpoint, tmp_path_factory):
-  path = tmp_path_factory.mktemp('onnx') / 'tiny_wflw.onnx'
-  assert export.main(['export', '--checkpoint', str(tiny_wflw_checkpoint), '--output', str(path)]) == 0
-  return path
+def tiny_onnx(trained_tiny_onnx):
+  return trained_tiny_onnx[0]
+
+
+@pytest.fixture(scope='module')
+def checkpoint(trained_tiny):
+  """The exported model's checkpoint: the training workdir, and the flags choosing what was exported."""
+  return trained_tiny[0], ('--step', 'latest', '--weights', 'ema')
+
+
+@pytest.fixture(scope='module')
+def jax_landmarker(checkpoint):
+  """The JAX path of the exported model, through the API (faces='all')."""
+  return landmarker_lib.FaceLandmarker.from_checkpoint(checkpoint[0], step='latest', weights='ema')
 
 
 @pytest.fixture(scope='module')
@@ -109,8 +121,7 @@ def _assert_close(onnx_faces, jax_faces, what):
     assert rel.max() < COV_RTOL, what
 
 
-def test_predict_with_an_onnx_model_imports_no_jax_and_matches_the_jax_path(tiny_wflw_checkpoint, tiny_onnx, inputs,
-                                                                             tmp_path):
+def test_predict_with_an_onnx_model_imports_no_jax_and_matches_the_jax_path(checkpoint, tiny_onnx, inputs, tmp_path):
   common = [str(inputs / 'takeo.png'), str(inputs / 'breakingbad.jpg'), str(inputs / 'clip.mp4'), '--show_ambiguity']
   proc, log = _without_jax(tmp_path, ['--model', str(tiny_onnx), '--output', str(tmp_path / 'onnx'),
                                       *common])
@@ -123,9 +134,9 @@ def test_predict_with_an_onnx_model_imports_no_jax_and_matches_the_jax_path(tiny
   assert 'onnxruntime' in loaded and 'star_jax' in loaded
   assert not set(loaded) & set(BLOCKED)
 
-  # The JAX path on the same checkpoint, in this process.
-  assert predict.main(['predict', '--checkpoint', str(tiny_wflw_checkpoint), '--output', str(tmp_path / 'jax'),
-                       *common]) == 0
+  # The JAX path on the same checkpoint, step and weights, in this process.
+  assert predict.main(['predict', '--checkpoint', str(checkpoint[0]), *checkpoint[1], '--output',
+                       str(tmp_path / 'jax'), *common]) == 0
   for stem in ('takeo', 'breakingbad'):
     got = json.loads((tmp_path / 'onnx' / f'{stem}.json').read_text())
     want = json.loads((tmp_path / 'jax' / f'{stem}.json').read_text())
@@ -144,13 +155,13 @@ def test_predict_with_an_onnx_model_imports_no_jax_and_matches_the_jax_path(tiny
   assert len(rows) == 7 and len(rows[1]) == len(rows[0])
 
 
-def test_the_api_runs_an_onnx_file_like_the_checkpoint(tiny_onnx, tiny_landmarker, data_dir):
+def test_the_api_runs_an_onnx_file_like_the_checkpoint(tiny_onnx, jax_landmarker, data_dir):
   image = str(data_dir / 'real_faces' / 'takeo.png')
   for onnx_landmarker in (landmarker_lib.FaceLandmarker.from_onnx(tiny_onnx),
                           landmarker_lib.FaceLandmarker.from_checkpoint(tiny_onnx)):
     assert (onnx_landmarker.image_size, onnx_landmarker.layout) == (64, 'WFLW')
-    assert onnx_landmarker.describe() == dict(tiny_landmarker.describe(), checkpoint=str(tiny_onnx))
-    got, want = onnx_landmarker(image), tiny_landmarker(image)
+    assert onnx_landmarker.describe() == dict(jax_landmarker.describe(), checkpoint=str(tiny_onnx))
+    got, want = onnx_landmarker(image), jax_landmarker(image)
     _assert_close([(f.landmarks, f.covariances) for f in got], [(f.landmarks, f.covariances) for f in want], 'API')
   # Three faces at once: no padding to a power of two for a dynamic batch, the same answers.
   boxes = [f.box for f in want] * 3

@@ -3,17 +3,15 @@ files: fine-tune the (tiny) official WFLW checkpoint with configs/own.py:finetun
 dataset on the way), evaluate, predict, export."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import COMPILE_CACHE_ENV, REPO
+from conftest import REPO, run_command
 from star_jax import evaluate
 from star_jax import export
 from star_jax import predict
+from star_jax import train
 from star_jax_datasets.own_faces import fake_data
 
 REAL_FACES = REPO / 'tests' / 'data' / 'real_faces'
@@ -31,17 +29,16 @@ def folder(tmp_path_factory):
   return root
 
 
-def test_finetune_evaluate_predict_export_on_your_own_photos(folder, tmp_path, capsys):
+def test_finetune_evaluate_predict_export_on_your_own_photos(folder, tmp_path, capsys, monkeypatch):
   data = [f'--config.data.manual_dir={folder / "faces"}', f'--config.data.data_dir={tmp_path / "tfds"}',
           f'--config.layout={folder / "my68.json"}', '--config.data.own.test_fraction=0.34']
   workdir = tmp_path / 'run'
   # 98 official points into 68 of ours: all but the heads comes from the checkpoint (here the first
   # two of its four stacks: the tiny config's network, quicker to compile).
-  proc = subprocess.run([sys.executable, '-m', 'star_jax.train', f'{OWN},finetune', f'--workdir={workdir}', *data,
-                         f'--config.init_from={WFLW_PKL}', '--config.init_from_strict=False',
-                         '--config.progress=False', '--config.total_steps=1', '--config.ema=False'], cwd=tmp_path,
-                        capture_output=True,
-                        text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS='cpu', **COMPILE_CACHE_ENV))
+  monkeypatch.chdir(tmp_path)
+  proc = run_command(train.main, f'{OWN},finetune', f'--workdir={workdir}', *data, f'--config.init_from={WFLW_PKL}',
+                     '--config.init_from_strict=False', '--config.progress=False', '--config.total_steps=1',
+                     '--config.ema=False')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f'initialised from {WFLW_PKL} (official)' in proc.stderr and 'out_heatmaps' in proc.stderr
   assert (tmp_path / 'tfds' / 'own_faces' / 'default' / '1.0.0').is_dir()   # built on the way
@@ -71,7 +68,6 @@ def test_finetune_evaluate_predict_export_on_your_own_photos(folder, tmp_path, c
 
 
 def test_a_malformed_annotation_stops_training_with_its_file_and_line(tmp_path, capsys):
-  from star_jax import train
   fake_data.write_images(tmp_path / 'faces', REAL_FACES)
   pts = tmp_path / 'faces' / 'takeo_shifted.pts'
   lines = pts.read_text().splitlines()

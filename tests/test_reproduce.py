@@ -6,7 +6,6 @@ fly or one of our checkpoints, evaluation, table) and against the evaluate comma
 """
 
 import json
-import os
 import subprocess
 import sys
 
@@ -14,8 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import COMPILE_CACHE_ENV, DATA, REPO, load_config
-from star_jax import layouts
+from conftest import DATA, REPO, command_env, load_config, load_script, run_command
+from star_jax import evaluate, layouts
 from star_jax.evaluation import reproduce
 
 TINY_OFFICIAL = ['--config.model.nstack=4', '--config.model.channels=32']   # tests/data/tiny_*_checkpoint.pkl
@@ -49,19 +48,23 @@ def test_rows_verdicts_and_table():
   assert reproduce.rows(results, layouts.WFLW, load_config('synthetic')) == []
 
 
-def _run(*args, cwd=REPO):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', **COMPILE_CACHE_ENV)
-  return subprocess.run([sys.executable, str(REPO / 'scripts' / 'reproduce.py'), *map(str, args)], cwd=cwd,
-                        env=env, capture_output=True, text=True, timeout=900)
+@pytest.fixture(scope='module')
+def script():
+  return load_script('reproduce')
 
 
-def test_reproduce_wflw_from_a_pkl_end_to_end(tmp_path):
+def _run(script, *args):
+  """scripts/reproduce.py's main in this process."""
+  return run_command(script.main, *args)
+
+
+def test_reproduce_wflw_from_a_pkl_end_to_end(script, tmp_path):
   from star_jax_datasets.wflw import fake_data
   fake_data.write(tmp_path / 'raw', num_train=2, num_test=3)
   common = ['--dataset', 'wflw', '--manual_dir', tmp_path / 'raw', '--data_dir', tmp_path / 'tfds',
             '--pytorch', DATA / 'tiny_wflw_checkpoint.pkl', '--config', REPO / 'configs' / 'wflw.py:tiny',
             *TINY_OFFICIAL, '--config.eval_batch_size=3']
-  proc = _run(*common, '--output', tmp_path / 'out')
+  proc = _run(script, *common, '--output', tmp_path / 'out')
   # Random tiny weights are far from the published 4.02: the table says so, and the exit status too.
   assert proc.returncode == 3, proc.stderr[-3000:]
   doc = json.loads((tmp_path / 'out' / 'reproduce.json').read_text())
@@ -72,28 +75,27 @@ def test_reproduce_wflw_from_a_pkl_end_to_end(tmp_path):
   assert (doc['weights'], doc['best_by_protocol']) == ('net', True) and 'official tester' in doc['chosen_by']
   # Ours is what the evaluate command reports for the same checkpoint and data (the official tester's
   # choice of weights, 'net').
-  env = dict(os.environ, JAX_PLATFORMS='cpu', **COMPILE_CACHE_ENV)
-  evaluate = subprocess.run([sys.executable, '-m', 'star_jax.evaluate', f'--config={REPO / "configs" / "wflw.py"}:tiny',
-                             *TINY_OFFICIAL, f'--config.data.data_dir={tmp_path / "tfds"}', '--config.eval_batch_size=3',
-                             f'--pytorch={DATA / "tiny_wflw_checkpoint.pkl"}', f'--output={tmp_path / "eval"}',
-                             '--noprogress'], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-  assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+  evaluated = run_command(evaluate.main, f'--config={REPO / "configs" / "wflw.py"}:tiny', *TINY_OFFICIAL,
+                          f'--config.data.data_dir={tmp_path / "tfds"}', '--config.eval_batch_size=3',
+                          f'--pytorch={DATA / "tiny_wflw_checkpoint.pkl"}', f'--output={tmp_path / "eval"}',
+                          '--noprogress')
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   row = json.loads((tmp_path / 'eval' / 'metrics.json').read_text())['rows'][0]
   assert nme['ours'] == pytest.approx(row['nme'], rel=1e-6)
   # A tolerance wide enough accepts it: exit 0, every row reproduced.
-  wide = _run(*common, '--output', tmp_path / 'wide', '--tolerance', 'nme=1000,fr=1000,auc=1000')
+  wide = _run(script, *common, '--output', tmp_path / 'wide', '--tolerance', 'nme=1000,fr=1000,auc=1000')
   assert wide.returncode == 0 and 'every published row reproduced' in wide.stdout
-  assert _run(*common, '--output', tmp_path / 'x', '--tolerance', 'mse=1').returncode == 2
+  assert _run(script, *common, '--output', tmp_path / 'x', '--tolerance', 'mse=1').returncode == 2
 
 
-def test_reproduce_300w_from_our_checkpoint(tmp_path):
+def test_reproduce_300w_from_our_checkpoint(script, tmp_path):
   from star_jax.models import create_model
   from star_jax import checkpoints
   from star_jax_datasets.the300w import fake_data
   fake_data.write(tmp_path / 'raw', DATA / 'real_faces')
   config = load_config('300w', 'tiny')
   checkpoints.save_model_checkpoint(tmp_path / 'ckpt', model=create_model(config, nnx.Rngs(0)), config=config, step=3)
-  proc = _run('--dataset', '300w', '--manual_dir', tmp_path / 'raw', '--data_dir', tmp_path / 'tfds',
+  proc = _run(script, '--dataset', '300w', '--manual_dir', tmp_path / 'raw', '--data_dir', tmp_path / 'tfds',
               '--checkpoint', tmp_path / 'ckpt', '--config', REPO / 'configs' / '300w.py:tiny', '--output',
               tmp_path / 'out')
   assert proc.returncode == 3, proc.stderr[-3000:]
@@ -105,7 +107,9 @@ def test_reproduce_300w_from_our_checkpoint(tmp_path):
   assert '(step 3, model weights; the latest step' in (tmp_path / 'out' / 'reproduce.md').read_text()
   doc = json.loads((tmp_path / 'out' / 'reproduce.json').read_text())
   assert (doc['step'], doc['weights'], doc['best_by_protocol']) == (3, 'model', None)
-  # Bad input: a clear message, no traceback.
-  bad = _run('--dataset', '300w', '--pytorch', tmp_path / 'none.pkl', '--output', tmp_path / 'o', '--data_dir',
-             tmp_path / 'tfds', '--config', REPO / 'configs' / '300w.py:tiny')
+  # Bad input: a clear message, no traceback (the script run as a user runs it).
+  bad = subprocess.run([sys.executable, str(REPO / 'scripts' / 'reproduce.py'), '--dataset', '300w', '--pytorch',
+                        str(tmp_path / 'none.pkl'), '--output', str(tmp_path / 'o'), '--data_dir', str(tmp_path / 'tfds'),
+                        '--config', str(REPO / 'configs' / '300w.py:tiny')], cwd=REPO, env=command_env(),
+                       capture_output=True, text=True, timeout=300)
   assert bad.returncode == 1 and 'none.pkl does not exist' in bad.stderr and 'Traceback' not in bad.stderr

@@ -1,12 +1,11 @@
 """End to end through the real train command on a tiny config: train, checkpoint, stop, resume.
 
-Every run here is `python -m star_jax.train` in a subprocess (as a user runs it), on the tiny
-synthetic dataset built once per session into a temporary TFDS folder.
+The runs call the command's `main` in this process (conftest.train_tiny), on the tiny synthetic dataset
+built once per session into a temporary TFDS folder; those about processes (a signal, the devices of
+a process, two processes) run `python -m star_jax.train` in subprocesses, as a user runs it.
 """
 
 import json
-import os
-import pathlib
 import signal
 import socket
 import subprocess
@@ -16,9 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import COMPILE_CACHE_ENV, REPO
-
-TINY = [f'--config={REPO / "configs" / "synthetic.py"}:tiny']
+from conftest import REPO, TINY_CONFIG, checkpoint_steps as _steps, command_env, metric_records, train_tiny
 
 
 @pytest.fixture(scope='module')
@@ -26,38 +23,29 @@ def tfds_dir(tiny_tfds_dir):
   return tiny_tfds_dir
 
 
-def _env(devices: int = 1, **extra) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', **extra)
-  # Runs of one shape share compiled programs (the train step takes most of a tiny run to compile).
-  env.update(COMPILE_CACHE_ENV)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-  return env
-
-
 def _cmd(workdir, tfds_dir, *extra):
-  return [sys.executable, '-m', 'star_jax.train', *TINY, f'--workdir={workdir}',
+  return [sys.executable, '-m', 'star_jax.train', TINY_CONFIG, f'--workdir={workdir}',
           f'--config.data.data_dir={tfds_dir}', '--config.progress=False', *extra]
 
 
-def _train(workdir, tfds_dir, *extra, devices=1, env=None):
-  proc = subprocess.run(_cmd(workdir, tfds_dir, *extra), env=_env(devices, **(env or {})), cwd=REPO, capture_output=True,
-                        text=True, timeout=600)
+def _train(workdir, tfds_dir, *extra):
+  """The train command in this process; it must succeed."""
+  proc = train_tiny(workdir, tfds_dir, *extra)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+def _train_process(workdir, tfds_dir, *extra, devices=1, env=None):
+  """`python -m star_jax.train` in a subprocess with `devices` CPU devices; it must succeed."""
+  proc = subprocess.run(_cmd(workdir, tfds_dir, *extra), env=command_env(devices, **(env or {})), cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc
 
 
 def _losses(workdir) -> dict[int, float]:
   """step -> train loss, the last record of each step (a resumed run logs its steps again)."""
-  out = {}
-  for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines():
-    record = json.loads(line)
-    if 'train/loss' in record:
-      out[record['step']] = record['train/loss']
-  return out
-
-
-def _steps(workdir) -> list[int]:
-  return sorted(int(p.name) for p in (pathlib.Path(workdir) / 'checkpoints').iterdir() if p.name.isdigit())
+  return metric_records(workdir, 'train/loss')
 
 
 def test_train_stop_resume_gives_the_uninterrupted_losses(tfds_dir, tmp_path):
@@ -86,7 +74,7 @@ def test_train_stop_resume_gives_the_uninterrupted_losses(tfds_dir, tmp_path):
 def test_sigterm_saves_and_resumes(tfds_dir, tmp_path):
   workdir = tmp_path / 'run'
   proc = subprocess.Popen(_cmd(workdir, tfds_dir, '--config.total_steps=400', '--config.checkpoint_every_epochs=100'),
-                          env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          env=command_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics_file = workdir / 'metrics.jsonl'
   deadline = time.time() + 300
   while time.time() < deadline and not (metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3):
@@ -107,16 +95,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tfds_dir, tmp_path
   workdir = tmp_path / 'run'
   _train(workdir, tfds_dir, '--config.total_steps=4')
   # A changed learning rate on resume must be asked for (--allow_config_change).
-  proc = subprocess.run(_cmd(workdir, tfds_dir, '--config.total_steps=8', '--config.lr=1e30', '--allow_config_change'),
-                        env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+  proc = train_tiny(workdir, tfds_dir, '--config.total_steps=8', '--config.lr=1e30', '--allow_config_change')
   assert proc.returncode != 0
   assert 'loss became' in proc.stderr and 'last good checkpoint (step 4)' in proc.stderr, proc.stderr[-3000:]
   assert _steps(workdir)[-1] == 4
-
-
-def _records(workdir, key) -> dict[int, float]:
-  return {r['step']: r[key] for r in map(json.loads, (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines())
-          if key in r}
 
 
 def _assert_same_training(a, b):
@@ -134,14 +116,14 @@ def _assert_same_training(a, b):
   trajectories drift apart slowly without either being wrong.)
   """
   for key in ('train/loss', 'train/grad_norm'):
-    ra, rb = _records(a, key), _records(b, key)
+    ra, rb = metric_records(a, key), metric_records(b, key)
     assert sorted(ra) == sorted(rb) == [1, 2, 3]
     rtol = 1e-4 if key == 'train/loss' else 1e-2
     np.testing.assert_allclose([rb[s] for s in (1, 2, 3)], [ra[s] for s in (1, 2, 3)], rtol=rtol, err_msg=key)
   from flax import nnx
   from star_jax import checkpoints
-  ma = checkpoints.load_model(pathlib.Path(a) / 'checkpoints', weights='model').model
-  mb = checkpoints.load_model(pathlib.Path(b) / 'checkpoints', weights='model').model
+  ma = checkpoints.load_model(a / 'checkpoints', weights='model').model
+  mb = checkpoints.load_model(b / 'checkpoints', weights='model').model
   stats_b = dict(nnx.to_flat_state(nnx.state(mb, nnx.BatchStat)))
   for path, value in nnx.to_flat_state(nnx.state(ma, nnx.BatchStat)):
     np.testing.assert_allclose(np.asarray(stats_b[path][...]), np.asarray(value[...]), rtol=1e-3, atol=1e-5,
@@ -150,8 +132,13 @@ def _assert_same_training(a, b):
 
 def test_one_device_and_four_devices_agree(tfds_dir, tmp_path):
   one, four = tmp_path / 'one', tmp_path / 'four'
-  _train(one, tfds_dir, '--config.total_steps=3', '--config.lr=0', '--config.model.add_coord=False', devices=1)
-  _train(four, tfds_dir, '--config.total_steps=3', '--config.lr=0', '--config.model.add_coord=False', devices=4)
+  # Both in subprocesses (the number of devices is fixed when a process starts JAX), with star_jax's
+  # CPU tuning, as the command runs by default.
+  tuned = {'STAR_JAX_CPU_TUNING': '1'}
+  _train_process(one, tfds_dir, '--config.total_steps=3', '--config.lr=0', '--config.model.add_coord=False', devices=1,
+                 env=tuned)
+  _train_process(four, tfds_dir, '--config.total_steps=3', '--config.lr=0', '--config.model.add_coord=False', devices=4,
+                 env=tuned)
   _assert_same_training(one, four)
 
 
@@ -169,14 +156,14 @@ def test_two_processes_match_one_process(tfds_dir, tmp_path):
   # and the global-batch BatchNorm, not the kernels (test_one_device_and_four_devices_agree runs tuned).
   untuned = {'STAR_JAX_CPU_TUNING': '0'}
   single, multi = tmp_path / 'single', tmp_path / 'multi'
-  _train(single, tfds_dir, '--config.total_steps=3', '--config.lr=0', '--config.model.add_coord=False', devices=4,
-         env=untuned)
+  _train_process(single, tfds_dir, '--config.total_steps=3', '--config.lr=0', '--config.model.add_coord=False',
+                 devices=4, env=untuned)
   port = _free_port()
   procs = [
       subprocess.Popen(
           _cmd(multi, tfds_dir, '--config.total_steps=3', '--config.lr=0', '--config.model.add_coord=False', f'--coordinator=127.0.0.1:{port}', '--num_processes=2',
                f'--process_id={i}', '--cpu_collectives=gloo'),
-          env=_env(2, **untuned), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          env=command_env(2, **untuned), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)
   ]
   errs = [p.communicate(timeout=600)[1] for p in procs]

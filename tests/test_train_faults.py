@@ -1,10 +1,12 @@
 """Fault injection through the real train command: kill -9 mid-save, broken checkpoints, a full disk,
 two runs on one workdir, a changed config.
 
-Every run is `python -m star_jax.train` in a subprocess on the tiny synthetic dataset, checkpointing
-every epoch (8 steps). One uninterrupted 10-step run (checkpoints 8 and 10) is made once per module;
-each test copies it and breaks something. Faults come from tests/faults/sitecustomize.py, loaded into
-the subprocess through PYTHONPATH (production code has no test hooks).
+The runs are the train command on the tiny synthetic dataset, checkpointing every epoch (8 steps):
+its `main` called in this process, or `python -m star_jax.train` in a subprocess where the fault is
+the process's (killed mid-save, a full disk, a second process). One uninterrupted 10-step run
+(checkpoints 8 and 10) is made once per module; each test copies it and breaks something. Faults come
+from tests/faults/sitecustomize.py, loaded into the subprocess through PYTHONPATH (production code has
+no test hooks).
 """
 
 import json
@@ -19,27 +21,37 @@ import time
 import numpy as np
 import pytest
 
-from conftest import COMPILE_CACHE_ENV, REPO, TINY_CONFIG
+from conftest import REPO, TINY_CONFIG, checkpoint_steps as _steps, command_env, metric_records, train_tiny
 
 FAULTS = REPO / 'tests' / 'faults'
 
 
 def _env(faults: dict | None = None) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', **COMPILE_CACHE_ENV)
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  env = command_env()
   if faults:
     env.update(faults)
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(FAULTS), env.get('PYTHONPATH', '')]))
   return env
 
 
+def _args(steps: int, *extra) -> list[str]:
+  return ['--config.checkpoint_every_epochs=1', f'--config.total_steps={steps}', *extra]
+
+
 def _cmd(workdir, tfds_dir, steps: int, *extra) -> list[str]:
   return [sys.executable, '-m', 'star_jax.train', TINY_CONFIG, f'--workdir={workdir}',
-          f'--config.data.data_dir={tfds_dir}', '--config.progress=False', '--config.checkpoint_every_epochs=1',
-          f'--config.total_steps={steps}', *extra]
+          f'--config.data.data_dir={tfds_dir}', '--config.progress=False', *_args(steps, *extra)]
 
 
-def _train(workdir, tfds_dir, steps: int, *extra, faults=None, status=0) -> subprocess.CompletedProcess:
+def _train(workdir, tfds_dir, steps: int, *extra, status=0):
+  """The train command in this process; `status` is the exit status it must end with."""
+  proc = train_tiny(workdir, tfds_dir, *_args(steps, *extra))
+  assert proc.returncode == status, proc.stderr[-4000:]
+  return proc
+
+
+def _train_process(workdir, tfds_dir, steps: int, *extra, faults=None, status=0) -> subprocess.CompletedProcess:
+  """`python -m star_jax.train` in a subprocess, with the `faults` of tests/faults/sitecustomize.py."""
   proc = subprocess.run(_cmd(workdir, tfds_dir, steps, *extra), env=_env(faults), cwd=REPO, capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == status, proc.stderr[-4000:]
@@ -48,12 +60,7 @@ def _train(workdir, tfds_dir, steps: int, *extra, faults=None, status=0) -> subp
 
 def _losses(workdir) -> dict[int, float]:
   """step -> train loss, the last record of each step (a resumed run logs its steps again)."""
-  records = [json.loads(line) for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
-  return {r['step']: r['train/loss'] for r in records if 'train/loss' in r}
-
-
-def _steps(workdir) -> list[int]:
-  return sorted(int(p.name) for p in (pathlib.Path(workdir) / 'checkpoints').iterdir() if p.name.isdigit())
+  return metric_records(workdir, 'train/loss')
 
 
 def _assert_same_losses(workdir, reference, steps):
@@ -153,7 +160,8 @@ def test_no_checkpoint_that_restores_is_an_error_naming_each_and_moving_nothing(
   workdir = _copy(reference, tmp_path)
   for step in (8, 10):
     _truncate_arrays(workdir / 'checkpoints' / str(step))
-  proc = _train(workdir, tfds_dir, 12, status=1)
+  # In a subprocess: its whole stderr, to its exit, holds no noise of the failed restores' background reads.
+  proc = _train_process(workdir, tfds_dir, 12, status=1)
   err = proc.stderr
   assert f'error: no checkpoint in {workdir / "checkpoints"} restores; nothing was moved or deleted' in err, err[-3000:]
   assert '  step 10: ValueError: OUT_OF_RANGE' in err and '  step 8: ValueError: OUT_OF_RANGE' in err
@@ -165,7 +173,7 @@ def test_enospc_in_the_checkpoint_writer_stops_and_keeps_the_last_checkpoint(ref
   from star_jax import checkpoints
   workdir = _copy(reference, tmp_path)
   full = {'STAR_JAX_FAULT_ENOSPC_OPEN': f'{workdir}/checkpoints/12.orbax-checkpoint-tmp/model*/_METADATA'}
-  proc = _train(workdir, tfds_dir, 12, faults=full, status=1)
+  proc = _train_process(workdir, tfds_dir, 12, faults=full, status=1)
   err = proc.stderr
   assert 'error: cannot save checkpoint step 12' in err and 'No space left on device' in err, err[-4000:]
   assert f'Kept: checkpoint step 10 in {workdir / "checkpoints"}' in err
@@ -181,7 +189,7 @@ def test_enospc_in_the_metrics_writer_stops_and_leaves_whole_lines(reference, tf
   lines_before = (workdir / 'metrics.jsonl').read_text().splitlines()
   # The second line of this run (step 12) hits a full disk half way through.
   full = {'STAR_JAX_FAULT_ENOSPC_WRITE': f'{workdir}/metrics.jsonl@1'}
-  proc = _train(workdir, tfds_dir, 12, faults=full, status=1)
+  proc = _train_process(workdir, tfds_dir, 12, faults=full, status=1)
   err = proc.stderr
   assert f'error: cannot write {workdir / "metrics.jsonl"} (No space left on device); the run stopped at step 12' \
       in err, err[-4000:]
@@ -214,7 +222,7 @@ def test_changed_lr_is_refused_and_accepted_with_allow_config_change(reference, 
 
 def test_a_changed_model_is_refused_naming_the_config_fields(reference, tfds_dir, tmp_path):
   workdir = _copy(reference, tmp_path)
-  proc = _train(workdir, tfds_dir, 12, '--config.model.channels=16', '--allow_config_change', status=1)
+  proc = _train_process(workdir, tfds_dir, 12, '--config.model.channels=16', '--allow_config_change', status=1)
   err = proc.stderr
   assert f'error: {workdir / "checkpoints"} step 10 holds a different model than this config builds' in err, err[-3000:]
   assert 'model.channels: 32 -> 16' in err and 'stored (' in err
@@ -228,7 +236,7 @@ def test_a_second_train_on_a_held_workdir_is_refused_and_a_stale_lock_is_taken_o
   workdir = _copy(reference, tmp_path)
   before = _steps(workdir)
   with files.Lock.acquire(workdir):   # this process stands for a run in progress
-    refused = _train(workdir, tfds_dir, 12, status=1)
+    refused = _train_process(workdir, tfds_dir, 12, status=1)
   assert f'in use by process {os.getpid()} on host' in refused.stderr
   _no_traceback(refused.stderr)
   assert _steps(workdir) == before and not (workdir / 'lock').exists()

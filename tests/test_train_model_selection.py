@@ -5,34 +5,23 @@ whose steps record no evaluation has no best, and asking for it says to choose a
 (star_jax/checkpoints/selection.py)."""
 
 import json
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import COMPILE_CACHE_ENV, REPO, TINY_CONFIG as TINY
+from conftest import TINY_CONFIG as TINY, TRAINED_STEPS as LATEST
 from star_jax import evaluate
 from star_jax import checkpoints
 
-# 32 training faces at batch 16: 2 steps per epoch, an evaluation every epoch, 4 in all; checkpoints
-# only at evaluations (checkpoint_every_epochs=100) and only the latest one kept besides the best.
-RUN = ['--config.total_steps=8', '--config.batch_size=16', '--config.eval_every_epochs=1',
-       '--config.checkpoint_every_epochs=100', '--config.keep_checkpoints=1']
-
 
 @pytest.fixture(scope='module')
-def trained(tiny_tfds_dir, tmp_path_factory):
-  """(workdir, data dir, the train command's stdout) of a short run."""
-  workdir = tmp_path_factory.mktemp('selection') / 'run'
-  proc = subprocess.run([sys.executable, '-m', 'star_jax.train', TINY, f'--workdir={workdir}',
-                         f'--config.data.data_dir={tiny_tfds_dir}', '--config.progress=False', *RUN],
-                        cwd=REPO, capture_output=True, text=True, timeout=900,
-                        env=dict(os.environ, JAX_PLATFORMS='cpu', **COMPILE_CACHE_ENV))
-  assert proc.returncode == 0, proc.stderr[-4000:]
+def trained(trained_tiny, tiny_tfds_dir):
+  """(workdir, data dir, the train command's stdout) of the shared short run (conftest.TRAINED_RUN: 32
+  training faces at batch 4, 8 steps per epoch, an evaluation every epoch, 4 in all; checkpoints only
+  at evaluations and only the latest one kept besides the best)."""
+  workdir, proc = trained_tiny
   return workdir, tiny_tfds_dir, proc.stdout
 
 
@@ -66,7 +55,7 @@ def _run_evaluate(workdir, data_dir, out, *extra) -> int:
 def test_best_checkpoint_is_the_argmin_of_the_better_of_model_and_ema(trained):
   workdir, _, stdout = trained
   evaluations = _evaluations(workdir)
-  assert sorted(evaluations) == [2, 4, 6, 8]
+  assert sorted(evaluations) == [8, 16, 24, 32] and LATEST == 32
   step, weights, score = _expected_best(evaluations)
   best = checkpoints.best_checkpoint(workdir)
   assert (best.step, best.weights, best.rule) == (step, weights, 'official')
@@ -79,7 +68,7 @@ def test_best_checkpoint_is_the_argmin_of_the_better_of_model_and_ema(trained):
     assert record['eval/best_weights'] == ('ema' if ema < model else 'model')
   # The best step is kept, with the latest, whatever the other evaluations did.
   kept = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
-  assert kept == sorted({step, 8})
+  assert kept == sorted({step, LATEST})
   # The run's final output names it.
   final = json.loads((workdir / 'final_metrics.json').read_text())
   assert final['best'] == {'step': step, 'weights': weights, 'nme': pytest.approx(score), 'rule': 'official'}
@@ -137,9 +126,9 @@ def test_predict_and_the_python_api_default_to_the_best(trained, tmp_path):
   step, weights, _ = _expected_best(_evaluations(workdir))
   landmarker = FaceLandmarker.from_checkpoint(workdir, detector=None)
   assert (landmarker.step, landmarker.weights, landmarker.selection['best_by_protocol']) == (step, weights, True)
-  chosen = FaceLandmarker.from_checkpoint(workdir, step=8, weights='ema', detector=None)
-  assert (chosen.step, chosen.weights) == (8, 'ema')
-  assert chosen.selection['best_by_protocol'] == ((8, 'ema') == (step, weights))
+  chosen = FaceLandmarker.from_checkpoint(workdir, step=LATEST, weights='ema', detector=None)
+  assert (chosen.step, chosen.weights) == (LATEST, 'ema')
+  assert chosen.selection['best_by_protocol'] == ((LATEST, 'ema') == (step, weights))
 
   face = synthetic.generate(0, 'test', 0)
   image = tmp_path / 'face.png'
@@ -150,10 +139,10 @@ def test_predict_and_the_python_api_default_to_the_best(trained, tmp_path):
   record = json.loads((tmp_path / 'a' / 'face.json').read_text())
   assert (record['step'], record['weights'], record['best_by_protocol']) == (step, weights, True)
   assert predict.main(['predict', '--checkpoint', str(workdir), str(image), '--output', str(tmp_path / 'b'),
-                       '--box', box, '--step=8', '--weights=model']) == 0
+                       '--box', box, f'--step={LATEST}', '--weights=model']) == 0
   record = json.loads((tmp_path / 'b' / 'face.json').read_text())
-  assert (record['step'], record['weights']) == (8, 'model')
-  assert record['best_by_protocol'] == ((8, 'model') == (step, weights))
+  assert (record['step'], record['weights']) == (LATEST, 'model')
+  assert record['best_by_protocol'] == ((LATEST, 'model') == (step, weights))
 
 
 def _rewrite_metrics(workdir, edit):
