@@ -23,6 +23,11 @@ COMPILE_CACHE = pathlib.Path(os.environ.get('STAR_JAX_TEST_CACHE', '/tmp/star_ja
 # or quick to compile.
 COMPILE_CACHE_ENV = {'JAX_COMPILATION_CACHE_DIR': str(COMPILE_CACHE), 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
                      'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+# star_jax's cache folder (released models, JAX's compilation cache: star_jax/home.py) for the tests and
+# their subprocesses, never the user's; the in-process compilation cache stays off (the tests that need
+# it turn it on in a subprocess).
+os.environ.setdefault('STAR_JAX_HOME', str(COMPILE_CACHE.parent / 'star_jax_test_home'))
+os.environ.setdefault('STAR_JAX_COMPILATION_CACHE', '0')
 # configs/synthetic.py:tiny as a --config flag.
 TINY_CONFIG = f'--config={REPO / "configs" / "synthetic.py"}:tiny'
 
