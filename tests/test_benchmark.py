@@ -102,3 +102,6 @@ def test_infer_section_small_runs_every_engine_in_turns(tmp_path):
   assert 1 < flops['value'] < 10 and flops['unit'] == 'GFLOP'
   assert rows['matmul f32 512^3 jax']['value'] > 0
   assert 'onnx int8 over onnx f32, network b8' in rows
+  first, second = (rows[f'predict one photo, {run} run WFLW 256px 4 stacks 16 ch'] for run in ('first', 'second'))
+  assert first['unit'] == second['unit'] == 's' and first['value'] > 0 and second['value'] > 0
+  assert 'x)' in second['notes']
