@@ -130,8 +130,9 @@ def export_onnx(model, *, opset: int = DEFAULT_OPSET, metadata: dict | None = No
     import jax2onnx  # pylint: disable=import-outside-toplevel
     import onnx  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ExportError(f'ONNX export needs the packages of the "export" extra '
-                      f"(pip install 'star_jax[export]'): {e}") from None
+    raise ExportError(f"ONNX export needs the export extra and jax2onnx without its dependencies (its metadata "
+                      f"would downgrade orbax-checkpoint): pip install 'star_jax[export]' && pip install --no-deps "
+                      f"'jax2onnx==0.17.1' ({e})") from None
   s = model.image_size
   # onnx_ir logs a warning for every shape constant it leaves untyped (hundreds for this network);
   # they are harmless (the graph passes onnx.checker and runs), so keep the command's output readable.

@@ -303,6 +303,8 @@ def _describe(error) -> str:
     return str(error)
   if isinstance(error, urllib.error.URLError):
     error = error.reason
+  if isinstance(error, OSError) and error.errno is not None:
+    return str(error)  # '[Errno 111] Connection refused'
   return f'{type(error).__name__}: {error}' if isinstance(error, BaseException) else str(error)
 
 

@@ -284,8 +284,8 @@ def test_unknown_platform_is_refused(tmp_path, capsys):
 def test_missing_onnx_packages_are_named(trained, tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, 'jax2onnx', None)   # import jax2onnx raises ImportError
   message = _error(['--checkpoint', str(trained), '--output', str(tmp_path / 'a.onnx')])
-  assert message.startswith("error: ONNX export needs the packages of the \"export\" extra (pip install "
-                            "'star_jax[export]'): ")
+  assert message.startswith("error: ONNX export needs the export extra and jax2onnx without its dependencies")
+  assert "pip install 'star_jax[export]' && pip install --no-deps 'jax2onnx==0.17.1'" in message
   assert 'jax2onnx' in message
   assert os.listdir(tmp_path) == []
 
