@@ -1,12 +1,14 @@
 """Reading photos with bounded work: the size from the file's header before any pixel is decoded.
 
-Every image file or upload that star_jax decodes (predict, the demo, the Python API, frames of a
+Every image file or upload that inference decodes (predict, the demo, the Python API, frames of a
 video folder) goes through `read` or `decode`. They read the width and height from the header
 (`header_size`: PNG, JPEG, GIF, BMP, WebP, TIFF, PBM/PGM/PPM; other formats through Pillow's lazy
 `Image.open`, which also reads the header only) and refuse a file of more than `max_pixels` pixels
 before decoding it: a 20000 x 20000 PNG of one colour is 1.2 MB on disk and 1.2 GB decoded. Files
 whose size no header reader knows are decoded by OpenCV (bounded by its own limit, 2^30 pixels) and
-checked after.
+checked after. (Pillow is not used for every format: its own decompression-bomb guard raises for
+more than 179 million pixels, below our default limit, and changing it means changing a process-wide
+setting; the header readers here are a few lines each and change nothing.)
 
 DEFAULT_MAX_PIXELS, 200 million pixels: above every camera sensor sold (the largest, medium-format
 backs, have 100-151 Mpx) and 16K panoramas (133 Mpx); such a photo decodes to at most 600 MB of RGB.
