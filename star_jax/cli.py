@@ -14,11 +14,17 @@ A problem the user can fix (a missing file, a bad value) is raised as `UserError
 
 from __future__ import annotations
 
+import logging as std_logging
 import pathlib
 import sys
+import tempfile
 from typing import Callable, Sequence
 
 from absl import flags
+from absl import logging
+
+from star_jax import config_lib
+from star_jax import cpu_tuning
 
 
 class UserError(Exception):
@@ -57,8 +63,8 @@ class Command:
     self._config = None
     self._config_required = config == 'required'
     if config is not None:
-      from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-      from star_jax import config_lib  # pylint: disable=import-outside-toplevel
+      # JAX-free ONNX path: predict --model runs without ml_collections installed, and has no config.
+      from ml_collections import config_flags  # lazy: JAX-free ONNX path
       self.argv = config_lib.resolve_config_argv(self.argv)
       default = None if config in ('required', 'optional') else config_lib.resolve_config_path(config)
       self._config = config_flags.DEFINE_config_file(
@@ -97,8 +103,6 @@ def output_folder(path) -> tuple[pathlib.Path, list[pathlib.Path]]:
   there, before a command does any work; returns (the folder, the folders created, deepest last) for
   `remove_if_empty`. A UserError names the problem: `path` is a file, a part of it is a file, or the
   place is not writable."""
-  import tempfile  # pylint: disable=import-outside-toplevel
-
   folder = pathlib.Path(path)
   if folder.exists() and not folder.is_dir():
     raise UserError(f'--output {str(path)!r} is a file; give a folder (created if missing)')
@@ -129,10 +133,6 @@ def remove_if_empty(created) -> None:
 def setup_logging(level: str = 'info') -> None:
   """Log lines of star_jax at `level` through absl's handler; other libraries' (Orbax logs every file
   it writes) only from WARNING up. For commands, in `main` (changes the process's logging)."""
-  import logging as std_logging  # pylint: disable=import-outside-toplevel
-  import pathlib  # pylint: disable=import-outside-toplevel
-  from absl import logging  # pylint: disable=import-outside-toplevel
-
   package = str(pathlib.Path(__file__).resolve().parent)
   logging.use_absl_handler()
   logging.set_verbosity(level)
@@ -167,7 +167,6 @@ def guarded(work: Callable[[list[str]], int | None], argv: Sequence[str] | None,
 def run(main: Callable[[], int]) -> None:
   """The `__main__` of an entry point: process set-up (the CPU tuning of star_jax/cpu_tuning.py,
   which may re-execute the process once), then `main()`, and exit with its status."""
-  from star_jax import cpu_tuning  # pylint: disable=import-outside-toplevel
   try:
     cpu_tuning.setup_process()
   except ValueError as e:

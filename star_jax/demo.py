@@ -30,14 +30,17 @@ import html
 import json
 import logging
 import threading
+import time
 
 from absl import flags
 import cv2
+import jax
 import numpy as np
 
 from star_jax import cli
 from star_jax.inference import face_detect
 from star_jax.inference import image_io
+from star_jax.inference import landmarker as landmarker_lib
 
 HOST = '127.0.0.1'
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
@@ -150,10 +153,8 @@ def make_app(landmarker, *, faces: str = 'all', info: str = '', max_pixels: int 
   JPEG data URL, picture_scale, seconds}; every error as JSON {error} with its status: 400 (not an
   image, a bad field), 404, 405, 413 (over MAX_UPLOAD_BYTES or max_pixels), 500 (logged with its
   traceback), 503 (one photo in work and `max_waiting` waiting already)."""
-  import time  # pylint: disable=import-outside-toplevel
-
-  import flask  # pylint: disable=import-outside-toplevel
-  from werkzeug import exceptions  # pylint: disable=import-outside-toplevel
+  import flask  # lazy: optional extra (the 'demo' extra)
+  from werkzeug import exceptions  # lazy: optional extra (the 'demo' extra; Flask's errors)
 
   app = flask.Flask('star_jax.demo')
   app.config['MAX_CONTENT_LENGTH'] = MAX_UPLOAD_BYTES
@@ -259,14 +260,10 @@ def _demo(argv: list[str]) -> int:
     raise flags.Error(f'unexpected arguments: {" ".join(rest)}')
   command.require('checkpoint')
   try:
-    from werkzeug import serving  # pylint: disable=import-outside-toplevel
-    import flask  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    from werkzeug import serving  # lazy: optional extra (the 'demo' extra; Flask's server)
+    import flask  # noqa: F401  # lazy: optional extra (the 'demo' extra; checked before loading the model)
   except ImportError:
     raise cli.UserError("the demo needs Flask: pip install -e '.[demo]' (or pip install flask)") from None
-  import jax  # pylint: disable=import-outside-toplevel
-
-  from star_jax.inference import landmarker as landmarker_lib  # pylint: disable=import-outside-toplevel
-
   cli.setup_logging('warning')  # the refusals and failures of requests, with their cause
   try:
     landmarker = landmarker_lib.FaceLandmarker.from_checkpoint(

@@ -37,7 +37,7 @@ def enable_compilation_cache() -> pathlib.Path | None:
   Changes the process's JAX configuration (the cache applies to every later compilation); JAX only
   caches programs that take over a second to compile (jax_persistent_cache_min_compile_time_secs).
   """
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax  # lazy: JAX-free ONNX path (the cache is JAX's; an ONNX run never calls this)
 
   if os.environ.get(COMPILATION_CACHE_ENV, '1').strip().lower() in _OFF:
     return None

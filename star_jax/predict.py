@@ -72,12 +72,15 @@ from typing import Callable, Sequence
 
 from absl import flags
 import cv2
+import tqdm
 
 from star_jax import cli
+from star_jax import layouts
 from star_jax import pretrained
 from star_jax.inference import face_detect
 from star_jax.inference import image_io
 from star_jax.inference import landmarker as landmarker_lib
+from star_jax.inference import video
 # Part of this module's interface (the library's since the Python API).
 from star_jax.inference.landmarker import IMAGE_EXTENSIONS, read_image  # noqa: F401
 
@@ -144,7 +147,6 @@ def _flags(argv):
                       flag_values=fv)
   flags.DEFINE_enum('weights', None, ['model', 'ema'], "the weights (default: those that won the step's "
                     "evaluation; for an official .pkl its net, i.e. model; ema: its net_ema)", flag_values=fv)
-  flags.DEFINE_bool('use_ema', None, 'the same as --weights=ema (--nouse_ema: --weights=model)', flag_values=fv)
   flags.DEFINE_string('config', None, 'for an official .pkl checkpoint only: wflw, 300w, cofw or a config file '
                       '(default: by its number of points, 98 wflw, 68 300w, 29 cofw)', flag_values=fv)
   flags.DEFINE_integer('max_pixels', landmarker_lib.DEFAULT_MAX_PIXELS, 'refuse images of more pixels than this, '
@@ -167,17 +169,16 @@ def _flags(argv):
   flags.DEFINE_float('smooth_beta', 0.5, 'video --smooth: how fast the cutoff rises with speed (per face size '
                      'per second); higher lags less on fast motion', lower_bound=0.0, flag_values=fv)
   inputs = command.parse()
-  pretrained.check_flags(fv, sources=('checkpoint', 'model'), checkpoint_only=('step', 'use_ema', 'weights', 'config'))
+  pretrained.check_flags(fv, sources=('checkpoint', 'model'), checkpoint_only=('step', 'weights', 'config'))
   command.require('output')
   if fv.model is not None:
-    ignored = [f'--{n}' for n in ('step', 'use_ema', 'weights', 'config') if fv[n].present]
+    ignored = [f'--{n}' for n in ('step', 'weights', 'config') if fv[n].present]
     if ignored:
       raise flags.Error(f'{", ".join(ignored)}: for --checkpoint only; an ONNX model holds the weights it was '
                         'exported with')
   if not inputs:
     raise flags.Error('give at least one image file or folder')
   if fv.points is not None:
-    from star_jax import layouts  # pylint: disable=import-outside-toplevel
     try:
       layouts.get_layout(fv.points)
     except ValueError as e:
@@ -193,7 +194,7 @@ def _flags(argv):
 
 def load_landmarker(fv, box, **options):
   """The command's FaceLandmarker (star_jax.FaceLandmarker) from --checkpoint, --config, --step,
-  --use_ema (or --model, or --pretrained), the detector flags and --max_pixels, --detect_max_side,
+  --weights (or --model, or --pretrained), the detector flags and --max_pixels, --detect_max_side,
   --points; a cli.UserError for what the user can fix."""
   checkpoint = pretrained.flag_checkpoint(fv) if fv.pretrained is not None else fv.checkpoint
   onnx = fv.model is not None or pathlib.Path(checkpoint).suffix.lower() == '.onnx'
@@ -221,13 +222,12 @@ def load_landmarker(fv, box, **options):
       return landmarker_lib.FaceLandmarker.from_onnx(path, **common)
     except (FileNotFoundError, ValueError, ImportError) as e:
       raise cli.UserError(f'cannot run the ONNX model: {e}') from None
-  from star_jax.evaluate import weights_choice  # pylint: disable=import-outside-toplevel  (JAX: not for --model)
-  from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
+  from star_jax.checkpoints import selection  # lazy: JAX-free ONNX path (the checkpoints need JAX)
 
-  weights = weights_choice(fv.weights, fv.use_ema)
+  weights = fv.weights
   if path.is_dir():
     try:
-      step = checkpoints.parse_step(fv.step if fv.step is not None else 'best')
+      step = selection.parse_step(fv.step if fv.step is not None else 'best')
     except ValueError as e:
       raise cli.UserError(f'--step: {e}') from None
     kwargs = {'step': step, 'weights': weights}
@@ -252,14 +252,10 @@ def _predict(argv: list[str]) -> int:
   """Returns the exit status: 0 when every input was processed and at least one written, 1 when none
   was written or some input failed (a cli.UserError naming them, after the others are written)."""
   fv, inputs, box = _flags(argv)
-  import tqdm  # pylint: disable=import-outside-toplevel
-
   cli.setup_logging('error')  # Orbax logs harmless warnings about read-only restores
 
   def warn(message: str):
     tqdm.tqdm.write(f'warning: {message}', file=sys.stderr)
-
-  from star_jax.inference import video  # pylint: disable=import-outside-toplevel
 
   videos, photo_inputs = video.split_inputs(inputs, fv.video)
   paths = collect_images(photo_inputs, warn) if photo_inputs else []
@@ -324,8 +320,6 @@ def _within_limit(paths, max_pixels, failures, warn) -> list[tuple[pathlib.Path,
 def _predict_photos(fv, box, landmarker, photos, out_dir, warn, failures) -> int:
   """Writes each photo's picture and JSON; returns the number of photos written. A photo that cannot
   be read or written, or that --box misses, goes to `failures` (path, why) and the others go on."""
-  import tqdm  # pylint: disable=import-outside-toplevel
-
   written, faces_written, skipped = 0, 0, []
 
   def fail(path, why: str):

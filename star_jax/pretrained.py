@@ -52,7 +52,18 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from absl import flags
+import tqdm
+
+from star_jax import cli
+from star_jax import config_lib
+from star_jax import files
 from star_jax import home as home_lib
+
+try:
+  import fcntl
+except ImportError:  # not POSIX: concurrent fetches are not serialised
+  fcntl = None
 
 MIRROR_ENV = 'STAR_JAX_MIRROR'
 DRIVE_DOWNLOAD = 'https://drive.usercontent.google.com/download'
@@ -103,12 +114,11 @@ class Release:
   def published(self) -> dict:
     """The published figures of the official model (paper units: NME and FR in %, AUC a fraction),
     by normalisation ('ocular' / 'pupil'), as star_jax.evaluation.report.PUBLISHED holds them."""
-    from star_jax.evaluation import report  # pylint: disable=import-outside-toplevel
+    from star_jax.evaluation import report  # lazy: JAX-free ONNX path (the report module imports TFDS)
     return report.PUBLISHED.get(self.dataset, {})
 
   def load_config(self):
     """The config the file is converted with, as a ConfigDict (a copy)."""
-    from star_jax import config_lib  # pylint: disable=import-outside-toplevel
     if isinstance(self.config, str):
       return config_lib.load_config(self.config)
     return self.config.copy_and_resolve_references()
@@ -239,7 +249,6 @@ def _total_size(response, start: int) -> int | None:
 
 
 def _progress_bar(total, initial, desc, progress):
-  import tqdm  # pylint: disable=import-outside-toplevel
   return tqdm.tqdm(total=total, initial=initial, unit='B', unit_scale=True, unit_divisor=1024, desc=desc,
                    file=sys.stderr, disable=None if progress is None else not progress, leave=False)
 
@@ -327,9 +336,7 @@ def _copy(source: pathlib.Path, part: pathlib.Path, progress: bool | None, desc:
 @contextlib.contextmanager
 def _locked(path: pathlib.Path):
   """An exclusive lock on `path` (created) for the block; nothing where the platform has no fcntl."""
-  try:
-    import fcntl  # pylint: disable=import-outside-toplevel
-  except ImportError:
+  if fcntl is None:
     yield
     return
   with open(path, 'a+b') as f:
@@ -340,17 +347,11 @@ def _locked(path: pathlib.Path):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
 def _convert(pkl: pathlib.Path, release: Release, target: pathlib.Path) -> None:
   """Converts the release file `pkl` (its `net`) into the star_jax checkpoint `target`, built in a
   temporary folder beside it and renamed into place; ReleaseFileError when the file does not read
   as a checkpoint or does not fit the release's model."""
-  from star_jax import convert_pytorch  # pylint: disable=import-outside-toplevel
+  from star_jax import convert_pytorch  # lazy: JAX-free ONNX path (converting needs JAX)
 
   config = release.load_config()
   building = pathlib.Path(tempfile.mkdtemp(prefix=f'.{release.name}.converting-', dir=target.parent))
@@ -420,7 +421,7 @@ def fetch(name, *, home: os.PathLike | str | None = None, mirror: str | None = N
         except ReleaseFileError as e:
           raise ReleaseFileError(f'{pkl}: {e}; delete it to download it again') from None
         if recorded is None:
-          _write_atomic(record, digest + '\n')
+          files.atomic_write_text(record, digest + '\n')
       return converted
     if (converted / '0').is_dir():
       return converted  # the official file was deleted to save space; the conversion stands
@@ -448,7 +449,7 @@ def fetch(name, *, home: os.PathLike | str | None = None, mirror: str | None = N
     except ReleaseFileError as e:
       part.unlink(missing_ok=True)
       raise ReleaseFileError(f'the file fetched from {source} was refused, and the cache left as it was: {e}') from None
-    _write_atomic(record, digest + '\n')
+    files.atomic_write_text(record, digest + '\n')
     os.replace(part, pkl)
   return converted
 
@@ -457,7 +458,6 @@ def fetch(name, *, home: os.PathLike | str | None = None, mirror: str | None = N
 
 def define_flag(fv) -> None:
   """Defines --pretrained on a command's FlagValues `fv` (see `flag_checkpoint`)."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
   flags.DEFINE_enum('pretrained', None, list(RELEASES), 'a released official model, downloaded into the cache '
                     f'(${home_lib.HOME_ENV}, default ~/.cache/star_jax) on first use and converted once '
                     f'(${MIRROR_ENV}: a URL or folder serving <name>.pkl instead)', flag_values=fv)
@@ -466,7 +466,6 @@ def define_flag(fv) -> None:
 def check_flags(fv, *, sources: tuple[str, ...] = ('checkpoint',), checkpoint_only: tuple[str, ...] = ()) -> None:
   """Usage errors (absl flags.Error) of --pretrained: it excludes the other weight `sources` (one of
   them all must be given), and the `checkpoint_only` flags that choose within a checkpoint."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
   given = [name for name in ('pretrained',) + tuple(sources) if fv[name].value is not None]
   names = ', '.join(f'--{name}' for name in ('pretrained',) + tuple(sources))
   if len(given) != 1:
@@ -483,7 +482,6 @@ def flag_checkpoint(fv) -> str | None:
   a terminal), or None when the flag is not given; a cli.UserError when it cannot be fetched."""
   if fv.pretrained is None:
     return None
-  from star_jax import cli  # pylint: disable=import-outside-toplevel
   try:
     return str(fetch(fv.pretrained))
   except (DownloadError, ReleaseFileError) as e:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from star_jax import layouts
-from star_jax.training import checkpoints
+from star_jax import checkpoints
 
 
 def write(path, data):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA, REPO, tiny_wflw_config
+from star_jax import layouts
 from star_jax import pretrained
 from star_jax import predict
 from star_jax.inference import landmarker as landmarker_lib
@@ -139,7 +140,7 @@ def test_the_registry_names_the_official_releases():
   for release in pretrained.RELEASES.values():
     config = release.load_config()
     assert config.layout == release.layout and config.data.image_size == 256
-    assert landmarker_lib.get_layout(config.layout).num_points == release.num_points
+    assert layouts.get_layout(config.layout).num_points == release.num_points
     if readme.is_file():   # the official checkout, where there is one
       assert release.page_url in readme.read_text()
   assert pretrained.get('WFLW').published['ocular'] == {'nme': 4.02, 'fr': 2.32, 'auc': 0.605}

@@ -155,7 +155,7 @@ def header_size(data: bytes) -> tuple[int, int] | None:
 def _pillow_size(data: bytes, name: str, max_pixels: int | None):
   """The size by Pillow's lazy open (header only), for formats `header_size` does not read."""
   try:
-    from PIL import Image  # pylint: disable=import-outside-toplevel
+    from PIL import Image  # lazy: JAX-free ONNX path (Pillow is not in the JAX-free install)
   except ImportError:
     return None
   with warnings.catch_warnings():
