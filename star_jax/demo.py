@@ -1,12 +1,17 @@
 """A local web page: upload a photo, see its landmarks and ambiguity ellipses, download the JSON.
 
-  python -m star_jax.demo --checkpoint DIR [--port 7860] [--faces all|largest|best] [--config NAME]
+  python -m star_jax.demo --pretrained wflw [--port 7860] [--faces largest|best|all]
+  python -m star_jax.demo --checkpoint DIR [--config NAME] ...
 
 Needs the demo extra (Flask): pip install -e '.[demo]'. The page is served on 127.0.0.1 only (this
-machine; nothing is reachable from the network) until Ctrl-C. --checkpoint is what predict takes: a
-star_jax checkpoint directory or training workdir, or an official .pkl (converted in memory; --config
-wflw|300w|cofw or a config file, by default chosen by its number of points). Faces are found by the
-offline BlazeFace detector; each face's landmarks are drawn with their 1-sigma ambiguity ellipses
+machine; nothing is reachable from the network) until Ctrl-C. --pretrained runs a released official
+model (fetched into the cache on first use, as predict does); --checkpoint is what predict takes: a
+star_jax checkpoint directory or training workdir (its best checkpoint by the official protocol, with
+the weights that won there), or an official .pkl (its net; converted in memory; --config
+wflw|300w|cofw or a config file, by default chosen by its number of points). The page's header and
+every JSON answer say which checkpoint, step and weights run. Faces are found by the offline BlazeFace
+detector; the largest face is kept by default, as predict and the Python API do (the page's menu, or
+--faces, chooses best or all); each face's landmarks are drawn with their 1-sigma ambiguity ellipses
 (the covariance STAR models), and the JSON (boxes, scores, landmarks (x, y) and covariances in image
 pixels) can be downloaded.
 
@@ -38,6 +43,7 @@ import jax
 import numpy as np
 
 from star_jax import cli
+from star_jax import pretrained
 from star_jax.inference import face_detect
 from star_jax.inference import image_io
 from star_jax.inference import landmarker as landmarker_lib
@@ -146,7 +152,7 @@ def _picture(image: np.ndarray) -> tuple[bytes, float]:
   return jpeg.tobytes(), 1.0 / sx
 
 
-def make_app(landmarker, *, faces: str = 'all', info: str = '', max_pixels: int | None = image_io.DEFAULT_MAX_PIXELS,
+def make_app(landmarker, *, faces: str = 'largest', info: str = '', max_pixels: int | None = image_io.DEFAULT_MAX_PIXELS,
              max_waiting: int = MAX_WAITING):
   """The Flask app of the page: GET / (the page), POST /predict (multipart 'image', 'faces',
   'ambiguity') -> JSON {width, height, num_points, layout, faces: [FaceResult.to_dict()], picture:
@@ -245,7 +251,8 @@ def _demo(argv: list[str]) -> int:
   flags.DEFINE_string('config', None, 'for an official .pkl only: wflw, 300w, cofw or a config file', flag_values=fv)
   flags.DEFINE_integer('port', 7860, 'port on 127.0.0.1 (0: any free port)', lower_bound=0, upper_bound=65535,
                        flag_values=fv)
-  flags.DEFINE_enum('faces', 'all', list(face_detect.FACE_MODES), 'faces per photo, by default (the page can '
+  pretrained.define_flag(fv)
+  flags.DEFINE_enum('faces', 'largest', list(face_detect.FACE_MODES), 'faces per photo, by default (the page can '
                     'change it)', flag_values=fv)
   flags.DEFINE_float('min_face_size', face_detect.DEFAULT_MIN_FACE_SIZE, 'smallest face side searched for (px)',
                      lower_bound=1e-6, flag_values=fv)
@@ -258,27 +265,31 @@ def _demo(argv: list[str]) -> int:
   rest = command.parse()
   if rest:
     raise flags.Error(f'unexpected arguments: {" ".join(rest)}')
-  command.require('checkpoint')
+  pretrained.check_flags(fv, checkpoint_only=('config',))
   try:
     from werkzeug import serving  # lazy: optional extra (the 'demo' extra; Flask's server)
     import flask  # noqa: F401  # lazy: optional extra (the 'demo' extra; checked before loading the model)
   except ImportError:
     raise cli.UserError("the demo needs Flask: pip install -e '.[demo]' (or pip install flask)") from None
   cli.setup_logging('warning')  # the refusals and failures of requests, with their cause
+  options = {'faces': fv.faces, 'min_face_size': fv.min_face_size, 'min_face_score': fv.min_face_score}
   try:
-    landmarker = landmarker_lib.FaceLandmarker.from_checkpoint(
-        fv.checkpoint, config=fv.config, faces=fv.faces, min_face_size=fv.min_face_size,
-        min_face_score=fv.min_face_score)
+    if fv.pretrained is not None:
+      landmarker = landmarker_lib.FaceLandmarker.from_pretrained(fv.pretrained, **options)
+    else:
+      landmarker = landmarker_lib.FaceLandmarker.from_checkpoint(fv.checkpoint, config=fv.config, **options)
+  except (pretrained.DownloadError, pretrained.ReleaseFileError) as e:
+    raise cli.UserError(str(e)) from None
   except (FileNotFoundError, ValueError, KeyError, OSError) as e:
     raise cli.UserError(f'cannot load {fv.checkpoint!r}: {e}') from None
-  info = (f'{fv.checkpoint} (step {landmarker.step}, {landmarker.weights} weights): {landmarker.layout} layout, '
-          f'{landmarker.image_size} px input, on {jax.default_backend().upper()}')
+  info = f'{landmarker.summary()}, {landmarker.image_size} px input, on {jax.default_backend().upper()}'
   app = make_app(landmarker, faces=fv.faces, info=info, max_pixels=fv.max_pixels or None, max_waiting=fv.max_waiting)
   try:
     server = serving.make_server(HOST, fv.port, app, threaded=True)
   except OSError as e:
     raise cli.UserError(f'cannot serve on {HOST}:{fv.port}: {e}') from None
-  print(f'star_jax demo on http://{HOST}:{server.server_port}/ (Ctrl-C to stop)', flush=True)
+  print(f'star_jax demo on http://{HOST}:{server.server_port}/ (Ctrl-C to stop), running {landmarker.summary()}',
+        flush=True)
   try:
     server.serve_forever()
   except KeyboardInterrupt:

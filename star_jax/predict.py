@@ -11,8 +11,8 @@
 
 For every image: find the faces (offline: by default MediaPipe's BlazeFace CNN, shipped in the
 package and run by OpenCV; `--detector haar` for OpenCV's Haar cascade) or take the face box given by
---box; keep the largest face (--faces largest, the default), the one with the best detector score
-(best) or all of them (all); crop each as the official demo does (a square of side 1.05 x the shorter
+--box; keep the largest face (--faces largest, the default, as in the demo and the Python API), the
+one with the best detector score (best) or all of them (all: a group photo); crop each as the official demo does (a square of side 1.05 x the shorter
 box side around the box centre, mapped onto the network input), predict, and map the landmarks back
 to image pixels. Writes OUT/<name>_landmarks.jpg (the photo with boxes and landmarks, and with
 --show_ambiguity each point's predicted covariance as a 1-sigma ellipse) and OUT/<name>.json (boxes,
@@ -55,8 +55,9 @@ The checkpoint is any star_jax checkpoint directory or training workdir (trained
 from the official PyTorch release with `python -m star_jax.convert_pytorch`), or an official .pkl
 itself, converted in memory (--config says which config, by default the one of its number of points).
 By default a workdir's best checkpoint by the official protocol runs, with the weights that won there
-(--step best|latest|N and --weights model|ema choose; the JSON says which step and weights ran and
-whether they are the best); a .pkl's `net`, what the official tester runs (--weights=ema: `net_ema`).
+(--step best|latest|N and --weights model|ema choose); a .pkl's `net`, what the official tester runs
+(--weights=ema: `net_ema`); the same weights as evaluate, export, the demo and the Python API. The
+first line printed and every JSON say which step and weights ran, why, and whether they are the best.
 --model instead runs an ONNX file written by `python -m star_jax.export` in onnxruntime: the same
 outputs, and this path imports no JAX, so an install of numpy, opencv-python-headless, absl-py, tqdm
 and onnxruntime is enough (README, "Deploy").
@@ -238,9 +239,13 @@ def load_landmarker(fv, box, **options):
       raise cli.UserError('--step is for checkpoint directories; an official .pkl holds one network')
     kwargs = {'config': fv.config, 'weights': 'net_ema' if weights == 'ema' else 'net'}
   try:
-    return landmarker_lib.FaceLandmarker.from_checkpoint(path, **common, **kwargs)
+    landmarker = landmarker_lib.FaceLandmarker.from_checkpoint(path, **common, **kwargs)
   except (FileNotFoundError, ValueError, KeyError) as e:
     raise cli.UserError(f'cannot load the checkpoint {checkpoint!r}: {e}') from None
+  if fv.pretrained is not None:
+    landmarker.selection = dict(landmarker.selection, best_by_protocol=True,
+                                chosen_by=pretrained.chosen_by(fv.pretrained), pretrained=fv.pretrained)
+  return landmarker
 
 
 def _selection(landmarker) -> dict:
@@ -269,6 +274,7 @@ def _predict(argv: list[str]) -> int:
     if not photos and not videos:
       raise cli.UserError(_failed(failures, len(paths)))
     landmarker = load_landmarker(fv, box)
+    print(f'running {landmarker.summary()}', flush=True)
     written = 0
     if photos:
       written += _predict_photos(fv, box, landmarker, photos, out_dir, warn, failures)

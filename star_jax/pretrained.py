@@ -477,6 +477,11 @@ def check_flags(fv, *, sources: tuple[str, ...] = ('checkpoint',), checkpoint_on
                         "official file's net, converted with its dataset's config)")
 
 
+def chosen_by(name) -> str:
+  """How a released model's weights were chosen, in words, for the records of what ran."""
+  return f"the released {get(name).dataset} model: the official file's net, what the official tester ran"
+
+
 def flag_checkpoint(fv) -> str | None:
   """The converted checkpoint directory of --pretrained (fetched on first use, with a progress bar on
   a terminal), or None when the flag is not given; a cli.UserError when it cannot be fetched."""

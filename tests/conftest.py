@@ -77,4 +77,4 @@ def tiny_landmarker(tiny_wflw_checkpoint):
   """A FaceLandmarker of the tiny WFLW checkpoint (faces='all'), shared so that each batch shape
   compiles once per session; a test that changes an attribute puts it back."""
   from star_jax.inference.landmarker import FaceLandmarker
-  return FaceLandmarker.from_checkpoint(tiny_wflw_checkpoint)
+  return FaceLandmarker.from_checkpoint(tiny_wflw_checkpoint, faces='all')

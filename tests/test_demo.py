@@ -194,8 +194,8 @@ def test_demo_in_a_headless_browser(tiny_wflw_checkpoint, tmp_path):
 
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', **COMPILE_CACHE_ENV)
   server = subprocess.Popen([sys.executable, '-m', 'star_jax.demo', '--checkpoint', str(tiny_wflw_checkpoint),
-                             '--port', '0'], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                             '--port', '0', '--faces', 'all'], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
   driver = None
   try:
     line = server.stdout.readline()

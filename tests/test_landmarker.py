@@ -37,7 +37,7 @@ def test_importing_star_jax_does_not_import_the_api():
 
 
 def test_one_image_by_path_or_array_with_detection_or_boxes(landmarker):
-  faces = landmarker(FULL / 'einstein.jpg')             # default faces='all': both men
+  faces = landmarker(FULL / 'einstein.jpg')             # the fixture's faces='all': both men
   assert len(faces) == 2 and faces[0].score >= faces[1].score >= face_detect.DEFAULT_SCORE_THRESHOLD
   for f in faces:
     assert f.landmarks.shape == (98, 2) and f.covariances.shape == (98, 2, 2)
@@ -80,6 +80,35 @@ def test_the_predict_command_writes_what_the_api_returns(landmarker, tiny_wflw_c
   finally:
     landmarker.faces = 'all'
   assert face == json.loads(json.dumps(api.to_dict()))
+
+
+def test_one_face_choice_and_one_record_of_the_weights_in_the_api_predict_and_the_demo(tiny_wflw_checkpoint,
+                                                                                     tmp_path, capsys):
+  # einstein.jpg holds two faces; by default the API, predict and the demo all take the largest.
+  default = landmarker_lib.FaceLandmarker.from_checkpoint(tiny_wflw_checkpoint)
+  (api,) = default(FULL / 'einstein.jpg')
+  assert default.faces == 'largest' and np.abs(np.subtract(api.box, (349, 273, 458, 382))).max() < 10  # Einstein
+  out = tmp_path / 'out'
+  assert predict.main(['predict', '--checkpoint', str(tiny_wflw_checkpoint), str(FULL / 'einstein.jpg'),
+                       '--output', str(out)]) == 0
+  record = json.loads((out / 'einstein.json').read_text())
+  (face,) = record['faces']
+  np.testing.assert_allclose(face['landmarks'], api.landmarks, atol=1e-3)
+  # Each says which weights ran and why: the JSON, the first line printed, the API's record.
+  described = default.describe()
+  assert {k: record[k] for k in ('step', 'weights', 'chosen_by')} == {k: described[k] for k in ('step', 'weights',
+                                                                                              'chosen_by')}
+  assert described['chosen_by'] == 'the latest step (no step holds an evaluation to rank by), its only weights'
+  assert capsys.readouterr().out.startswith(f'running {default.summary()}\n')
+  assert default.summary() == (f'{tiny_wflw_checkpoint} (step 0, model weights: {described["chosen_by"]}), WFLW '
+                               'layout')
+  pytest.importorskip('flask', reason="the demo extra (pip install -e '.[demo]') is not installed")
+  from star_jax import demo
+  answer = demo.make_app(default).test_client().post('/predict', data={'image': (open(FULL / 'einstein.jpg', 'rb'),
+                                                                                 'einstein.jpg')})
+  shown = answer.get_json()
+  assert len(shown['faces']) == 1 and shown['faces'][0]['box'] == face['box']
+  assert {k: shown[k] for k in described} == described
 
 
 def test_an_official_pkl_is_converted_in_memory(landmarker):

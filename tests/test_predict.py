@@ -203,6 +203,39 @@ def test_blazeface_finds_the_annotated_face_on_full_size_photos(blazeface, data_
   assert all(face_detect.DEFAULT_SCORE_THRESHOLD <= s <= 1 for s in scores)
 
 
+class _Counting:
+  """BlazeFace with its network calls counted."""
+
+  def __init__(self):
+    self.detector, self.calls = face_detect.BlazeFaceDetector(), 0
+    run = self.detector.run_network
+
+    def counted(tile):
+      self.calls += 1
+      return run(tile)
+    self.detector.run_network = counted
+
+
+@pytest.mark.parametrize('name', PHOTOS)
+def test_blazeface_largest_face_stops_early_with_the_same_face(data_dir, name):
+  image = _rgb(data_dir / FULL / name)
+  small = cv2.resize(image, (640, round(image.shape[0] * 640 / image.shape[1])), interpolation=cv2.INTER_AREA)
+  for photo in (image, small):
+    full, early = _Counting(), _Counting()
+    (want,) = face_detect.select(full.detector.detect(photo), 'largest')
+    (got,) = early.detector.detect_largest(photo)
+    # The same face, its box within 5 % of its side (the scan stops before the finer levels, whose
+    # candidates move the merged box as much as resizing the photo does), the score no higher.
+    side = min(want.box[2] - want.box[0], want.box[3] - want.box[1])
+    assert np.abs(np.subtract(got.box, want.box)).max() <= 0.05 * side, (got, want)
+    assert face_detect.DEFAULT_SCORE_THRESHOLD <= got.score <= want.score + 1e-9
+    assert early.calls <= full.calls
+  # On the benchmark's 640 px breakingbad.jpg the finest level (two of its six tiles) is skipped.
+  if name == 'breakingbad.jpg':
+    assert (early.calls, full.calls) == (8, 12)
+  assert face_detect.BlazeFaceDetector().detect_largest(np.full((240, 320, 3), 128, np.uint8)) == []
+
+
 def _landscape(h=480, w=640, seed=0):
   """A face-free picture: sky gradient, sun, two mountain ridges, grass, sensor noise."""
   rng = np.random.default_rng(seed)

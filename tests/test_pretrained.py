@@ -6,7 +6,9 @@ and the converted checkpoint run by FaceLandmarker and predict."""
 
 import dataclasses
 import hashlib
+import html
 import http.server
+import importlib.util
 import io
 import json
 import os
@@ -20,7 +22,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import DATA, REPO, tiny_wflw_config
+from conftest import DATA, REPO, TINY_CONFIG, tiny_wflw_config
 from star_jax import layouts
 from star_jax import pretrained
 from star_jax import predict
@@ -298,3 +300,91 @@ def test_the_converted_release_runs_as_the_official_pkl_does(tmp_path, monkeypat
   assert len(err) == 1 and err[0].startswith('error: cannot fetch the released WFLW model: tried '
                                              'http://127.0.0.1:9/mirror/wflw2.pkl: ')
   assert not (tmp_path / 'o2').exists()
+
+
+def _load_script(name):
+  spec = importlib.util.spec_from_file_location(name, REPO / 'scripts' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_every_command_that_takes_a_checkpoint_takes_pretrained(tmp_path, monkeypatch, capsys, tiny_tfds_dir):
+  # The registry's 'wflw' pointed at the tiny official model, served by a mirror folder.
+  folder = tmp_path / 'mirror'
+  folder.mkdir()
+  shutil.copy(PKL, folder / 'wflw.pkl')
+  monkeypatch.setenv('STAR_JAX_HOME', str(tmp_path / 'home'))
+  monkeypatch.setenv(pretrained.MIRROR_ENV, str(folder))
+  monkeypatch.setitem(pretrained.RELEASES, 'wflw', dataclasses.replace(TINY, name='wflw'))
+  released = "the released WFLW model: the official file's net, what the official tester ran"
+  tiny = [f'--config={REPO / "configs" / "wflw.py"}:tiny', '--config.model.nstack=4', '--config.model.channels=32']
+
+  # evaluate: the converted release scores what the official .pkl's net scores, and the report says so.
+  from star_jax import evaluate
+  common = [f'--config.data.data_dir={tiny_tfds_dir}', '--noprogress', '--config.data.max_eval_examples=4']
+  assert evaluate.main(['evaluate', TINY_CONFIG, '--pretrained', 'wflw', '--output', str(tmp_path / 'e1'),
+                        *common]) == 0
+  assert evaluate.main(['evaluate', TINY_CONFIG, '--pytorch', str(PKL), '--config.model.nstack=4',
+                        '--config.model.channels=32', '--output', str(tmp_path / 'e2'), *common]) == 0
+  first, second = (json.loads((tmp_path / e / 'metrics.json').read_text()) for e in ('e1', 'e2'))
+  assert (first['info']['pretrained'], first['info']['chosen_by'], first['info']['best_by_protocol']) == (
+      'wflw', released, True)
+  assert first['info']['checkpoint'] == str(tmp_path / 'home' / 'pretrained' / 'wflw')
+  assert first['rows'][0]['nme'] == pytest.approx(second['rows'][0]['nme'], rel=1e-5)
+  assert released in (tmp_path / 'e1' / 'report.md').read_text()
+  capsys.readouterr()
+  assert evaluate.main(['evaluate', TINY_CONFIG, '--pretrained', 'wflw', '--step', 'latest', *common]) == 2
+  assert '--step: not with --pretrained' in capsys.readouterr().err
+
+  # export: the release's net, printed with the reason.
+  from star_jax import export
+  out = tmp_path / 'wflw.stablehlo'
+  assert export.main(['export', '--pretrained', 'wflw', '--output', str(out), '--format', 'stablehlo',
+                      '--platforms', 'cpu']) == 0
+  assert f'step 0, model weights ({released})' in capsys.readouterr().out
+  crops = np.stack([np.full((64, 64, 3), v, np.uint8) for v in (60, 160)])
+  landmarks = np.asarray(export.load_stablehlo(out)(crops.astype(np.float32))[0])
+  from_pkl = landmarker_lib.FaceLandmarker.from_checkpoint(PKL, config=tiny_wflw_config(), detector=None)
+  np.testing.assert_allclose(landmarks, export.to_crop_pixels(from_pkl.network(crops)['landmarks'], 0.0, 64)[0],
+                             atol=1e-3)
+  assert export.main(['export', '--pretrained', 'wflw', '--checkpoint', str(tmp_path), '--output', str(out)]) == 2
+  assert 'give one of --pretrained, --checkpoint (not --pretrained and --checkpoint)' in capsys.readouterr().err
+
+  # The demo: its page and every answer say what runs.
+  pytest.importorskip('flask', reason="the demo extra (pip install -e '.[demo]') is not installed")
+  from werkzeug import serving
+  from star_jax import demo
+  served = {}
+
+  class _Stopped:
+    server_port = 1
+
+    def __init__(self, app):
+      served['app'] = app
+
+    def serve_forever(self):
+      raise KeyboardInterrupt
+
+    def server_close(self):
+      pass
+
+  monkeypatch.setattr(serving, 'make_server', lambda host, port, app, threaded: _Stopped(app))
+  assert demo.main(['demo', '--pretrained', 'wflw']) == 0
+  assert released in capsys.readouterr().out
+  client = served['app'].test_client()
+  assert html.escape(released) in client.get('/').get_data(as_text=True)
+  record = client.post('/predict', data={'image': (open(PHOTO, 'rb'), 'takeo.png')}).get_json()
+  assert (record['pretrained'], record['chosen_by'], record['weights'], len(record['faces'])) == (
+      'wflw', released, 'model', 1)
+  assert demo.main(['demo', '--pretrained', 'wflw', '--config', 'wflw']) == 2
+
+  # scripts/reproduce.py: the dataset defaults to the release's.
+  from star_jax_datasets.wflw import fake_data
+  fake_data.write(tmp_path / 'raw', num_train=2, num_test=3)
+  reproduce = _load_script('reproduce')
+  assert reproduce.main(['reproduce.py', '--pretrained', 'wflw', '--manual_dir', str(tmp_path / 'raw'), '--data_dir',
+                         str(tmp_path / 'tfds'), *tiny, '--output', str(tmp_path / 'r')]) == 3   # random weights
+  doc = json.loads((tmp_path / 'r' / 'reproduce.json').read_text())
+  assert (doc['pretrained'], doc['chosen_by'], doc['num_images']) == ('wflw', released, 3)
+  assert reproduce.main(['reproduce.py', '--pretrained', 'wflw', '--dataset', 'cofw', *tiny]) == 2

@@ -202,7 +202,9 @@ class FaceLandmarker:
     layout: the landmark layout's name ('WFLW', '300W', 'COFW'), for the record only.
     detector: 'blazeface' (default), 'haar', an object with `detect(image) -> list[Face]`, or None
       (boxes must then be given to every call).
-    faces: which detected faces to keep per image: 'all' (default), 'largest' or 'best' (score).
+    faces: which detected faces to keep per image: 'largest' (default: the box of largest area, the
+      subject of a portrait; also the fastest, see `BlazeFaceDetector.detect_largest`), 'best' (the
+      best detector score) or 'all' (a group photo). The same default as `predict` and the demo.
     min_face_size, min_face_score: the detector's smallest face (px) and least score.
     refine: crop each face a second time by the bounding box of its first-pass landmarks, the way
       the official demo crops (by a landmark box, not a detector box), and predict again.
@@ -230,7 +232,7 @@ class FaceLandmarker:
   """
 
   def __init__(self, network: Callable[[np.ndarray], dict], image_size: int, *, layout: str | None = None,
-               detector: Any = 'blazeface', faces: str = 'all',
+               detector: Any = 'blazeface', faces: str = 'largest',
                min_face_size: float = face_detect.DEFAULT_MIN_FACE_SIZE,
                min_face_score: float = face_detect.DEFAULT_SCORE_THRESHOLD, refine: bool = True,
                batch_size: int = 8, max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -342,7 +344,10 @@ class FaceLandmarker:
     """
     from star_jax import pretrained  # lazy: JAX-free ONNX path (converting a release needs JAX)
 
-    return cls.from_checkpoint(pretrained.fetch(name, progress=progress), **options)
+    out = cls.from_checkpoint(pretrained.fetch(name, progress=progress), **options)
+    out.selection = dict(out.selection, best_by_protocol=True, chosen_by=pretrained.chosen_by(name),
+                         pretrained=pretrained.get(name).name)
+    return out
 
   @classmethod
   def from_onnx(cls, path: os.PathLike | str, *, covariances: bool = True, providers=None, threads: int | None = None,
@@ -357,9 +362,14 @@ class FaceLandmarker:
     """
     network = onnx_model.OnnxNetwork(path, with_covariance=covariances, providers=providers, threads=threads)
     out = cls(network, network.image_size, layout=network.layout, **options)
-    step = network.metadata.get('step')
-    out.checkpoint, out.weights = str(path), network.metadata.get('weights')
+    meta = network.metadata
+    step = meta.get('step')
+    out.checkpoint, out.weights = str(path), meta.get('weights')
     out.step = int(step) if step and step.isdigit() else None
+    # What the export recorded of how its weights were chosen (files of older versions say less).
+    out.selection = {'step': out.step, 'weights': out.weights,
+                     'best_by_protocol': {'true': True, 'false': False}.get(meta.get('best_by_protocol', '')),
+                     'chosen_by': meta.get('chosen_by') or 'the weights it was exported with'}
     return out
 
   # ---- Calls ------------------------------------------------------------------------------------
@@ -372,7 +382,10 @@ class FaceLandmarker:
     if self.detector is None:
       raise ValueError('this FaceLandmarker has no detector: give the face boxes')
     small, sx, sy = image_io.reduced(as_rgb(image, self.max_pixels), self.detect_max_side)
-    faces = self.detector.detect(small)
+    if self.faces == 'largest' and hasattr(self.detector, 'detect_largest'):
+      faces = self.detector.detect_largest(small)  # stops once no finer level can find a larger face
+    else:
+      faces = self.detector.detect(small)
     if (sx, sy) != (1.0, 1.0):
       faces = [face_detect.Face((f.box[0] * sx, f.box[1] * sy, f.box[2] * sx, f.box[3] * sy), f.score)
                for f in faces]
@@ -433,10 +446,21 @@ class FaceLandmarker:
     return predictor.draw(as_rgb(image, self.max_pixels), faces, show_ambiguity)
 
   def describe(self) -> dict:
-    """What this landmarker runs, for output records: checkpoint, step, weights, layout (of the points
-    returned; with `mapped_from`, the network's own, when they are mapped), image size."""
-    out = {'checkpoint': self.checkpoint, 'step': self.step, 'weights': self.weights, 'layout': self.layout,
-           'image_size': self.image_size}
+    """What this landmarker runs, for output records: checkpoint, step, weights and, when known, how
+    they were chosen (best_by_protocol, chosen_by, and pretrained for a released model), layout (of the points returned;
+    with `mapped_from`, the network's own, when they are mapped), image size."""
+    chosen = {k: v for k, v in (self.selection or {}).items() if k in ('best_by_protocol', 'chosen_by', 'pretrained')}
+    out = {'checkpoint': self.checkpoint, 'step': self.step, 'weights': self.weights, **chosen,
+           'layout': self.layout, 'image_size': self.image_size}
     if self.point_indices is not None:
       out['mapped_from'] = self.network_layout
     return out
+
+  def summary(self) -> str:
+    """One line saying what runs: the checkpoint, its step and weights, and why those."""
+    chosen = (self.selection or {}).get('chosen_by')
+    step = '' if self.step is None else f'step {self.step}, '
+    if self.checkpoint is None:
+      return f'a network given in Python, {self.layout or "unnamed"} layout'
+    return (f'{self.checkpoint} ({step}{self.weights} weights' + (f': {chosen}' if chosen else '')
+            + f'), {self.layout} layout')
