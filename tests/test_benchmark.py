@@ -94,7 +94,7 @@ def test_infer_section_small_runs_every_engine_in_turns(tmp_path):
     for engine in engines + ['onnx int8']:
       row = rows[f'network {engine} b{batch}']
       assert row['unit'] == 'ms/face' and row['value'] > 0 and 'of the matmul peak' in row['notes']
-    for engine in engines + ['pipeline only']:
+    for engine in engines + ['pipeline only', 'pipeline only, whole pyramid']:
       assert rows[f'end to end {engine} b{batch}']['value'] > 0
     if official:
       assert 'x the official' in rows[f'network jax f32 b{batch}']['notes']

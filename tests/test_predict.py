@@ -220,6 +220,7 @@ class _Counting:
 def test_blazeface_largest_face_stops_early_with_the_same_face(data_dir, name):
   image = _rgb(data_dir / FULL / name)
   small = cv2.resize(image, (640, round(image.shape[0] * 640 / image.shape[1])), interpolation=cv2.INTER_AREA)
+  calls = []
   for photo in (image, small):
     full, early = _Counting(), _Counting()
     (want,) = face_detect.select(full.detector.detect(photo), 'largest')
@@ -230,9 +231,11 @@ def test_blazeface_largest_face_stops_early_with_the_same_face(data_dir, name):
     assert np.abs(np.subtract(got.box, want.box)).max() <= 0.05 * side, (got, want)
     assert face_detect.DEFAULT_SCORE_THRESHOLD <= got.score <= want.score + 1e-9
     assert early.calls <= full.calls
-  # On the benchmark's 640 px breakingbad.jpg the finest level (two of its six tiles) is skipped.
+    calls.append((early.calls, full.calls))
+  # breakingbad.jpg's faces are found at the coarse levels: the fine ones, most of the tiles, are
+  # skipped (6 network runs of 86 at 1920 px, of 10 at 640 px as the end-to-end benchmark has it).
   if name == 'breakingbad.jpg':
-    assert (early.calls, full.calls) == (8, 12)
+    assert calls == [(6, 86), (6, 10)]
   assert face_detect.BlazeFaceDetector().detect_largest(np.full((240, 320, 3), 128, np.uint8)) == []
 
 
@@ -277,7 +280,7 @@ def test_blazeface_min_face_size_and_score_threshold(blazeface, data_dir):
   windows = blazeface.pyramid(1024, 817)
   assert windows[0] == pytest.approx(1024 / 0.3)
   assert 0.07 * windows[-1] == pytest.approx(face_detect.DEFAULT_MIN_FACE_SIZE)
-  assert all(a / b <= 2 + 1e-9 for a, b in zip(windows, windows[1:]))
+  assert all(a / b <= 2 * face_detect.BlazeFaceDetector.ONE_TILE_SLACK + 1e-9 for a, b in zip(windows, windows[1:]))
 
 
 def test_blazeface_anchors_tiles_and_merging():
