@@ -2,12 +2,15 @@
 tester does, and compare every published figure with ours.
 
   python scripts/reproduce.py --dataset wflw|300w|cofw --manual_dir DIR (--pytorch FILE.pkl | --checkpoint DIR)
+  python scripts/reproduce.py --pretrained wflw|300w|cofw --manual_dir DIR      (the released model, fetched once)
       [--data_dir ~/tensorflow_datasets] [--output OUT] [--tolerance nme=0.05,fr=0.1,auc=0.001]
       [--config configs/wflw.py --config.key=value ...]
 
 The dataset is built from the hand-downloaded files in --manual_dir when it is not built yet (with the
-ADNet / STAR metadata train.tsv / test.tsv there, as behind the published numbers). --pytorch converts
-an official checkpoint (its `net`, what the official tester evaluates); --checkpoint is one of ours:
+ADNet / STAR metadata train.tsv / test.tsv there, as behind the published numbers). --pretrained takes
+the released official model of the dataset (downloaded into the cache on first use, checked and
+converted once: star_jax/pretrained.py; --dataset defaults to it); --pytorch converts an official
+checkpoint file (its `net`, what the official tester evaluates); --checkpoint is one of ours:
 its best checkpoint by the official protocol, with the weights that won there (--step and --weights
 choose others). The table names the step and weights scored and whether they are the best by the
 official protocol. Prints and writes OUT/reproduce.md and OUT/reproduce.json: for every published
@@ -27,6 +30,7 @@ import tempfile
 from absl import flags
 
 from star_jax import cli
+from star_jax import pretrained
 
 CONFIGS = {'wflw': 'configs/wflw.py', '300w': 'configs/300w.py', 'cofw': 'configs/cofw.py'}
 
@@ -54,6 +58,7 @@ def _reproduce(argv: list[str]) -> int:
   flags.DEFINE_string('data_dir', None, "TFDS data dir (default: the config's)", flag_values=fv)
   flags.DEFINE_string('pytorch', None, 'official PyTorch STAR checkpoint (.pkl)', flag_values=fv)
   flags.DEFINE_string('checkpoint', None, 'star_jax checkpoint directory or training workdir', flag_values=fv)
+  pretrained.define_flag(fv)
   flags.DEFINE_string('step', None, "--checkpoint: 'best' (the default), 'latest' or a step number", flag_values=fv)
   flags.DEFINE_enum('weights', None, ['model', 'ema'], "--checkpoint: the weights (default: those that won the "
                     "step's evaluation); --pytorch: model is the .pkl's net (the default), ema its net_ema",
@@ -64,9 +69,13 @@ def _reproduce(argv: list[str]) -> int:
   rest = command.parse()
   if rest:
     raise flags.Error(f'unexpected arguments: {" ".join(rest)}')
+  pretrained.check_flags(fv, sources=('pytorch', 'checkpoint'), checkpoint_only=('step', 'weights'))
+  if fv.pretrained is not None and fv.dataset is None:
+    fv.dataset = fv.pretrained
   command.require('dataset')
-  if bool(fv.pytorch) == bool(fv.checkpoint):
-    raise cli.UserError('give exactly one of --pytorch FILE.pkl and --checkpoint DIR')
+  if fv.pretrained is not None and fv.pretrained != fv.dataset:
+    raise flags.Error(f'--pretrained {fv.pretrained} is the released model of another dataset than --dataset '
+                      f'{fv.dataset}')
   tolerance = _tolerances(fv.tolerance)
 
   from star_jax import config_lib  # pylint: disable=import-outside-toplevel
@@ -94,7 +103,7 @@ def _reproduce(argv: list[str]) -> int:
 
   # ---- The model: converted, or ours ----
   with tempfile.TemporaryDirectory(prefix='star_jax_reproduce_') as tmp:
-    directory, step, weights = fv.checkpoint, fv.step or 'best', fv.weights
+    directory, step, weights = pretrained.flag_checkpoint(fv) or fv.checkpoint, fv.step or 'best', fv.weights
     if fv.pytorch:
       if fv.step is not None:
         raise cli.UserError('--step is for --checkpoint; an official .pkl holds one network')
@@ -125,6 +134,10 @@ def _reproduce(argv: list[str]) -> int:
               'chosen_by': "the .pkl's net, what the official tester evaluates" if official == 'net' else
               "the .pkl's net_ema, as asked", 'best': None}
     what = f'{fv.pytorch} ({official}{report.selection_note(chosen)})'
+  elif fv.pretrained:
+    chosen = dict(loaded.describe(), best_by_protocol=True, chosen_by=pretrained.chosen_by(fv.pretrained),
+                  pretrained=fv.pretrained)
+    what = f'the released {layout.name} model ({directory}, net{report.selection_note(chosen)})'
   else:
     chosen = loaded.describe()
     what = f'{fv.checkpoint} (step {loaded.step}, {loaded.weights} weights{report.selection_note(chosen)})'

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging as std_logging
 import pathlib
 import sys
+import tempfile
 from typing import Callable, Sequence
 
 from absl import flags
@@ -95,6 +96,38 @@ class Command:
     missing = [f'--{n}' for n in names if self.fv[n].value is None]
     if missing:
       raise flags.Error(f'{", ".join(missing)} {"is" if len(missing) == 1 else "are"} required')
+
+
+def output_folder(path) -> tuple[pathlib.Path, list[pathlib.Path]]:
+  """Creates the output folder `path` (with its missing parents) and checks that files can be written
+  there, before a command does any work; returns (the folder, the folders created, deepest last) for
+  `remove_if_empty`. A UserError names the problem: `path` is a file, a part of it is a file, or the
+  place is not writable."""
+  folder = pathlib.Path(path)
+  if folder.exists() and not folder.is_dir():
+    raise UserError(f'--output {str(path)!r} is a file; give a folder (created if missing)')
+  for parent in folder.absolute().parents:
+    if parent.exists() and not parent.is_dir():
+      raise UserError(f'--output {str(path)!r}: {parent} is a file, not a folder')
+  missing = [p for p in [folder, *folder.parents] if not p.exists()][::-1]
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+      pass
+  except OSError as e:
+    remove_if_empty(missing)
+    raise UserError(f'--output {str(path)!r}: cannot write there ({e.strerror or e})') from None
+  return folder, missing
+
+
+def remove_if_empty(created) -> None:
+  """Removes the folders of `output_folder`'s list that are empty, deepest first, so that a run
+  that wrote nothing leaves nothing behind."""
+  for folder in reversed(list(created)):
+    try:
+      folder.rmdir()
+    except OSError:  # not empty (or gone): keep it, and its parents
+      return
 
 
 def setup_logging(level: str = 'info') -> None:

@@ -35,9 +35,19 @@ def _thickness(image: np.ndarray) -> int:
   return max(1, int(round(min(image.shape[:2]) / 500)))
 
 
-def draw_box(image: np.ndarray, box: Sequence[float], color=BOX_COLOR) -> np.ndarray:
-  """Draws a face box (x_min, y_min, x_max, y_max) on a copy of `image`."""
-  out = np.ascontiguousarray(image).copy()
+def _canvas(image: np.ndarray, inplace: bool) -> np.ndarray:
+  """`image` itself to draw on in place (a contiguous writable array), else a copy of it."""
+  if inplace:
+    if not (image.flags.c_contiguous and image.flags.writeable):
+      raise ValueError('drawing in place needs a contiguous, writable image')
+    return image
+  return np.ascontiguousarray(image).copy()
+
+
+def draw_box(image: np.ndarray, box: Sequence[float], color=BOX_COLOR, *, inplace: bool = False) -> np.ndarray:
+  """Draws a face box (x_min, y_min, x_max, y_max) on a copy of `image` (on `image` itself with
+  `inplace`: no copy of a large photo per drawing)."""
+  out = _canvas(image, inplace)
   x1, y1, x2, y2 = box
   cv2.rectangle(out, (_fixed(x1), _fixed(y1)), (_fixed(x2), _fixed(y2)), color, _thickness(out),
                 cv2.LINE_AA, _SHIFT)
@@ -53,15 +63,16 @@ def part_colors(layout) -> np.ndarray:
 
 
 def draw_landmarks(image: np.ndarray, landmarks: np.ndarray, color=POINT_COLOR,
-                   radius: float | None = None, origins: np.ndarray | None = None) -> np.ndarray:
-  """Draws (N, 2) landmarks as filled anti-aliased dots on a copy of `image`.
+                   radius: float | None = None, origins: np.ndarray | None = None, *,
+                   inplace: bool = False) -> np.ndarray:
+  """Draws (N, 2) landmarks as filled anti-aliased dots on a copy of `image` (`inplace`: on it).
 
   color: one RGB colour, or (N, 3) colours, one per point (e.g. `part_colors(layout)`).
   radius: dot radius in pixels (default: scaled with the face, 1/150 of the landmarks' extent, at least 1).
   origins: optional (N, 2) points each dot is joined to by a thin white line (e.g. the exact points
     that noisy labels were drawn from).
   """
-  out = np.ascontiguousarray(image).copy()
+  out = _canvas(image, inplace)
   pts = np.asarray(landmarks, np.float64)
   colors = np.broadcast_to(np.asarray(color), (len(pts), 3))
   if radius is None:
@@ -91,13 +102,14 @@ def covariance_ellipse(cov: np.ndarray, n_std: float = 1.0) -> tuple[tuple[float
 
 
 def draw_ellipses(image: np.ndarray, landmarks: np.ndarray, covariances: np.ndarray, n_std: float = 1.0,
-                  color=ELLIPSE_COLOR) -> np.ndarray:
-  """Draws each point's `n_std` covariance ellipse, centred on the point, on a copy of `image`.
+                  color=ELLIPSE_COLOR, *, inplace: bool = False) -> np.ndarray:
+  """Draws each point's `n_std` covariance ellipse, centred on the point, on a copy of `image`
+  (`inplace`: on it).
 
   landmarks: (N, 2) image px; covariances: (N, 2, 2) image px^2. The long axis is the direction in
   which the model is least sure where the point lies (STAR's semantic ambiguity).
   """
-  out = np.ascontiguousarray(image).copy()
+  out = _canvas(image, inplace)
   thickness = _thickness(out)
   for (x, y), cov in zip(np.asarray(landmarks, np.float64), np.asarray(covariances, np.float64)):
     if not (np.all(np.isfinite(cov)) and np.isfinite(x) and np.isfinite(y)):

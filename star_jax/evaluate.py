@@ -3,11 +3,13 @@
   python -m star_jax.evaluate --config configs/wflw.py --checkpoint DIR [--norm ocular|pupil]
       [--step best|latest|N] [--weights model|ema] [--output OUT]
   python -m star_jax.evaluate --config configs/wflw.py --pytorch WFLW_STARLoss_NME_4_02_FR_2_32_AUC_0_605.pkl
+  python -m star_jax.evaluate --config configs/wflw.py --pretrained wflw
 
 (`python scripts/evaluate.py ...` is the same command.) --checkpoint is a star_jax checkpoint
 directory or a training workdir (trained here, or written by `python -m star_jax.convert_pytorch`);
 --pytorch converts an official PyTorch checkpoint on the fly (into a temporary folder; PyTorch is not
-needed).
+needed); --pretrained a released official model, fetched into the cache on first use and converted
+once (star_jax/pretrained.py).
 
 Which weights (the official protocol): by default the best checkpoint of the run with the weights
 that won there. The official trainer scores the network and its EMA at every evaluation and keeps
@@ -15,7 +17,9 @@ whichever has the lowest NME so far as best_model.pkl, whose `net` its tester ev
 records the same choice with each evaluated checkpoint (README, "Relation to the official code").
 --step chooses a step ('best', 'latest' or a number; with a number the weights default to the ones
 that won that step's evaluation) and --weights the weights (model or ema). For --pytorch the default
-is the `.pkl`'s `net`, what the official tester evaluates (--weights=ema: its `net_ema`). Reports say
+is the `.pkl`'s `net`, what the official tester evaluates (--weights=ema: its `net_ema`); a released
+model is its file's `net`. These are the weights that predict, export, the demo and the Python API
+run by default too. Reports say
 which step and weights were scored, how they were chosen and whether they are the best by the official
 protocol. The dataset comes from the config and can be changed from the command line, e.g.
 `--config.data.data_dir=~/tensorflow_datasets`, `--config.data.max_eval_examples=100`,
@@ -52,6 +56,7 @@ import numpy as np
 
 from star_jax import cli
 from star_jax import metrics
+from star_jax import pretrained
 from star_jax.evaluation import temporal as temporal_lib
 from star_jax.layouts import get_layout
 
@@ -63,6 +68,7 @@ def _flags(argv):
                       'checkpoints/)', flag_values=fv)
   flags.DEFINE_string('pytorch', None, 'official PyTorch STAR checkpoint (.pkl), converted on the fly',
                       flag_values=fv)
+  pretrained.define_flag(fv)
   flags.DEFINE_string('step', None, "checkpoint step: 'best' (the default: the best by the official "
                       "protocol), 'latest' or a step number", flag_values=fv)
   flags.DEFINE_enum('weights', None, ['model', 'ema'], 'the weights to evaluate (default: those that won the '
@@ -75,9 +81,10 @@ def _flags(argv):
   rest = command.parse()
   if rest:
     raise flags.Error(f'unexpected arguments: {" ".join(rest)}')
-  if bool(fv.checkpoint) == bool(fv.pytorch):
-    raise cli.UserError('give exactly one of --checkpoint DIR (a star_jax checkpoint) and --pytorch FILE.pkl '
-                        '(an official PyTorch checkpoint)')
+  if sum(map(bool, (fv.checkpoint, fv.pytorch, fv.pretrained))) != 1:
+    raise cli.UserError('give exactly one of --checkpoint DIR (a star_jax checkpoint), --pytorch FILE.pkl '
+                        '(an official PyTorch checkpoint) and --pretrained NAME (a released model)')
+  pretrained.check_flags(fv, sources=('checkpoint', 'pytorch'), checkpoint_only=('step', 'weights'))
   return fv, command.config
 
 
@@ -102,8 +109,9 @@ def _load(fv, config, tmp: str):
       raise cli.UserError(f'cannot convert {fv.pytorch} for the {config.layout} config: {e}') from None
     step, weights = None, 'model'
   else:
-    where = f'checkpoint {fv.checkpoint}'
-    directory = fv.checkpoint
+    directory = pretrained.flag_checkpoint(fv) or fv.checkpoint
+    where = (f'released {pretrained.get(fv.pretrained).dataset} model ({directory})' if fv.pretrained else
+             f'checkpoint {fv.checkpoint}')
     try:
       step = checkpoints.parse_step(fv.step if fv.step is not None else 'best')
     except ValueError as e:
@@ -119,6 +127,8 @@ def _load(fv, config, tmp: str):
     described = {'step': loaded.step, 'weights': 'net_ema' if use_ema else 'net', 'best_by_protocol': not use_ema,
                  'chosen_by': "the .pkl's net_ema, as asked" if use_ema else
                  "the .pkl's net, what the official tester evaluates", 'best': None}
+  elif fv.pretrained:
+    described.update(best_by_protocol=True, chosen_by=pretrained.chosen_by(fv.pretrained), pretrained=fv.pretrained)
   try:
     checkpoints.check_compatible(loaded.config, config)
   except ValueError as e:
@@ -183,11 +193,12 @@ def _evaluate(argv: list[str]) -> int:
   # ---- Report ----
   published = report.published_numbers(config, norm)
   rows = report.subset_rows(summary, layout)
-  out_dir = pathlib.Path(fv.output or (os.path.abspath(fv.checkpoint or os.path.splitext(fv.pytorch)[0])
-                                       .rstrip(os.sep) + '_eval'))
+  source_path = fv.checkpoint or (os.path.splitext(fv.pytorch)[0] if fv.pytorch else f'{fv.pretrained}_pretrained')
+  out_dir = pathlib.Path(fv.output or (os.path.abspath(source_path).rstrip(os.sep) + '_eval'))
   device = f'{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})'
   info = {
-      'checkpoint': os.path.abspath(fv.checkpoint) if fv.checkpoint else None,
+      'checkpoint': os.path.abspath(fv.checkpoint) if fv.checkpoint else (
+          str(loaded.directory) if fv.pretrained else None),
       'pytorch': os.path.abspath(fv.pytorch) if fv.pytorch else None,
       **chosen, 'layout': layout.name, 'num_points': layout.num_points,
       'dataset': str(config.data.name), 'dataset_config': str(config.data.config), 'split': str(split),

@@ -1,10 +1,20 @@
 """Export a checkpoint for deployment: an ONNX model, or serialized StableHLO (jax.export).
 
   python -m star_jax.export --checkpoint DIR --output FILE [--format onnx|stablehlo]
-      [--weights ema|model] [--step N] [--opset 17] [--platforms cpu,cuda]
+      [--step best|latest|N] [--weights ema|model] [--opset 17] [--platforms cpu,cuda]
+  python -m star_jax.export --pretrained wflw|300w|cofw --output FILE ...
 
 DIR is a star_jax checkpoint directory (trained here, or converted from the official PyTorch release
-with `python -m star_jax.convert_pytorch`), or a training workdir holding checkpoints/.
+with `python -m star_jax.convert_pytorch`), or a training workdir holding checkpoints/. --pretrained
+exports a released official model (its net), fetched into the cache on first use (star_jax/pretrained.py).
+
+Which weights: the same as predict, evaluate, the demo and the Python API (the official protocol):
+a workdir's best checkpoint with the weights that won there (the lower NME of the network and its EMA
+at each evaluation); a converted checkpoint's only step and weights (an official .pkl's net). --step
+and --weights choose others. The command prints the step and weights it exported and why, and the
+ONNX file's metadata records them ('step', 'weights', 'chosen_by', 'best_by_protocol'), so
+`predict --model FILE` gives the landmarks of `predict --checkpoint DIR` (within 1e-2 px on a photo,
+tests/test_export.py).
 
 The exported model (the same contract in both formats):
   input   image        float32 (N, S, S, 3): RGB pixel values 0-255 of N face crops as star_jax's
@@ -63,6 +73,7 @@ from star_jax import checkpoints
 from star_jax import cli
 from star_jax import layouts
 from star_jax import models
+from star_jax import pretrained
 
 FORMATS = ('onnx', 'stablehlo')
 WEIGHTS = ('ema', 'model')
@@ -132,8 +143,9 @@ def export_onnx(model, *, opset: int = DEFAULT_OPSET, metadata: dict | None = No
     import jax2onnx  # lazy: optional extra (the 'export' extra)
     import onnx  # lazy: optional extra (the 'export' extra)
   except ImportError as e:
-    raise ExportError(f'ONNX export needs the packages of the "export" extra '
-                      f"(pip install 'star_jax[export]'): {e}") from None
+    raise ExportError(f"ONNX export needs the export extra and jax2onnx without its dependencies (its metadata "
+                      f"would downgrade orbax-checkpoint): pip install 'star_jax[export]' && pip install --no-deps "
+                      f"'jax2onnx==0.17.1' ({e})") from None
   s = model.image_size
   # onnx_ir logs a warning for every shape constant it leaves untyped (hundreds for this network);
   # they are harmless (the graph passes onnx.checker and runs), so keep the command's output readable.
@@ -214,42 +226,54 @@ def _atomic_output(output: pathlib.Path):
     raise
 
 
-def export_checkpoint(checkpoint, output, *, fmt: str = 'onnx', weights: str = 'ema',
-                      step: int | None = None, opset: int = DEFAULT_OPSET,
-                      platforms=DEFAULT_PLATFORMS) -> dict:
-  """Loads `checkpoint`, exports it in format `fmt` to the file `output`; returns a summary dict.
+def export_checkpoint(checkpoint, output, *, fmt: str = 'onnx', weights: str | None = None,
+                      step: int | str | None = 'best', opset: int = DEFAULT_OPSET,
+                      platforms=DEFAULT_PLATFORMS, chosen_by: str | None = None) -> dict:
+  """Loads `checkpoint`, exports it in format `fmt` to the file `output`; returns a summary dict
+  (format, output, step, weights, chosen_by, best_by_protocol, layout, image_size, num_points, bytes...).
 
+  step, weights: which checkpoint and weights, as `checkpoints.load_model` takes them; by default the
+  official protocol's choice, the one every reader makes (see the module docstring). chosen_by: the
+  reason recorded instead of load_model's (a released model says what it is).
   Raises ExportError for an unknown format or weights name, a missing or unreadable checkpoint, an
   unwritable output, or (ONNX) missing packages.
   """
   if fmt not in FORMATS:
     raise ExportError(f'unknown format {fmt!r}; choose one of {", ".join(FORMATS)}')
-  if weights not in WEIGHTS:
+  if weights is not None and weights not in WEIGHTS:
     raise ExportError(f'unknown weights {weights!r}; choose one of {", ".join(WEIGHTS)}')
+  try:
+    step = checkpoints.parse_step(step)
+  except ValueError as e:
+    raise ExportError(f'--step: {e}') from None
   if not os.path.isdir(checkpoint):
     raise ExportError(f'checkpoint directory {str(checkpoint)!r} does not exist')
   output = pathlib.Path(output)
   with _atomic_output(output) as handle:
     try:
-      loaded = checkpoints.load_model(checkpoint, step=step, weights=None if weights == 'ema' else 'model')
+      loaded = checkpoints.load_model(checkpoint, step=step, weights=weights)
     except (FileNotFoundError, ValueError) as e:
       raise ExportError(f'cannot load the checkpoint {str(checkpoint)!r}: {e}') from None
     config, directory, used = loaded.config, loaded.directory, loaded.weights
+    chosen = loaded.describe()
+    if chosen_by is not None:
+      chosen.update(chosen_by=chosen_by, best_by_protocol=True)
     decode = config.model.get('decode', 'landmarks')
     # float32 whatever the checkpoint trained in: a bfloat16 export would not run on every runtime
     # (onnxruntime has no bfloat16 CPU convolutions), and the contract promises float32.
     model = models.float32_model(loaded.model, config)
     # The layout's name; a layout from a file (your own points) also travels as its JSON text.
     layout_name, spec = layouts.get_layout(config.layout).name, layouts.portable(config.layout)
-    summary = {'format': fmt, 'output': str(output), 'weights': used, 'layout': layout_name,
-               'image_size': model.image_size, 'num_points': model.num_points}
+    summary = {'format': fmt, 'output': str(output), 'step': loaded.step, 'weights': used,
+               'chosen_by': chosen['chosen_by'], 'best_by_protocol': chosen['best_by_protocol'],
+               'layout': layout_name, 'image_size': model.image_size, 'num_points': model.num_points}
     if fmt == 'onnx':
       # What a JAX-free reader (star_jax.inference.onnx_model) needs besides image_size and
       # num_points: the layout, and for its records the weights, step and origin.
       metadata = {'layout': layout_name, 'weights': used, 'checkpoint': str(directory),
+                  'step': str(loaded.step), 'chosen_by': chosen['chosen_by'],
+                  'best_by_protocol': str(chosen['best_by_protocol']).lower(),
                   'producer': f'star_jax {star_jax.__version__}'}
-      if loaded.step is not None:
-        metadata['step'] = str(loaded.step)
       if spec != layout_name:
         metadata['layout_spec'] = spec
       data = export_onnx(model, opset=opset, metadata=metadata, decode=decode).SerializeToString()
@@ -271,31 +295,37 @@ def _export(argv: list[str]) -> int:
   fv = command.fv
   flags.DEFINE_string('checkpoint', None, 'star_jax checkpoint directory (or a training workdir holding '
                       'checkpoints/)', flag_values=fv)
+  pretrained.define_flag(fv)
   flags.DEFINE_string('output', None, 'file to write (.onnx, or e.g. .stablehlo)', flag_values=fv)
   flags.DEFINE_enum('format', 'onnx', list(FORMATS), 'the file format', flag_values=fv)
-  flags.DEFINE_enum('weights', 'ema', list(WEIGHTS), 'ema: the EMA weights when the checkpoint has them, else '
-                    'the model weights; model: the model weights', flag_values=fv)
-  flags.DEFINE_integer('step', None, 'checkpoint step (default: the latest)', flag_values=fv)
+  flags.DEFINE_string('step', None, "checkpoint step: 'best' (the default: the best by the official protocol, as "
+                      "predict and evaluate read it), 'latest' or a step number", flag_values=fv)
+  flags.DEFINE_enum('weights', None, list(WEIGHTS), "the weights (default: those that won the step's evaluation, "
+                    "else the EMA weights when the step has them; a converted checkpoint's only weights)",
+                    flag_values=fv)
   flags.DEFINE_integer('opset', DEFAULT_OPSET, 'ONNX opset', flag_values=fv)
   flags.DEFINE_list('platforms', list(DEFAULT_PLATFORMS), 'StableHLO: JAX platforms to lower for '
                     '(cpu, cuda, rocm, tpu)', flag_values=fv)
   rest = command.parse()
   if rest:
     raise flags.Error(f'unexpected arguments: {" ".join(rest)}')
-  command.require('checkpoint', 'output')
+  pretrained.check_flags(fv, checkpoint_only=('step', 'weights'))
+  command.require('output')
   platforms = tuple(p.strip() for p in fv.platforms if p.strip())
   unknown = sorted(set(platforms) - {'cpu', 'cuda', 'rocm', 'tpu'})
   if not platforms or unknown:
     raise flags.Error(f'--platforms: unknown platform(s) {unknown or platforms}; use cpu, cuda, rocm, tpu')
   cli.setup_logging('error')   # Orbax logs harmless warnings about read-only restores
+  checkpoint = pretrained.flag_checkpoint(fv) or fv.checkpoint
   try:
-    summary = export_checkpoint(fv.checkpoint, fv.output, fmt=fv.format, weights=fv.weights, step=fv.step,
-                                opset=fv.opset, platforms=platforms)
+    summary = export_checkpoint(checkpoint, fv.output, fmt=fv.format, weights=fv.weights,
+                                step='best' if fv.step is None else fv.step, opset=fv.opset, platforms=platforms,
+                                chosen_by=pretrained.chosen_by(fv.pretrained) if fv.pretrained else None)
   except ExportError as e:
     raise cli.UserError(str(e)) from None
   print(f'wrote {summary["output"]} ({summary["format"]}, {summary["bytes"] / 2 ** 20:.1f} MiB): '
         f'{summary["layout"]} {summary["num_points"]} points, input {summary["image_size"]}x'
-        f'{summary["image_size"]}, {summary["weights"]} weights')
+        f'{summary["image_size"]}; step {summary["step"]}, {summary["weights"]} weights ({summary["chosen_by"]})')
   return 0
 
 

@@ -403,3 +403,37 @@ def layout_to_dict(layout: Layout) -> dict[str, Any]:
       'ocular': plain(layout.ocular), 'pupil': plain(layout.pupil),
       'default_norm': layout.default_norm, 'threshold': layout.threshold,
   }
+
+
+# ---- Points of one layout from another ----------------------------------------------------------
+
+# WFLW's 98 points -> the 68 iBUG points of 300W (index k of the result is WFLW point WFLW_TO_300W[k]):
+# every other point of the 33-point contour (0, 2, ..., 32 -> 0-16), the upper edge of each eyebrow
+# (33-37 -> 17-21, 42-46 -> 22-26), the nose as it is (51-59 -> 27-35), six of each eye's eight points,
+# the corners and the two lids' outer points (60, 61, 63, 64, 65, 67 -> 36-41 and 68, 69, 71, 72, 73, 75
+# -> 42-47), and the mouth as it is (76-95 -> 48-67). This is the correspondence in common use, e.g. the
+# DLIB_68_TO_WFLW_98_IDX_MAPPING table of the evaluation scripts built on AdaptiveWingLoss
+# (github.com/protossw512/AdaptiveWingLoss) and the WFLW_98_TO_DLIB_68_IDX_MAPPING list of ONNX wrappers of
+# DSLPT (github.com/Jiahao-UTS/DSLPT). It maps WFLW's flip pairs onto 300W's, its eye corners (the
+# inter-ocular points 60 / 72) onto 300W's (36 / 45) and each edge onto the same edge in order
+# (tests/test_layouts.py). The two annotations differ in places (WFLW's contour and brows are not
+# 300W's), so a mapped prediction scored against 300W ground truth carries that difference too.
+WFLW_TO_300W = (tuple(range(0, 33, 2)) + tuple(range(33, 38)) + tuple(range(42, 47)) + tuple(range(51, 60))
+                + (60, 61, 63, 64, 65, 67) + (68, 69, 71, 72, 73, 75) + tuple(range(76, 96)))
+# (source layout, target layout) -> indices into the source's points.
+POINT_MAPPINGS = {('WFLW', '300W'): WFLW_TO_300W}
+
+
+def point_mapping(source, target) -> np.ndarray | None:
+  """The indices `idx` with points_in_target = points_in_source[idx] (None when the two layouts have
+  the same points: nothing to map). source, target: anything `get_layout` reads ('WFLW', '300W'...).
+  Raises ValueError when there is no mapping between them."""
+  src, dst = get_layout(source), get_layout(target)
+  if same_geometry(src, dst):
+    return None
+  for (a, b), indices in POINT_MAPPINGS.items():
+    if same_geometry(src, get_layout(a)) and same_geometry(dst, get_layout(b)):
+      return np.asarray(indices, np.int64)
+  known = ', '.join(f'{a} -> {b}' for a, b in POINT_MAPPINGS)
+  raise ValueError(f'no mapping from the {src.name} layout ({src.num_points} points) to {dst.name} '
+                   f'({dst.num_points}); known: {known}')

@@ -1,21 +1,35 @@
 """Landmarks on your own photos and videos.
 
+  python -m star_jax.predict --pretrained wflw photo.jpg --output OUT       (the released model, fetched once)
   python -m star_jax.predict --checkpoint DIR photo.jpg more/photos/ --output OUT
       [--box x1,y1,x2,y2] [--faces largest|best|all] [--detector blazeface|haar] [--min_face_size 32]
-      [--min_face_score 0.6] [--show_ambiguity] [--batch_size 8] [--norefine]
+      [--min_face_score 0.6] [--show_ambiguity] [--batch_size 8] [--norefine] [--points 300W]
+      [--max_pixels 200000000] [--detect_max_side 2048]
   python -m star_jax.predict --checkpoint DIR clip.mp4 --output OUT [--smooth] [--redetect_every 15]
   python -m star_jax.predict --checkpoint DIR frames/ --video [--fps 25] --output OUT [--smooth]
   python -m star_jax.predict --model model.onnx photo.jpg clip.mp4 --output OUT     (no JAX needed)
 
 For every image: find the faces (offline: by default MediaPipe's BlazeFace CNN, shipped in the
 package and run by OpenCV; `--detector haar` for OpenCV's Haar cascade) or take the face box given by
---box; keep the largest face (--faces largest, the default), the one with the best detector score
-(best) or all of them (all); crop each as the official demo does (a square of side 1.05 x the shorter
+--box; keep the largest face (--faces largest, the default, as in the demo and the Python API), the
+one with the best detector score (best) or all of them (all: a group photo); crop each as the official demo does (a square of side 1.05 x the shorter
 box side around the box centre, mapped onto the network input), predict, and map the landmarks back
 to image pixels. Writes OUT/<name>_landmarks.jpg (the photo with boxes and landmarks, and with
 --show_ambiguity each point's predicted covariance as a 1-sigma ellipse) and OUT/<name>.json (boxes,
 detector scores, crops, landmarks (x, y) in 0-based image pixels, and the 2x2 covariances in image
 pixels^2 with --show_ambiguity).
+
+Photos of any size: the pixel count is read from each file's header and a photo of more than
+--max_pixels (default 200 million) is refused before it is decoded; faces are searched on a copy
+shrunk to --detect_max_side (2048 px) on the longer side, and the landmarks predicted on crops of the
+full-resolution photo (on a photo larger than that, the smallest face found is --min_face_size times
+the shrink factor). A file that cannot be read, is too large, or lies wholly outside --box is named
+and skipped, the others are processed, and the exit status is then 1, after the good outputs are
+written. --output is checked (a folder, writable) before the model loads; a run that writes nothing
+leaves no folder behind.
+
+--points 300W writes a WFLW model's 98 points as the 68 iBUG points of 300W (star_jax/layouts.py,
+WFLW_TO_300W); the JSON's layout is then 300W, with mapped_from WFLW.
 
 Refinement (on by default): the official demo crops by the bounding box of 68 landmarks found by
 dlib, not by a detector box, which is looser and sits higher on the face. So after a first pass on
@@ -34,12 +48,16 @@ OUT/<name>_landmarks.csv (a row per face and frame: frame, time_s, track, box_so
 box, x0, y0, x1, y1, ...) and OUT/<name>_landmarks.json (every frame's faces, the tracking summary and
 the frames/s), and prints the frames/s.
 
+--pretrained wflw|300w|cofw runs a released official model: downloaded into the cache on first use
+($STAR_JAX_HOME, default ~/.cache/star_jax; $STAR_JAX_MIRROR serves the files instead), checked,
+converted once (its net, what the official tester ran) and then loaded from there (star_jax/pretrained.py).
 The checkpoint is any star_jax checkpoint directory or training workdir (trained here, or converted
 from the official PyTorch release with `python -m star_jax.convert_pytorch`), or an official .pkl
 itself, converted in memory (--config says which config, by default the one of its number of points).
 By default a workdir's best checkpoint by the official protocol runs, with the weights that won there
-(--step best|latest|N and --weights model|ema choose; the JSON says which step and weights ran and
-whether they are the best); a .pkl's `net`, what the official tester runs (--weights=ema: `net_ema`).
+(--step best|latest|N and --weights model|ema choose); a .pkl's `net`, what the official tester runs
+(--weights=ema: `net_ema`); the same weights as evaluate, export, the demo and the Python API. The
+first line printed and every JSON say which step and weights ran, why, and whether they are the best.
 --model instead runs an ONNX file written by `python -m star_jax.export` in onnxruntime: the same
 outputs, and this path imports no JAX, so an install of numpy, opencv-python-headless, absl-py, tqdm
 and onnxruntime is enough (README, "Deploy").
@@ -58,7 +76,10 @@ import cv2
 import tqdm
 
 from star_jax import cli
+from star_jax import layouts
+from star_jax import pretrained
 from star_jax.inference import face_detect
+from star_jax.inference import image_io
 from star_jax.inference import landmarker as landmarker_lib
 from star_jax.inference import video
 # Part of this module's interface (the library's since the Python API).
@@ -104,6 +125,7 @@ def _flags(argv):
                       'checkpoints/)', flag_values=fv)
   flags.DEFINE_string('model', None, 'an ONNX file written by python -m star_jax.export, run in onnxruntime '
                       '(instead of --checkpoint; needs no JAX)', flag_values=fv)
+  pretrained.define_flag(fv)
   flags.DEFINE_string('output', None, 'folder for the pictures and JSON files', flag_values=fv)
   flags.DEFINE_string('box', None, 'face box x1,y1,x2,y2 in image pixels, used for every image instead of '
                       'detection', flag_values=fv)
@@ -128,6 +150,13 @@ def _flags(argv):
                     "evaluation; for an official .pkl its net, i.e. model; ema: its net_ema)", flag_values=fv)
   flags.DEFINE_string('config', None, 'for an official .pkl checkpoint only: wflw, 300w, cofw or a config file '
                       '(default: by its number of points, 98 wflw, 68 300w, 29 cofw)', flag_values=fv)
+  flags.DEFINE_integer('max_pixels', landmarker_lib.DEFAULT_MAX_PIXELS, 'refuse images of more pixels than this, '
+                       "read from the file's header before decoding (0: no limit)", lower_bound=0, flag_values=fv)
+  flags.DEFINE_integer('detect_max_side', landmarker_lib.DETECT_MAX_SIDE, 'find the faces on a copy of each photo '
+                       'shrunk to this longer side, in pixels (0: at full resolution); the landmarks always use '
+                       'the full resolution', lower_bound=0, flag_values=fv)
+  flags.DEFINE_string('points', None, "the layout of the landmarks written: the model's own (default), or 300W: a "
+                      "WFLW model's 98 points as the 68 iBUG points", flag_values=fv)
   flags.DEFINE_bool('video', False, 'treat every folder given as the frames of one video (in the natural '
                     'order of their names: frame2 before frame10) instead of a folder of photos', flag_values=fv)
   flags.DEFINE_float('fps', 25.0, 'frame rate of a folder of frames (a video file has its own)', lower_bound=1e-3,
@@ -141,8 +170,7 @@ def _flags(argv):
   flags.DEFINE_float('smooth_beta', 0.5, 'video --smooth: how fast the cutoff rises with speed (per face size '
                      'per second); higher lags less on fast motion', lower_bound=0.0, flag_values=fv)
   inputs = command.parse()
-  if (fv.checkpoint is None) == (fv.model is None):
-    raise flags.Error('give --checkpoint (a checkpoint) or --model (an exported ONNX file), one of them')
+  pretrained.check_flags(fv, sources=('checkpoint', 'model'), checkpoint_only=('step', 'weights', 'config'))
   command.require('output')
   if fv.model is not None:
     ignored = [f'--{n}' for n in ('step', 'weights', 'config') if fv[n].present]
@@ -151,6 +179,11 @@ def _flags(argv):
                         'exported with')
   if not inputs:
     raise flags.Error('give at least one image file or folder')
+  if fv.points is not None:
+    try:
+      layouts.get_layout(fv.points)
+    except ValueError as e:
+      raise flags.Error(f'--points: {e}') from None
   box = None
   if fv.box is not None:
     try:
@@ -162,18 +195,20 @@ def _flags(argv):
 
 def load_landmarker(fv, box, **options):
   """The command's FaceLandmarker (star_jax.FaceLandmarker) from --checkpoint, --config, --step,
-  --weights (or --model) and the detector flags; a cli.UserError for what the user can fix."""
-  onnx = fv.model is not None or pathlib.Path(fv.checkpoint).suffix.lower() == '.onnx'
+  --weights (or --model, or --pretrained), the detector flags and --max_pixels, --detect_max_side,
+  --points; a cli.UserError for what the user can fix."""
+  checkpoint = pretrained.flag_checkpoint(fv) if fv.pretrained is not None else fv.checkpoint
+  onnx = fv.model is not None or pathlib.Path(checkpoint).suffix.lower() == '.onnx'
   if onnx:
-    path = pathlib.Path(fv.model if fv.model is not None else fv.checkpoint)
+    path = pathlib.Path(fv.model if fv.model is not None else checkpoint)
     if not path.is_file():
       raise cli.UserError(f'ONNX model {str(path)!r} does not exist' if not path.exists() else
                           f'--model {str(path)!r} is a directory; give the .onnx file (a checkpoint directory '
                           'goes to --checkpoint)')
   else:
-    path = pathlib.Path(fv.checkpoint)
+    path = pathlib.Path(checkpoint)
     if not path.exists():
-      raise cli.UserError(f'checkpoint directory {fv.checkpoint!r} does not exist')
+      raise cli.UserError(f'checkpoint directory {checkpoint!r} does not exist')
   detector = None
   if box is None:
     try:
@@ -181,7 +216,8 @@ def load_landmarker(fv, box, **options):
     except (OSError, ValueError) as e:
       raise cli.UserError(f'cannot load the face detector: {e}') from None
   common = {'covariances': fv.show_ambiguity, 'detector': detector, 'faces': fv.faces, 'refine': fv.refine,
-            'batch_size': fv.batch_size, **options}
+            'batch_size': fv.batch_size, 'max_pixels': fv.max_pixels or None,
+            'detect_max_side': fv.detect_max_side or None, 'points': fv.points, **options}
   if onnx:
     try:
       return landmarker_lib.FaceLandmarker.from_onnx(path, **common)
@@ -203,9 +239,13 @@ def load_landmarker(fv, box, **options):
       raise cli.UserError('--step is for checkpoint directories; an official .pkl holds one network')
     kwargs = {'config': fv.config, 'weights': 'net_ema' if weights == 'ema' else 'net'}
   try:
-    return landmarker_lib.FaceLandmarker.from_checkpoint(path, **common, **kwargs)
+    landmarker = landmarker_lib.FaceLandmarker.from_checkpoint(path, **common, **kwargs)
   except (FileNotFoundError, ValueError, KeyError) as e:
-    raise cli.UserError(f'cannot load the checkpoint {fv.checkpoint!r}: {e}') from None
+    raise cli.UserError(f'cannot load the checkpoint {checkpoint!r}: {e}') from None
+  if fv.pretrained is not None:
+    landmarker.selection = dict(landmarker.selection, best_by_protocol=True,
+                                chosen_by=pretrained.chosen_by(fv.pretrained), pretrained=fv.pretrained)
+  return landmarker
 
 
 def _selection(landmarker) -> dict:
@@ -214,7 +254,8 @@ def _selection(landmarker) -> dict:
 
 
 def _predict(argv: list[str]) -> int:
-  """Returns the exit status: 0 when at least one input was written, 1 when none was."""
+  """Returns the exit status: 0 when every input was processed and at least one written, 1 when none
+  was written or some input failed (a cli.UserError naming them, after the others are written)."""
   fv, inputs, box = _flags(argv)
   cli.setup_logging('error')  # Orbax logs harmless warnings about read-only restores
 
@@ -225,46 +266,84 @@ def _predict(argv: list[str]) -> int:
   paths = collect_images(photo_inputs, warn) if photo_inputs else []
   if not paths and not videos:
     raise cli.UserError('no images to process')
-  landmarker = load_landmarker(fv, box)
-  out_dir = pathlib.Path(fv.output)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  written = 0
-  if paths:
-    written += _predict_photos(fv, box, landmarker, paths, out_dir, warn)
-  if videos:
-    options = video.VideoOptions(faces=fv.faces, redetect_every=fv.redetect_every, smooth=fv.smooth,
-                                 smooth_min_cutoff=fv.smooth_min_cutoff, smooth_beta=fv.smooth_beta, fps=fv.fps,
-                                 show_ambiguity=fv.show_ambiguity, box=box)
-    info = {'checkpoint': landmarker.checkpoint, **_selection(landmarker), 'layout': str(landmarker.layout),
-            'detector': None if box is not None else fv.detector}
-    for source, stem in zip(videos, output_stems([v.path for v in videos])):
-      summary = video.process_video(source, landmarker, out_dir, options, stem, warn, info)
-      if summary is None:
-        continue
-      written += 1
-      print(f'{source.path}: {summary["num_frames"]} frames ({summary["frames_with_face"]} with a face) in '
-            f'{summary["seconds"]:.1f} s, {summary["frames_per_second"]:.1f} frames/s'
-            + (f' ({summary["frames_per_second_after_first"]:.1f} after the first, which compiles)'
-               if summary['frames_per_second_after_first'] else '') + '; written '
-            f'{", ".join(pathlib.Path(p).name for p in summary["outputs"].values())} to {out_dir}')
-  return 0 if written else 1
+  # Before the model loads: the output folder, and the photos' sizes from their headers.
+  out_dir, created = cli.output_folder(fv.output)
+  try:
+    failures: list[tuple[str, str]] = []
+    photos = _within_limit(paths, fv.max_pixels or None, failures, warn)
+    if not photos and not videos:
+      raise cli.UserError(_failed(failures, len(paths)))
+    landmarker = load_landmarker(fv, box)
+    print(f'running {landmarker.summary()}', flush=True)
+    written = 0
+    if photos:
+      written += _predict_photos(fv, box, landmarker, photos, out_dir, warn, failures)
+    if videos:
+      options = video.VideoOptions(faces=fv.faces, redetect_every=fv.redetect_every, smooth=fv.smooth,
+                                   smooth_min_cutoff=fv.smooth_min_cutoff, smooth_beta=fv.smooth_beta, fps=fv.fps,
+                                   show_ambiguity=fv.show_ambiguity, box=box)
+      info = {'checkpoint': landmarker.checkpoint, **_selection(landmarker), 'layout': str(landmarker.layout),
+              'detector': None if box is not None else fv.detector}
+      for source, stem in zip(videos, output_stems([v.path for v in videos])):
+        summary = video.process_video(source, landmarker, out_dir, options, stem, warn, info)
+        if summary is None:
+          continue
+        written += 1
+        print(f'{source.path}: {summary["num_frames"]} frames ({summary["frames_with_face"]} with a face) in '
+              f'{summary["seconds"]:.1f} s, {summary["frames_per_second"]:.1f} frames/s'
+              + (f' ({summary["frames_per_second_after_first"]:.1f} after the first, which compiles)'
+                 if summary['frames_per_second_after_first'] else '') + '; written '
+              f'{", ".join(pathlib.Path(p).name for p in summary["outputs"].values())} to {out_dir}')
+    if failures:
+      raise cli.UserError(_failed(failures, len(paths)))
+    return 0 if written else 1
+  finally:
+    cli.remove_if_empty(created)
 
 
-def _predict_photos(fv, box, landmarker, paths, out_dir, warn) -> int:
-  """Writes each photo's picture and JSON; returns the number of photos written."""
-  stems = output_stems(paths)
+def _failed(failures: list[tuple[str, str]], total: int) -> str:
+  return (f'{len(failures)} of {total} image(s) failed: '
+          + '; '.join(why if why.startswith(path) else f'{path}: {why}' for path, why in failures))
+
+
+def _within_limit(paths, max_pixels, failures, warn) -> list[tuple[pathlib.Path, str]]:
+  """(path, output stem) of the photos not refused by their header's pixel count; the refused ones
+  go to `failures`. A header that cannot be read is left to the decoder to report."""
+  kept = []
+  for path, stem in zip(paths, output_stems(paths)):
+    try:
+      image_io.probe(path, max_pixels)
+    except image_io.ImageTooLargeError as e:
+      warn(f'{e}: skipped')
+      failures.append((str(path), str(e)))
+      continue
+    except OSError:
+      pass
+    kept.append((path, stem))
+  return kept
+
+
+def _predict_photos(fv, box, landmarker, photos, out_dir, warn, failures) -> int:
+  """Writes each photo's picture and JSON; returns the number of photos written. A photo that cannot
+  be read or written, or that --box misses, goes to `failures` (path, why) and the others go on."""
   written, faces_written, skipped = 0, 0, []
 
-  bar = tqdm.tqdm(total=len(paths), desc='predict', unit='image', disable=None)
+  def fail(path, why: str):
+    warn(f'{why}: skipped')
+    failures.append((str(path), why))
+    bar.update(1)
+
+  bar = tqdm.tqdm(total=len(photos), desc='predict', unit='image', disable=None)
   chunk = fv.batch_size
-  for start in range(0, len(paths), chunk):
+  for start in range(0, len(photos), chunk):
     items = []  # (path, stem, image, [Face])
-    for path, stem in zip(paths[start:start + chunk], stems[start:start + chunk]):
-      image = read_image(path)
-      if image is None:
-        warn(f'{path}: cannot read this file as an image (corrupt or unsupported format): skipped')
-        skipped.append((str(path), 'unreadable'))
-        bar.update(1)
+    for path, stem in photos[start:start + chunk]:
+      try:
+        image = image_io.read(path, landmarker.max_pixels)
+        if box is not None:
+          landmarker_lib.check_box(box, image.shape[1], image.shape[0], str(path))
+      except (FileNotFoundError, ValueError) as e:  # image_io.ImageError, BoxOutsideImageError
+        fail(path, str(e) if str(path) in str(e) else f'{path}: {e}')
         continue
       faces = [face_detect.Face(box)] if box is not None else landmarker.detect(image)
       if not faces:
@@ -282,20 +361,28 @@ def _predict_photos(fv, box, landmarker, paths, out_dir, warn) -> int:
       h, w = image.shape[:2]
       record = {'image': str(path), 'width': w, 'height': h, 'checkpoint': landmarker.checkpoint,
                 **_selection(landmarker), 'layout': landmarker.layout,
+                **({'mapped_from': landmarker.network_layout} if landmarker.point_indices is not None else {}),
                 'num_points': int(results[0].landmarks.shape[0]),
                 'detector': None if box is not None else fv.detector,
                 'coordinates': '0-based image pixels (x, y)',
                 'faces': [r.to_dict() for r in results]}
-      (out_dir / f'{stem}.json').write_text(json.dumps(record, indent=1))
       picture = landmarker.draw(image, results, fv.show_ambiguity)
-      cv2.imwrite(str(out_dir / f'{stem}_landmarks.jpg'), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR),
-                  [cv2.IMWRITE_JPEG_QUALITY, 92])
+      try:
+        (out_dir / f'{stem}.json').write_text(json.dumps(record, indent=1))
+        # In place when the picture is a copy of the photo (it is, with a face drawn): one copy less.
+        bgr = cv2.cvtColor(picture, cv2.COLOR_RGB2BGR, dst=None if picture is image else picture)
+        if not cv2.imwrite(str(out_dir / f'{stem}_landmarks.jpg'), bgr, [cv2.IMWRITE_JPEG_QUALITY, 92]):
+          raise OSError(f'OpenCV could not write {out_dir / f"{stem}_landmarks.jpg"}')
+      except OSError as e:
+        fail(path, f'{path}: cannot write its outputs ({e.strerror or e})')
+        continue
       written += 1
       faces_written += len(results)
       bar.update(1)
   bar.close()
   print(f'{written} image(s), {faces_written} face(s) written to {out_dir}'
-        + (f'; {len(skipped)} skipped: ' + ', '.join(f'{p} ({why})' for p, why in skipped) if skipped else ''))
+        + (f'; {len(skipped)} skipped: ' + ', '.join(f'{p} ({why})' for p, why in skipped) if skipped else '')
+        + (f'; {len(failures)} failed' if failures else ''))
   return written
 
 

@@ -33,6 +33,11 @@ COMPILE_CACHE_ENV = {'JAX_COMPILATION_CACHE_DIR': str(COMPILE_CACHE), 'JAX_PERSI
 # or more to compile): a command run here several times (run_command) traces its jit-compiled
 # functions anew each time, and compiles each program once per cache instead of once per run.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(COMPILE_CACHE))
+# star_jax's cache folder (released models: star_jax/home.py) for the tests and their subprocesses, never
+# the user's; star_jax's own compilation cache under it stays off (the compilation cache above serves; the
+# tests of star_jax's cache turn it on in a subprocess).
+os.environ.setdefault('STAR_JAX_HOME', str(COMPILE_CACHE.parent / 'star_jax_test_home'))
+os.environ.setdefault('STAR_JAX_COMPILATION_CACHE', '0')
 # configs/synthetic.py:tiny as a --config flag.
 TINY_CONFIG = f'--config={REPO / "configs" / "synthetic.py"}:tiny'
 
@@ -82,7 +87,7 @@ def tiny_landmarker(tiny_wflw_checkpoint):
   """A FaceLandmarker of the tiny WFLW checkpoint (faces='all'), shared so that each batch shape
   compiles once per session; a test that changes an attribute puts it back."""
   from star_jax.inference.landmarker import FaceLandmarker
-  return FaceLandmarker.from_checkpoint(tiny_wflw_checkpoint)
+  return FaceLandmarker.from_checkpoint(tiny_wflw_checkpoint, faces='all')
 
 
 # ---- The commands, run in this process ---------------------------------------------------------
@@ -176,7 +181,7 @@ def trained_tiny(tiny_tfds_dir, tmp_path_factory):
 @pytest.fixture(scope='session')
 def trained_tiny_onnx(trained_tiny, tmp_path_factory):
   """(path, the export command's Completed) of trained_tiny exported to ONNX by the export command (its
-  defaults: the latest step, the EMA weights), once per session. Needs the 'export' extra: the tests
+  defaults: the official protocol's choice of step and weights), once per session. Needs the 'export' extra: the tests
   that use it skip without."""
   from star_jax import export  # pylint: disable=import-outside-toplevel
   path = tmp_path_factory.mktemp('trained_tiny_onnx') / 'tiny.onnx'

@@ -110,7 +110,7 @@ def test_infer_section_small_runs_every_engine_in_turns(tmp_path):
     for engine in engines + ['onnx int8']:
       row = rows[f'network {engine} b{batch}']
       assert row['unit'] == 'ms/face' and row['value'] > 0 and 'of the matmul peak' in row['notes']
-    for engine in engines + ['pipeline only']:
+    for engine in engines + ['pipeline only', 'pipeline only, whole pyramid']:
       assert rows[f'end to end {engine} b{batch}']['value'] > 0
     if official:
       assert 'x the official' in rows[f'network jax f32 b{batch}']['notes']
@@ -118,6 +118,9 @@ def test_infer_section_small_runs_every_engine_in_turns(tmp_path):
   assert 1 < flops['value'] < 10 and flops['unit'] == 'GFLOP'
   assert rows['matmul f32 512^3 jax']['value'] > 0
   assert 'onnx int8 over onnx f32, network b8' in rows
+  first, second = (rows[f'predict one photo, {run} run WFLW 256px 4 stacks 16 ch'] for run in ('first', 'second'))
+  assert first['unit'] == second['unit'] == 's' and first['value'] > 0 and second['value'] > 0
+  assert 'x)' in second['notes']
 
 
 # ---- The fidelity section (its runs take minutes: its pieces here) ------------------------------------

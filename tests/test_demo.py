@@ -5,6 +5,7 @@ The browser test skips, saying why, when Flask, Selenium, Chromium or its driver
 installs them). STAR_JAX_DEMO_SCREENSHOT=path.png also saves the browser's screenshot there."""
 
 import base64
+import io
 import json
 import os
 import pathlib
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import COMPILE_CACHE_ENV, DATA, REPO
+from star_jax.inference import face_detect
 
 PHOTO = DATA / 'real_faces_full' / 'breakingbad.jpg'
 CHROMIUM = shutil.which('chromium') or '/usr/bin/chromium'
@@ -55,6 +57,122 @@ def test_demo_command_errors(tmp_path, capsys):
   assert demo.main(['demo']) == 2
 
 
+class _Server:
+  """The demo's app served by Werkzeug on 127.0.0.1 in a thread (requests run concurrently, as in the
+  real command); `post` uploads a file as the page does."""
+
+  def __init__(self, app):
+    import threading
+    from werkzeug import serving
+    self.server = serving.make_server('127.0.0.1', 0, app, threaded=True)
+    self.url = f'http://127.0.0.1:{self.server.server_port}'
+    threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+  def post(self, data: bytes, filename='photo.jpg', timeout=120):
+    import urllib.error
+    import urllib.request
+    boundary = 'starjaxboundary'
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="faces"\r\n\r\nall\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+            'Content-Type: application/octet-stream\r\n\r\n').encode() + data + f'\r\n--{boundary}--\r\n'.encode()
+    request = urllib.request.Request(self.url + '/predict', data=body, method='POST',
+                                     headers={'Content-Type': f'multipart/form-data; boundary={boundary}'})
+    try:
+      with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.status, response.headers, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+      return e.code, e.headers, json.loads(e.read())
+
+  def close(self):
+    self.server.shutdown()
+    self.server.server_close()
+
+
+def test_demo_refuses_a_huge_image_at_once_while_it_serves_a_photo(tiny_landmarker, tmp_path, caplog):
+  pytest.importorskip('flask', reason="the demo extra (pip install -e '.[demo]') is not installed")
+  import concurrent.futures
+  from bigimages import write_flat_png
+  from star_jax import demo
+
+  huge = write_flat_png(tmp_path / 'huge.png', 20000, 20000).read_bytes()        # 1.2 MB, 1.2 GB decoded
+  huger = write_flat_png(tmp_path / 'huger.png', 40000, 40000).read_bytes()      # over OpenCV's limit
+  server = _Server(demo.make_app(tiny_landmarker, info='tiny'))
+  try:
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+      photo = pool.submit(server.post, PHOTO.read_bytes(), 'bb.jpg')
+      big = [pool.submit(server.post, data, name) for data, name in ((huge, 'huge.png'), (huger, 'huger.png'))]
+      for future, (name, size) in zip(big, (('huge.png', '20000 x 20000'), ('huger.png', '40000 x 40000'))):
+        status, _, record = future.result(timeout=60)
+        assert status == 413 and record['error'].startswith(f'{name}: {size} pixels') and 'limit of 200 million' \
+            in record['error']
+      status, _, record = photo.result(timeout=300)
+    assert status == 200 and len(record['faces']) == 2 and record['picture_scale'] == 1.0
+    assert 'huge.png: 20000 x 20000' in caplog.text                             # the server log says why
+  finally:
+    server.close()
+
+
+class _Detector:
+  def detect(self, image):
+    return [face_detect.Face((10.0, 10.0, 50.0, 50.0), 0.9)]
+
+
+def test_demo_busy_answers_503_and_every_error_is_json(tmp_path, caplog, monkeypatch):
+  pytest.importorskip('flask', reason="the demo extra (pip install -e '.[demo]') is not installed")
+  import concurrent.futures
+  import threading
+  from star_jax import demo
+  from star_jax.inference import landmarker as landmarker_lib
+
+  go, started = threading.Event(), threading.Semaphore(0)
+
+  def slow(crops):
+    started.release()
+    assert go.wait(60)
+    return {'landmarks': np.zeros((len(crops), 5, 2), np.float32)}
+
+  landmarker = landmarker_lib.FaceLandmarker(slow, 32, detector=_Detector(), refine=False)
+  ok, png = cv2.imencode('.png', np.full((60, 80, 3), 128, np.uint8))
+  server = _Server(demo.make_app(landmarker, max_waiting=1))
+  try:
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+      first = pool.submit(server.post, png.tobytes())
+      assert started.acquire(timeout=60)                                        # the first is in work
+      # Three more: one may wait its turn (max_waiting=1); the other two are told at once that it is busy,
+      # while the first is still in work.
+      others = [pool.submit(server.post, png.tobytes()) for _ in range(3)]
+      early = []
+      for future in concurrent.futures.as_completed(others, timeout=60):
+        early.append(future.result())
+        if len(early) == 2:
+          break
+      assert not first.done()
+      go.set()
+      later = [f.result(timeout=60) for f in [first] + others]
+    assert [status for status, _, _ in early] == [503, 503]
+    assert sorted(status for status, _, _ in later) == [200, 200, 503, 503]
+    status, headers, record = early[0]
+    assert record['error'].startswith('busy') and headers['Retry-After'] == '5'
+  finally:
+    go.set()
+    server.close()
+
+  def broken(crops):
+    raise RuntimeError('the network broke')
+
+  client = demo.make_app(landmarker_lib.FaceLandmarker(broken, 32, detector=_Detector())).test_client()
+  answer = client.post('/predict', data={'image': (io.BytesIO(png.tobytes()), 'x.png')})
+  assert answer.status_code == 500 and 'RuntimeError: the network broke' in answer.get_json()['error']
+  assert 'Traceback' in caplog.text and 'the network broke' in caplog.text
+  for method, path, code in (('get', '/nothing', 404), ('get', '/predict', 405)):
+    answer = getattr(client, method)(path)
+    assert answer.status_code == code and answer.is_json and str(code) in answer.get_json()['error']
+  monkeypatch.setattr(demo, 'MAX_UPLOAD_BYTES', 1000)
+  client = demo.make_app(landmarker).test_client()
+  answer = client.post('/predict', data={'image': (io.BytesIO(bytes(5000)), 'big.jpg')})
+  assert answer.status_code == 413 and 'larger than' in answer.get_json()['error']
+
+
 def _browser_missing() -> str:
   for module in ('flask', 'selenium'):
     try:
@@ -76,8 +194,8 @@ def test_demo_in_a_headless_browser(tiny_wflw_checkpoint, tmp_path):
 
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', **COMPILE_CACHE_ENV)
   server = subprocess.Popen([sys.executable, '-m', 'star_jax.demo', '--checkpoint', str(tiny_wflw_checkpoint),
-                             '--port', '0'], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                             '--port', '0', '--faces', 'all'], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
   driver = None
   try:
     line = server.stdout.readline()
@@ -113,6 +231,13 @@ def test_demo_in_a_headless_browser(tiny_wflw_checkpoint, tmp_path):
     assert cv2.imread(str(shot)) is not None
     if os.environ.get('STAR_JAX_DEMO_SCREENSHOT'):
       shutil.copy(shot, pathlib.Path(os.environ['STAR_JAX_DEMO_SCREENSHOT']))
+    # An error answer (not an image) is shown on the page, not swallowed.
+    (tmp_path / 'notes.jpg').write_text('not an image')
+    driver.find_element(By.ID, 'image').send_keys(str(tmp_path / 'notes.jpg'))
+    driver.find_element(By.ID, 'run').click()
+    WebDriverWait(driver, 60).until(lambda d: status.text.startswith('error'))
+    assert 'notes.jpg: this file is not an image' in status.text, status.text
+    assert status.get_attribute('class') == 'error'
   finally:
     if driver is not None:
       driver.quit()

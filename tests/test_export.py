@@ -15,6 +15,7 @@ import gzip
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -152,19 +153,60 @@ def tiny_reference(trained):
 
 
 @needs_onnx
-def test_onnx_tiny_trained_contract_dynamic_batch_and_parity(trained_tiny_onnx, tiny_reference):
+def test_onnx_tiny_trained_contract_dynamic_batch_and_parity(trained, trained_tiny_onnx, tiny_reference):
   crops, refs = tiny_reference
   out, proc = trained_tiny_onnx       # the export command's default output of `trained`
-  assert f'wrote {out} (onnx' in proc.stdout
+  # By default the official protocol's choice, as every reader makes it: the best step, with the
+  # weights that won its evaluation; printed and recorded with the reason.
+  chosen = checkpoints.load_model(trained, step='best')
+  assert chosen.best is not None and (chosen.step, chosen.weights) == (chosen.best.step, chosen.best.weights)
+  assert f'wrote {out} (onnx' in proc.stdout and f'step {chosen.step}, {chosen.weights} weights ({chosen.chosen_by})' \
+      in proc.stdout
   props = check_onnx_contract(out, 64, 98)
-  assert props['layout'] == 'WFLW' and props['weights'] == 'ema' and props['image_size'] == '64'
+  assert props['layout'] == 'WFLW' and props['weights'] == chosen.weights and props['image_size'] == '64'
+  assert (props['step'], props['chosen_by'], props['best_by_protocol']) == (str(chosen.step), chosen.chosen_by, 'true')
   assert props['num_points'] == '98' and 'crop pixels' in props['contract']
   # Two batch sizes through the one graph (the batch dimension is dynamic).
   for batch in (1, 3):
     got = run_onnx(out, crops[:batch])
     assert [a.dtype for a in got] == [np.float32, np.float32]
     assert got[0].shape == (batch, 98, 2) and got[1].shape == (batch, 98, 2, 2)
-    check_parity(got, [r[:batch] for r in refs['ema']], f'ONNX tiny trained, batch {batch}')
+    check_parity(got, [r[:batch] for r in refs[chosen.weights]], f'ONNX tiny trained, batch {batch}')
+
+
+@needs_onnx
+def test_the_default_export_and_the_default_predict_agree_on_a_real_photo(trained, tmp_path):
+  # The same weights by default (the official protocol's choice) and the same pipeline: on a real
+  # photo, predict --model <the default export> gives predict --checkpoint's landmarks within 1e-2 px.
+  from star_jax import predict  # pylint: disable=import-outside-toplevel
+  photo = REPO.parent / 'shared' / 'data' / 'real_faces' / 'breakingbad.jpg'
+  if not photo.is_file():
+    photo = DATA / 'real_faces_full' / 'breakingbad.jpg'
+  # The run's evaluation says the network won (not its EMA, which an export wrote whatever won before).
+  trained = shutil.copytree(trained, tmp_path / 'run')
+  (metrics_file,) = (trained / 'checkpoints').glob('*/metrics/metrics')
+  metrics = json.loads(metrics_file.read_text())
+  metrics_file.write_text(json.dumps(dict(metrics, best_weights='model')))
+  assert checkpoints.load_model(trained, step='best').weights == 'model'
+  onnx_file = tmp_path / 'default.onnx'
+  assert export.main(['export', '--checkpoint', str(trained), '--output', str(onnx_file)]) == 0
+  records = {}
+  for name, source in (('checkpoint', ['--checkpoint', str(trained)]), ('onnx', ['--model', str(onnx_file)])):
+    assert predict.main(['predict', *source, str(photo), '--output', str(tmp_path / name)]) == 0
+    records[name] = json.loads((tmp_path / name / 'breakingbad.json').read_text())
+  jax_record, onnx_record = records['checkpoint'], records['onnx']
+  assert (onnx_record['step'], onnx_record['weights'], onnx_record['chosen_by']) == (
+      jax_record['step'], 'model', jax_record['chosen_by'])
+  (jax_face,), (onnx_face,) = jax_record['faces'], onnx_record['faces']
+  assert onnx_face['box'] == jax_face['box'] and onnx_face['crop']['refined'] == jax_face['crop']['refined']
+  difference = np.abs(np.subtract(onnx_face['landmarks'], jax_face['landmarks'])).max()
+  assert difference < 1e-2, difference
+  # The other weights give other landmarks: the agreement is the defaults', not the model's indifference.
+  other = 'ema'
+  assert predict.main(['predict', '--checkpoint', str(trained), '--weights', other, str(photo), '--output',
+                       str(tmp_path / 'other')]) == 0
+  (other_face,) = json.loads((tmp_path / 'other' / 'breakingbad.json').read_text())['faces']
+  assert np.abs(np.subtract(other_face['landmarks'], jax_face['landmarks'])).max() > 10 * difference + 1e-2
 
 
 def test_stablehlo_tiny_trained_round_trip_weights_and_calling_convention(trained, tiny_reference, tmp_path):
@@ -277,8 +319,8 @@ def test_unknown_platform_is_refused(tmp_path, capsys):
 def test_missing_onnx_packages_are_named(trained, tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, 'jax2onnx', None)   # import jax2onnx raises ImportError
   message = _error(['--checkpoint', str(trained), '--output', str(tmp_path / 'a.onnx')])
-  assert message.startswith("error: ONNX export needs the packages of the \"export\" extra (pip install "
-                            "'star_jax[export]'): ")
+  assert message.startswith("error: ONNX export needs the export extra and jax2onnx without its dependencies")
+  assert "pip install 'star_jax[export]' && pip install --no-deps 'jax2onnx==0.17.1'" in message
   assert 'jax2onnx' in message
   assert os.listdir(tmp_path) == []
 

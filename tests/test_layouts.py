@@ -3,6 +3,7 @@
 import json
 
 import ml_collections
+import numpy as np
 import pytest
 
 from star_jax import layouts
@@ -106,3 +107,27 @@ def test_checkpoints_store_a_file_layout_and_check_points_not_names(tmp_path):
   other = write(tmp_path / 'other.json', dict(MINIMAL, edges=[{'points': [0, 1, 2, 3, 4]}]))
   with pytest.raises(ValueError, match=r'\(5 points with other edges\)'):
     checkpoints.check_compatible(cfg(str(path)), cfg(str(other)))
+
+
+def test_wflw_to_300w_maps_like_points_onto_like_points():
+  m = layouts.point_mapping('WFLW', '300W')
+  assert m.tolist() == list(layouts.WFLW_TO_300W) and len(m) == 68 and len(set(m.tolist())) == 68
+  wflw, w300 = layouts.WFLW, layouts.W300
+  # A mirror image swaps the same points in both layouts: flipping then mapping is mapping then flipping.
+  np.testing.assert_array_equal(m[w300.flip_permutation()], wflw.flip_permutation()[m])
+  # The inter-ocular points (outer eye corners) are the same points.
+  assert (m[w300.ocular[0]], m[w300.ocular[1]]) == wflw.ocular
+  # Every 300W edge comes from one WFLW edge, in the same order along it, and covers its ends.
+  for closed, indices in w300.edges:
+    sources = m[list(indices)]
+    (edge,) = [e for _, e in wflw.edges if set(sources.tolist()) <= set(e)]
+    positions = [edge.index(i) for i in sources]
+    assert positions == sorted(positions) and positions[0] == 0
+  # The named points: chin, nose tip, mouth corners.
+  assert (m[8], m[30], m[48], m[54]) == (16, 54, 76, 82)
+  # The same points: nothing to map; no mapping: a clear error.
+  assert layouts.point_mapping('300W', '300vw') is None and layouts.point_mapping('WFLW', 'wflw') is None
+  with pytest.raises(ValueError, match=r'no mapping from the COFW layout \(29 points\) to 300W .*WFLW -> 300W'):
+    layouts.point_mapping('COFW', '300W')
+  with pytest.raises(ValueError, match='unknown landmark layout'):
+    layouts.point_mapping('WFLW', 'dlib')

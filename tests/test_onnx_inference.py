@@ -6,7 +6,7 @@ module on PYTHONPATH puts a finder first on sys.meta_path that refuses jax, jaxl
 optax, chex, tensorflow and tensorflow_datasets (an ImportError, as on an install without them) and
 logs every attempt, and at exit writes the top-level modules the process had loaded. The model is
 the tiny model trained by the train command (conftest's trained_tiny: WFLW layout, input 64, 2
-stacks), exported by the export command (its latest step, EMA weights: trained_tiny_onnx), and the
+stacks), exported by the export command (its default step and weights: trained_tiny_onnx), and the
 JAX path runs the same step and weights of its checkpoint.
 """
 
@@ -70,13 +70,13 @@ def tiny_onnx(trained_tiny_onnx):
 @pytest.fixture(scope='module')
 def checkpoint(trained_tiny):
   """The exported model's checkpoint: the training workdir, and the flags choosing what was exported."""
-  return trained_tiny[0], ('--step', 'latest', '--weights', 'ema')
+  return trained_tiny[0], ()     # the export's defaults are every reader's: no flags
 
 
 @pytest.fixture(scope='module')
 def jax_landmarker(checkpoint):
-  """The JAX path of the exported model, through the API (faces='all')."""
-  return landmarker_lib.FaceLandmarker.from_checkpoint(checkpoint[0], step='latest', weights='ema')
+  """The JAX path of the exported model, through the API, with its defaults."""
+  return landmarker_lib.FaceLandmarker.from_checkpoint(checkpoint[0])
 
 
 @pytest.fixture(scope='module')

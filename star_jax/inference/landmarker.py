@@ -1,7 +1,8 @@
 """The Python API: facial landmarks and their ambiguity on images, in a few lines.
 
   import star_jax
-  landmarker = star_jax.FaceLandmarker.from_checkpoint('ckpt/wflw')     # or an official 'WFLW.pkl'
+  landmarker = star_jax.FaceLandmarker.from_pretrained('wflw')          # the released model, fetched once
+  landmarker = star_jax.FaceLandmarker.from_checkpoint('ckpt/wflw')     # or yours, or an official 'WFLW.pkl'
   for face in landmarker('photo.jpg'):                                  # or an RGB uint8 array
     print(face.box, face.score, face.landmarks.shape, face.covariances.shape)   # (98, 2), (98, 2, 2)
 
@@ -29,12 +30,13 @@ import os
 import pathlib
 from typing import Any, Callable, Sequence
 
-import cv2
 import numpy as np
 
 from star_jax import config_lib
+from star_jax import home
 from star_jax import layouts
 from star_jax.inference import face_detect
+from star_jax.inference import image_io
 from star_jax.inference import onnx_model
 from star_jax.inference import predictor
 
@@ -43,30 +45,32 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.pbm', '.t
 DEFAULT_CONFIGS = {98: 'configs/wflw.py', 68: 'configs/300w.py', 29: 'configs/cofw.py'}
 # Short names accepted for `config=`.
 CONFIG_NAMES = {'wflw': 'configs/wflw.py', '300w': 'configs/300w.py', 'cofw': 'configs/cofw.py'}
+# Images of more pixels than this are refused (from their header, before decoding): image_io.
+DEFAULT_MAX_PIXELS = image_io.DEFAULT_MAX_PIXELS
+# Faces are detected on a copy of the photo whose longer side is at most this; the landmarks are
+# predicted on crops of the full-resolution photo. The detector's work grows with the pixels (a
+# 12000 x 9000 photo took 90 s); 2048 keeps photos up to 2048 px (and HD video frames) as they are.
+DETECT_MAX_SIDE = 2048
 
 
 # ---- Images -------------------------------------------------------------------------------------
 
-def read_image(path: os.PathLike | str) -> np.ndarray | None:
-  """uint8 (H, W, 3) RGB (grey images are converted to 3 channels), or None if unreadable."""
-  path = pathlib.Path(path)
-  data = np.fromfile(str(path), np.uint8) if path.is_file() else None
-  image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data is not None and data.size else None
-  if image is None:
+def read_image(path: os.PathLike | str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray | None:
+  """uint8 (H, W, 3) RGB (grey images are converted to 3 channels), or None if unreadable or over
+  `max_pixels` (`image_io.read` says why)."""
+  try:
+    return image_io.read(path, max_pixels)
+  except (FileNotFoundError, image_io.ImageError):
     return None
-  return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def as_rgb(image) -> np.ndarray:
-  """An image argument as uint8 (H, W, 3) RGB: a path is read (FileNotFoundError / ValueError when it
-  cannot be), a grey (H, W) or (H, W, 1) array gets 3 channels, an RGBA array loses its alpha."""
+def as_rgb(image, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+  """An image argument as uint8 (H, W, 3) RGB: a path is read (FileNotFoundError when it does not
+  exist, image_io.ImageError when it cannot be read, ImageTooLargeError over `max_pixels`, read from
+  its header before decoding), a grey (H, W) or (H, W, 1) array gets 3 channels, an RGBA array loses
+  its alpha."""
   if isinstance(image, (str, os.PathLike)):
-    if not pathlib.Path(image).is_file():
-      raise FileNotFoundError(f'image {image} does not exist')
-    out = read_image(image)
-    if out is None:
-      raise ValueError(f'{image}: cannot read this file as an image (corrupt or unsupported format)')
-    return out
+    return image_io.read(image, max_pixels)
   array = np.asarray(image)
   if array.dtype != np.uint8:
     raise ValueError(f'images must be uint8 RGB arrays (or paths), got dtype {array.dtype}')
@@ -79,6 +83,19 @@ def as_rgb(image) -> np.ndarray:
   if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
     raise ValueError(f'images must be (H, W, 3) RGB arrays (or paths), got shape {array.shape}')
   return np.ascontiguousarray(array)
+
+
+class BoxOutsideImageError(ValueError):
+  """A given face box that does not overlap the image at all."""
+
+
+def check_box(box, width: int, height: int, name: str = 'the image') -> None:
+  """Raises BoxOutsideImageError when `box` (x_min, y_min, x_max, y_max) lies wholly outside a
+  width x height image (a box that reaches past the border, a face cut by it, is fine)."""
+  x1, y1, x2, y2 = (float(v) for v in box)
+  if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+    raise BoxOutsideImageError(f'box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) lies outside {name} ({width} x {height} '
+                               'pixels); boxes are x_min, y_min, x_max, y_max in image pixels')
 
 
 def _is_box(entry) -> bool:
@@ -185,30 +202,61 @@ class FaceLandmarker:
     layout: the landmark layout's name ('WFLW', '300W', 'COFW'), for the record only.
     detector: 'blazeface' (default), 'haar', an object with `detect(image) -> list[Face]`, or None
       (boxes must then be given to every call).
-    faces: which detected faces to keep per image: 'all' (default), 'largest' or 'best' (score).
+    faces: which detected faces to keep per image: 'largest' (default: the box of largest area, the
+      subject of a portrait; also the fastest, see `BlazeFaceDetector.detect_largest`), 'best' (the
+      best detector score) or 'all' (a group photo). The same default as `predict` and the demo.
     min_face_size, min_face_score: the detector's smallest face (px) and least score.
     refine: crop each face a second time by the bounding box of its first-pass landmarks, the way
       the official demo crops (by a landmark box, not a detector box), and predict again.
     batch_size: most crops per forward pass. Calls pad their crops to a power of two up to this, so
       a network compiles for at most log2(batch_size) + 1 shapes.
+    max_pixels: image files (paths) of more pixels than this are refused, from their header before
+      decoding (`image_io.ImageTooLargeError`); None: no limit. Default 200 million.
+    detect_max_side: faces are detected on a copy of the image shrunk to this longer side (default
+      2048 px; None: at full resolution), so detection takes the same time on any photo; the crops
+      are still cut from the full-resolution image. On a photo larger than that, the smallest face
+      found is min_face_size times the shrink factor (about 190 px on a 12000 px wide photo).
+    points: the layout of the landmarks returned: None (the network's own), or another layout the
+      network's points map onto (`layouts.point_mapping`): '300W' gives a WFLW network's 98 points as
+      the 68 iBUG points. Covariances follow the points; the refinement still uses all of them.
+
+  Errors of the calls, all ValueErrors but FileNotFoundError (a path that does not exist):
+  `image_io.ImageError` (a file that cannot be read as an image, naming it), its subclass
+  `image_io.ImageTooLargeError` (over max_pixels), `BoxOutsideImageError` (a given box wholly
+  outside its image), and ValueError for malformed arguments.
 
   Attributes set by `from_checkpoint` for the record: config (the model's ConfigDict), checkpoint
   (the path), step and weights (which stored weights were read: 'ema', 'model', 'net', 'net_ema'),
-  selection (how they were chosen and whether they are the best by the official protocol).
+  selection (how they were chosen and whether they are the best by the official protocol). `layout`
+  is the layout of the landmarks returned, `network_layout` the network's own.
   """
 
   def __init__(self, network: Callable[[np.ndarray], dict], image_size: int, *, layout: str | None = None,
-               detector: Any = 'blazeface', faces: str = 'all',
+               detector: Any = 'blazeface', faces: str = 'largest',
                min_face_size: float = face_detect.DEFAULT_MIN_FACE_SIZE,
                min_face_score: float = face_detect.DEFAULT_SCORE_THRESHOLD, refine: bool = True,
-               batch_size: int = 8):
+               batch_size: int = 8, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               detect_max_side: int | None = DETECT_MAX_SIDE, points: str | None = None):
     if faces not in face_detect.FACE_MODES:
       raise ValueError(f'faces must be one of {", ".join(face_detect.FACE_MODES)}, got {faces!r}')
     if int(batch_size) < 1:
       raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    for name, value in (('max_pixels', max_pixels), ('detect_max_side', detect_max_side)):
+      if value is not None and int(value) < 1:
+        raise ValueError(f'{name} must be a positive number of pixels or None, got {value!r}')
     self.network = network
     self.image_size = int(image_size)
+    self.network_layout = layout
     self.layout = layout
+    # Indices of the returned points among the network's (None: all of them, as they are).
+    self.point_indices = None
+    if points is not None:
+      if layout is None:
+        raise ValueError('points= needs the network\'s layout (layout=) to map its points from')
+      self.point_indices = layouts.point_mapping(layout, points)
+      self.layout = layouts.get_layout(points).name
+    self.max_pixels = None if max_pixels is None else int(max_pixels)
+    self.detect_max_side = None if detect_max_side is None else int(detect_max_side)
     self.faces = faces
     self.refine = bool(refine)
     self.batch_size = int(batch_size)
@@ -273,10 +321,32 @@ class FaceLandmarker:
                    "the .pkl's net_ema, as asked", 'best': None}
     from star_jax import models  # lazy: JAX-free ONNX path (running a checkpoint needs JAX)
 
+    home.enable_compilation_cache()
     network = models.network_fn(model, with_covariance=covariances, decode=cfg.model.get('decode', 'landmarks'))
     out = cls(network, int(cfg.data.image_size), layout=layouts.get_layout(cfg.layout).name, **options)
     out.config, out.checkpoint, out.step, out.weights = cfg, str(path), step, weights
     out.selection = selection
+    return out
+
+  @classmethod
+  def from_pretrained(cls, name, *, progress: bool | None = None, **options) -> FaceLandmarker:
+    """A landmarker running a released official model: 'wflw' (98 points), '300w' (68) or 'cofw' (29).
+
+    The first call downloads the official file into the cache folder ($STAR_JAX_HOME, by default
+    ~/.cache/star_jax), checks and converts it; later calls load the converted checkpoint (see
+    `star_jax.pretrained.fetch`, also for $STAR_JAX_MIRROR). The weights are the file's `net`, what
+    the official tester ran for the published figures. name may also be a `pretrained.Release`.
+    progress: the download's progress bar (default: when stderr is a terminal). options: those of
+    `from_checkpoint` and the constructor (covariances, detector, faces, points, ...).
+    Raises pretrained.DownloadError (an OSError) when the file cannot be fetched, naming what was
+    tried and how to install it by hand, and pretrained.ReleaseFileError (a ValueError) for a file
+    that is not the released model.
+    """
+    from star_jax import pretrained  # lazy: JAX-free ONNX path (converting a release needs JAX)
+
+    out = cls.from_checkpoint(pretrained.fetch(name, progress=progress), **options)
+    out.selection = dict(out.selection, best_by_protocol=True, chosen_by=pretrained.chosen_by(name),
+                         pretrained=pretrained.get(name).name)
     return out
 
   @classmethod
@@ -292,18 +362,34 @@ class FaceLandmarker:
     """
     network = onnx_model.OnnxNetwork(path, with_covariance=covariances, providers=providers, threads=threads)
     out = cls(network, network.image_size, layout=network.layout, **options)
-    step = network.metadata.get('step')
-    out.checkpoint, out.weights = str(path), network.metadata.get('weights')
+    meta = network.metadata
+    step = meta.get('step')
+    out.checkpoint, out.weights = str(path), meta.get('weights')
     out.step = int(step) if step and step.isdigit() else None
+    # What the export recorded of how its weights were chosen (files of older versions say less).
+    out.selection = {'step': out.step, 'weights': out.weights,
+                     'best_by_protocol': {'true': True, 'false': False}.get(meta.get('best_by_protocol', '')),
+                     'chosen_by': meta.get('chosen_by') or 'the weights it was exported with'}
     return out
 
   # ---- Calls ------------------------------------------------------------------------------------
 
   def detect(self, image) -> list[face_detect.Face]:
-    """The faces the detector finds in `image`, filtered by the `faces` mode (best score first for 'all')."""
+    """The faces the detector finds in `image`, filtered by the `faces` mode (best score first for 'all').
+
+    A photo whose longer side exceeds `detect_max_side` is searched on a copy shrunk to that side;
+    the boxes are in the photo's pixels."""
     if self.detector is None:
       raise ValueError('this FaceLandmarker has no detector: give the face boxes')
-    return face_detect.select(self.detector.detect(as_rgb(image)), self.faces)
+    small, sx, sy = image_io.reduced(as_rgb(image, self.max_pixels), self.detect_max_side)
+    if self.faces == 'largest' and hasattr(self.detector, 'detect_largest'):
+      faces = self.detector.detect_largest(small)  # stops once no finer level can find a larger face
+    else:
+      faces = self.detector.detect(small)
+    if (sx, sy) != (1.0, 1.0):
+      faces = [face_detect.Face((f.box[0] * sx, f.box[1] * sy, f.box[2] * sx, f.box[3] * sy), f.score)
+               for f in faces]
+    return face_detect.select(faces, self.faces)
 
   def __call__(self, images, boxes=None, *, refine: bool | None = None):
     """Landmarks of the faces in one image or a list of images.
@@ -328,10 +414,15 @@ class FaceLandmarker:
 
     box_source: what a given box is called in the results ('user'; the video tracker says 'track').
     """
-    rgb = [as_rgb(im) for im in images]
+    # Every image is read (and every box checked) before any work, so a bad one costs nothing.
+    rgb = [as_rgb(im, self.max_pixels) for im in images]
+    given_faces = [_as_faces(boxes[i]) if boxes is not None else None for i in range(len(rgb))]
+    for image, source, given in zip(rgb, images, given_faces):
+      for face in given or ():
+        name = str(source) if isinstance(source, (str, os.PathLike)) else 'the image'
+        check_box(face.box, image.shape[1], image.shape[0], name)
     results = []
-    for i, image in enumerate(rgb):
-      given = _as_faces(boxes[i]) if boxes is not None else None
+    for image, given in zip(rgb, given_faces):
       if given is None:
         results.append([predictor.FaceResult(f, 'detector') for f in self.detect(image)])
       else:
@@ -344,13 +435,32 @@ class FaceLandmarker:
       bucket = min(self.batch_size, count if dynamic else 1 << (count - 1).bit_length())
       predictor.predict_faces(rgb, results, self.network, self.image_size, bucket,
                               self.refine if refine is None else bool(refine), pad=not dynamic)
+      if self.point_indices is not None:
+        for r in (r for faces in results for r in faces):
+          r.landmarks = r.landmarks[self.point_indices]
+          r.covariances = None if r.covariances is None else r.covariances[self.point_indices]
     return results
 
   def draw(self, image, faces: Sequence[predictor.FaceResult], show_ambiguity: bool = True) -> np.ndarray:
     """`image` (RGB) with each face's box, landmarks and (optionally) 1-sigma ambiguity ellipses."""
-    return predictor.draw(as_rgb(image), faces, show_ambiguity)
+    return predictor.draw(as_rgb(image, self.max_pixels), faces, show_ambiguity)
 
   def describe(self) -> dict:
-    """What this landmarker runs, for output records: checkpoint, step, weights, layout, image size."""
-    return {'checkpoint': self.checkpoint, 'step': self.step, 'weights': self.weights, 'layout': self.layout,
-            'image_size': self.image_size}
+    """What this landmarker runs, for output records: checkpoint, step, weights and, when known, how
+    they were chosen (best_by_protocol, chosen_by, and pretrained for a released model), layout (of the points returned;
+    with `mapped_from`, the network's own, when they are mapped), image size."""
+    chosen = {k: v for k, v in (self.selection or {}).items() if k in ('best_by_protocol', 'chosen_by', 'pretrained')}
+    out = {'checkpoint': self.checkpoint, 'step': self.step, 'weights': self.weights, **chosen,
+           'layout': self.layout, 'image_size': self.image_size}
+    if self.point_indices is not None:
+      out['mapped_from'] = self.network_layout
+    return out
+
+  def summary(self) -> str:
+    """One line saying what runs: the checkpoint, its step and weights, and why those."""
+    chosen = (self.selection or {}).get('chosen_by')
+    step = '' if self.step is None else f'step {self.step}, '
+    if self.checkpoint is None:
+      return f'a network given in Python, {self.layout or "unnamed"} layout'
+    return (f'{self.checkpoint} ({step}{self.weights} weights' + (f': {chosen}' if chosen else '')
+            + f'), {self.layout} layout')

@@ -152,11 +152,14 @@ def face_json(r: FaceResult) -> dict:
 
 
 def draw(image: np.ndarray, results: Sequence[FaceResult], show_ambiguity: bool) -> np.ndarray:
-  """The output picture: `image` (RGB) with each face's box, ellipses (optional) and landmarks."""
-  out = image
+  """The output picture: `image` (RGB) with each face's box, ellipses (optional) and landmarks; a copy
+  (one, whatever the number of faces), or `image` itself when there is no face to draw."""
+  if not results:
+    return image
+  out = np.ascontiguousarray(image).copy()
   for r in results:
-    out = drawing.draw_box(out, r.face.box)
+    drawing.draw_box(out, r.face.box, inplace=True)
     if show_ambiguity and r.covariances is not None:
-      out = drawing.draw_ellipses(out, r.landmarks, r.covariances)
-    out = drawing.draw_landmarks(out, r.landmarks)
+      drawing.draw_ellipses(out, r.landmarks, r.covariances, inplace=True)
+    drawing.draw_landmarks(out, r.landmarks, inplace=True)
   return out
