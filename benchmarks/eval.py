@@ -37,7 +37,6 @@ def run(args) -> list[dict]:
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   from star_jax import models  # pylint: disable=g-import-not-at-top
-  from star_jax.inference import predictor  # pylint: disable=g-import-not-at-top
 
   config = _wflw_config()
   size = int(config.data.image_size)
@@ -52,7 +51,7 @@ def run(args) -> list[dict]:
     model = models.create_model(config, nnx.Rngs(0))
     model.eval()
     for with_cov in (False, True):
-      fn = predictor.network_fn(model, with_covariance=with_cov)
+      fn = models.network_fn(model, with_covariance=with_cov)
       seconds = _time(fn, batch, size, repeats)
       what = 'forward + map back' + (' + covariances' if with_cov else '')
       rows.append({

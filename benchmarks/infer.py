@@ -7,7 +7,7 @@ quantisation for the network alone) and the official PyTorch network (`--officia
 
 Two measurements, at batch 1 (per-face latency) and batch 8 (throughput):
 - network alone: one forward pass on B face crops already in memory (ours: the jit-compiled prediction
-  function of `predictor.network_fn`, landmarks and covariances, on uint8 crops; ONNX: the exported
+  function of `star_jax.models.network_fn`, landmarks and covariances, on uint8 crops; ONNX: the exported
   model's `session.run` on float32 crops; official: `net(x)` under no_grad on a prepared tensor, timed
   inside its process);
 - end to end: `FaceLandmarker.predict` on B paths of a 640 x 360 JPEG photo (tests/data/real_faces_full/
@@ -224,7 +224,8 @@ def run(args):
   import cv2  # pylint: disable=import-outside-toplevel  (not at the top: the official worker has no OpenCV)
   import jax  # pylint: disable=import-outside-toplevel
 
-  from star_jax.inference import face_detect, predictor  # pylint: disable=import-outside-toplevel
+  from star_jax import models  # pylint: disable=import-outside-toplevel
+  from star_jax.inference import face_detect  # pylint: disable=import-outside-toplevel
   from star_jax.inference.landmarker import FaceLandmarker  # pylint: disable=import-outside-toplevel
 
   small = bool(getattr(args, 'small', False))
@@ -243,8 +244,8 @@ def run(args):
 
   f32, bf16 = _models(shape)
   flops = network_flops(f32)
-  bf16_fn = predictor.network_fn(bf16, with_covariance=True)
-  nets = {'jax f32': predictor.network_fn(f32, with_covariance=True),
+  bf16_fn = models.network_fn(bf16, with_covariance=True)
+  nets = {'jax f32': models.network_fn(f32, with_covariance=True),
           # The pipeline's geometry is float32 numpy: the outputs are cast as the export casts them.
           'jax bf16': lambda crops: {k: v.astype(np.float32) for k, v in bf16_fn(crops).items()}}
 

@@ -8,6 +8,7 @@ bare packages instead, so only the modules asked for (and what they import) are 
   from benchmarks import official
   losses = official.losses('/path/to/STAR')          # lib.loss: STARLoss_v2, AWingLoss, ...
   net = official.network('/path/to/STAR', layouts.WFLW)  # StackedHGNetV1, random weights
+  utility = official.utility('/path/to/STAR')        # lib.utility: compute_loss, accumulate_net, ...
   cfg = official.config('/path/to/STAR', 'COFW', norm_type='ocular')  # conf.alignment.Alignment
   nme, fr_auc = official.metrics('/path/to/STAR')    # lib.metric: NME, FR_AUC
 
@@ -189,6 +190,39 @@ def module(path: str, name: str) -> types.ModuleType:
   return importlib.import_module(name)
 
 
+def _run_package_init(root: pathlib.Path, name: str) -> types.ModuleType:
+  """Runs the official package `name`'s own __init__ (for packages whose __init__ imports nothing we lack)."""
+  folder = root.joinpath(*name.split('.'))
+  spec = importlib.util.spec_from_file_location(name, folder / '__init__.py', submodule_search_locations=[str(folder)])
+  package = importlib.util.module_from_spec(spec)
+  sys.modules[name] = package
+  spec.loader.exec_module(package)
+  return package
+
+
+def utility(path: str) -> types.ModuleType:
+  """The official `lib.utility` module: `compute_loss`, `accumulate_net`, `forward_backward`, ...
+
+  Its imports are satisfied as the packages' own __init__ files would (StackedHGNetV1, AlignmentDataset,
+  the decoders and encoders, NME, FR_AUC, the loss classes, lib.utils); torchvision (for the data loader's
+  transforms) and the data set's optional packages get stand-ins when they are not installed."""
+  root = _register(path)
+  net_class = network_class(path)
+  sys.modules['lib.backbone'].StackedHGNetV1 = net_class
+  dataset = sys.modules['lib.dataset']
+  dataset.AlignmentDataset = alignment_dataset(path).AlignmentDataset
+  dataset.get_encoder = importlib.import_module('lib.dataset.encoder').get_encoder
+  dataset.Augmentation = importlib.import_module('lib.dataset.augmentation').Augmentation
+  nme, fr_auc = metrics(path)
+  sys.modules['lib.metric'].NME, sys.modules['lib.metric'].FR_AUC = nme, fr_auc
+  losses(path)
+  _run_package_init(root, 'lib.utils')
+  why = 'only the data loader of a training run uses it'
+  with _stand_ins({'torchvision': _missing('torchvision', why), 'torchvision.transforms': _missing('torchvision', why),
+                   'tensorboardX': _missing('tensorboardX', 'only a training run writes its logs')}):
+    return importlib.import_module('lib.utility')
+
+
 def train_step(path: str, batch_np: dict, *, nstack: int = 4, layout: layouts_lib.Layout = layouts_lib.WFLW,
                image_size: int = 256, channels: int = 256, decay: float = 0.5 ** (128 / 10000.0),
                device: str = 'cpu'):
@@ -275,3 +309,93 @@ def train_step(path: str, batch_np: dict, *, nstack: int = 4, layout: layouts_li
   else:
     note = f'torch {torch.__version__}, {torch.get_num_threads()} threads'
   return run_one_step, note
+
+
+@contextlib.contextmanager
+def pure64():
+  """While the block runs, `Tensor.float()` returns float64: the official code's float32 islands (the
+  coordinate grids of the losses and the decoder, the CoordConv channels, the encoders' target maps,
+  which it builds with `.float()` whatever the network's dtype) run in float64 too, so a float64 run
+  is float64 throughout."""
+  import torch  # pylint: disable=import-outside-toplevel
+  saved = torch.Tensor.float
+  torch.Tensor.float = lambda self, memory_format=torch.preserve_format: self.double(memory_format=memory_format)
+  try:
+    yield
+  finally:
+    torch.Tensor.float = saved
+
+
+class Trainer:
+  """The official training step, run by the official pieces as `lib.utility.forward_backward` runs them.
+
+  Per step: the network's forward pass in train mode, `compute_loss` with the criterions of
+  `get_criterions` (STARLoss_v2 on the fusion heatmaps, AWingLoss on point and edge maps, weighted
+  2^i / 2^(nstack - 1) x (1, 10, 10) by the official config), `optimizer.zero_grad()`, `backward()`
+  (without the anomaly detection the official loop wraps it in: it checks, it does not change values),
+  the Adam of `get_optimizer` (lr 1e-3), then `accumulate_net(net_ema, net, 0.5 ** (batch_size / 10000))`.
+  The EMA network starts as a copy of the network, as the official trainer makes it (`accumulate_net`
+  with decay 0). The learning rate stays at its initial value (the official scheduler steps per epoch).
+
+  `state_dict`: the initial weights (official layout). `dtype`: torch.float32 (as shipped) or
+  torch.float64 (`net.double()`; the float32 islands stay float32 unless the steps run inside
+  `pure64()`).
+  """
+
+  def __init__(self, path: str, state_dict, *, layout_name: str = 'WFLW', image_size: int = 64, nstack: int = 4,
+               nlevels: int = 4, channels: int = 16, batch_size: int = 4, dtype=None):
+    import torch  # pylint: disable=import-outside-toplevel
+    self.torch = torch
+    self.utility = utility(path)
+    self.dtype = dtype or torch.float32
+    cfg = config(path, layout_name, width=image_size, height=image_size, batch_size=batch_size, nstack=nstack)
+    self.config = cfg
+
+    def build():
+      net = network_class(path)(config=cfg, classes_num=cfg.classes_num, edge_info=cfg.edge_info, nstack=nstack,
+                                nlevels=nlevels, in_channel=channels, add_coord=cfg.add_coord,
+                                decoder_type=cfg.decoder_type)
+      net.load_state_dict(state_dict)
+      return net.to(self.dtype)
+
+    self.net = build().train()
+    self.net_ema = build().eval()
+    self.utility.accumulate_net(self.net_ema, self.net, 0)
+    self.criterions = self.utility.get_criterions(cfg)
+    self.optimizer = self.utility.get_optimizer(cfg, self.net)
+    self.decay = 0.5 ** (cfg.batch_size / 10000.0)
+
+  def inputs(self, image_rgb_uint8: np.ndarray):
+    """(B, S, S, 3) uint8 RGB -> the network's input (B, 3, S, S) BGR, (pixel - 127.5) / 127.5, in
+    the network's dtype (computed in float64 and rounded once)."""
+    bgr = image_rgb_uint8[..., ::-1].astype(np.float64).transpose(0, 3, 1, 2)
+    return self.torch.from_numpy(np.ascontiguousarray((bgr - 127.5) / 127.5)).to(self.dtype)
+
+  def labels(self, landmarks: np.ndarray, pointmaps: np.ndarray, edgemaps: np.ndarray) -> list:
+    """The per-stack labels of compute_loss from (B, N, 2) landmarks in [-1, 1] and NCHW point / edge maps."""
+    per_stack = [self.torch.from_numpy(np.ascontiguousarray(a)).to(self.dtype) for a in (landmarks, pointmaps, edgemaps)]
+    return self.config.nstack * per_stack
+
+  def step(self, inputs, labels) -> tuple[list[float], float]:
+    """One training step; returns (the 12 unweighted loss terms as compute_loss logs them, the total)."""
+    output, heatmaps, landmarks = self.net(inputs)
+    losses, total = self.utility.compute_loss(self.config, self.criterions, output, labels, heatmaps, landmarks)
+    self.optimizer.zero_grad()
+    total.backward()
+    self.optimizer.step()
+    self.utility.accumulate_net(self.net_ema, self.net, self.decay)
+    return losses, float(total.detach())
+
+  def gradients(self) -> dict[str, np.ndarray]:
+    """The last step's gradient of every parameter (zeros for those that got none), official keys."""
+    return {k: (p.grad if p.grad is not None else self.torch.zeros_like(p)).detach().double().numpy().copy()
+            for k, p in self.net.named_parameters()}
+
+  def adam_moments(self) -> tuple[dict, dict]:
+    """Adam's (exp_avg, exp_avg_sq) per parameter that has them, official keys."""
+    names = {id(p): k for k, p in self.net.named_parameters()}
+    mu, nu = {}, {}
+    for p, s in self.optimizer.state.items():
+      mu[names[id(p)]] = s['exp_avg'].detach().double().numpy().copy()
+      nu[names[id(p)]] = s['exp_avg_sq'].detach().double().numpy().copy()
+    return mu, nu

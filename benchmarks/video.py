@@ -79,7 +79,7 @@ def motion_video(num_frames: int = 48, size: tuple[int, int] = (288, 256), ampli
 
 class RegistrationOracle:
   """A "network" for one photo's face: `fn(crops uint8 (B, S, S, 3)) -> {'landmarks' (B, N, 2) in
-  [-1, 1], 'covariances' (B, N, 2, 2)}` (the align_corners=False frame of `predictor.network_fn`).
+  [-1, 1], 'covariances' (B, N, 2, 2)}` (the align_corners=False frame of `star_jax.models.network_fn`).
 
   Registers each crop onto the reference crop of the photo (ECC, affine) and maps the annotated
   points into the crop; adds Gaussian noise of `noise` (normalised units, i.e. of half the crop side)
@@ -275,7 +275,7 @@ def _checkpoints(tmp: pathlib.Path) -> dict:
   from star_jax import config_lib  # pylint: disable=import-outside-toplevel
   from star_jax import convert_pytorch  # pylint: disable=import-outside-toplevel
   from star_jax.models import create_model  # pylint: disable=import-outside-toplevel
-  from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
+  from star_jax import checkpoints  # pylint: disable=import-outside-toplevel
 
   tiny = config_lib.load_config(str(REPO / 'configs' / 'wflw.py') + ':tiny')
   tiny.model.nstack, tiny.model.channels = 4, 32

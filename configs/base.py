@@ -61,6 +61,8 @@ def get_base_config(layout: str, dataset: str) -> ml_collections.ConfigDict:
   c.loss.star_dist = 'smoothl1'     # STAR distance: 'smoothl1' (scale 0.01), 'l1', 'l2', 'wing'
   c.loss.star_eps = 1e-5            # added to eigenvalues before the square root
   c.loss.eig_clamp = 0.0            # >0: clamp eigenvalues to at least this (off in the official code)
+  c.loss.star_isotropic = 'pin'     # eigenvectors of numerically isotropic covariances: 'pin' (axes, finite
+                                    # gradient) or 'official' (LAPACK's, however ill-conditioned); docs/fidelity.md
   c.loss.weights = (1.0, 10.0, 10.0)  # per stack: landmark loss, AWing point maps, AWing edge maps
 
   # ---- Optimisation -----------------------------------------------------------------------------
@@ -86,10 +88,8 @@ def get_base_config(layout: str, dataset: str) -> ml_collections.ConfigDict:
   c.log_every_steps = 50            # training metrics to TensorBoard / JSON lines
   c.eval_every_epochs = 1           # evaluate model and EMA on the test split
   c.checkpoint_every_epochs = 1     # save a checkpoint (also on SIGTERM and at the end)
-  c.keep_checkpoints = 3            # latest N kept, besides the best by NME
-  c.model_selection = 'official'    # the best checkpoint: 'official' = the lower NME of the weights and
-                                    # their EMA at each evaluation (the official trainer's best_model.pkl),
-                                    # 'ema' = the EMA's NME alone (star_jax before the official protocol)
+  c.keep_checkpoints = 3            # latest N kept, besides the best: the lowest NME of the weights and
+                                    # their EMA over the evaluations (the official trainer's best_model.pkl)
   c.progress = True                 # progress bar with images/s and ETA
   return c
 

@@ -1,7 +1,7 @@
 """Speed benchmarks of star_jax, one section per part of the system.
 
-  python scripts/benchmark.py loss|model|data|train|eval|export|video|infer|all [--json OUT.json] [--official PATH]
-      [--official_python PYTHON] [--repeats N] [--batch B] [--dtypes float32,bfloat16] [--small]
+  python scripts/benchmark.py loss|model|data|train|eval|export|video|infer|fidelity|all [--json OUT.json]
+      [--official PATH] [--official_python PYTHON] [--repeats N] [--batch B] [--dtypes float32,bfloat16] [--small]
       [--workers 0,8,15] [--official_device auto|cpu|cuda]
 
 Prints a table on stdout and writes the rows as JSON. Runs on the default JAX backend (the GPU when
@@ -12,9 +12,11 @@ train sections time; `--workers` the Grain worker processes the data section tri
 where the official PyTorch code runs (auto: on the GPU when ours does). scripts/device_check.sh runs the
 GPU set (docs/gpu.md). Each section lives in `benchmarks/<section>.py` (a folder of the repository, not of the installed
 library) and returns a list of row dicts: {'section', 'name', 'value', 'unit', 'notes'}; the official
-code is loaded by `benchmarks/official.py`. Sections that run the official code in a child process
-(train, infer) start it with `--official_python` (default: this interpreter), which needs PyTorch and
-numpy, not JAX.
+code is loaded by `benchmarks/official.py`. `fidelity` is not about speed: it trains the small synthetic
+network for 200 steps with the official trainer and with ours (both float32) and compares the loss curves
+and test NME with the official trainer's own run-to-run difference (docs/fidelity.md). Sections that run
+the official code in a child process (train, infer, fidelity) start it with `--official_python` (default:
+this interpreter), which needs PyTorch and numpy, not JAX.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from star_jax import cli  # pylint: disable=wrong-import-position
 
-SECTIONS = ('loss', 'model', 'data', 'train', 'eval', 'export', 'video', 'infer')
+SECTIONS = ('loss', 'model', 'data', 'train', 'eval', 'export', 'video', 'infer', 'fidelity')
 
 
 def _benchmark(argv: list[str]) -> int:
@@ -41,7 +43,7 @@ def _benchmark(argv: list[str]) -> int:
   flags.DEFINE_string('json', 'benchmark.json', 'where to write the rows (JSON)', flag_values=fv)
   flags.DEFINE_string('official', '', 'checkout of the official PyTorch STAR code', flag_values=fv)
   flags.DEFINE_string('official_python', '', 'Python interpreter with PyTorch for the official code\'s child '
-                      'process (infer; default: this one)', flag_values=fv)
+                      'process (train, infer, fidelity; default: this one)', flag_values=fv)
   flags.DEFINE_integer('repeats', None, 'timed repetitions, the median is reported (default: 10, or 3 for '
                        'the full-network sections on a CPU, where one call takes seconds)', flag_values=fv)
   flags.DEFINE_integer('batch', None, 'batch size of the model and train sections (default: 8 on a CPU, 32 on '

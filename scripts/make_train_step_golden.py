@@ -4,11 +4,14 @@
       --output tests/data/train_step_golden.npz [--radius_from OLD_GOLDEN.npz]
 
 Input: the float64 reference of three official training steps (train_step.npz, described in the
-reference README). Output: what the test needs from it, about a quarter of the size. `decode` turns
+reference README, or a draw of scripts/make_train_step_draw.py, which writes its compact form with this
+module). Output: what the test needs from it, about a quarter of the size. `decode` turns
 the output back into the reference's keys and meaning (float64 arrays), and passes a reference file
 through unchanged, so the test reads either. Stored (`PACKS`, `STEP_ENTRIES`):
+  * config/* and self_agreement/* as they are;
   * the inputs and the initial weights as float32: they are float32 values in the reference
-    (checked: the script refuses to round anything);
+    (checked: the script refuses to round anything), except the point maps of a reference made float64
+    throughout (config/pure64 = 1), which the official encoder resized in float64: kept as float64;
   * the losses as float64; the step-1 gradients as 32-bit fixed point per tensor;
   * the step-3 weights and BatchNorm statistics of the net and of the EMA as fixed-point
     *differences from the initial values* (16 bits for weights, which move by about lr per step,
@@ -23,7 +26,8 @@ through unchanged, so the test reads either. Stored (`PACKS`, `STEP_ENTRIES`):
     run computed it (see below);
   * `sha256`: a digest of everything else (`content_digest`), checked by the test.
 
-The radius channel: the official AddCoordsTh computes sqrt(x^2 + y^2) in float32 with torch.sqrt,
+The radius channel (only for a reference with the official float32 islands; a pure64 one has none to
+emulate): the official AddCoordsTh computes sqrt(x^2 + y^2) in float32 with torch.sqrt,
 which on CPUs goes through MKL's vectorised sqrt (VML, high-accuracy mode). That is not correctly
 rounded: at 64 x 64, 614 of the 4096 values (after the division by the maximum) differ by 1-2 ulps
 from the ones numpy's and XLA's correctly rounded sqrt give, 32 of 256 at 16 x 16. The reference run
@@ -33,6 +37,9 @@ with PyTorch (the same float32 operations as the official code), which must ther
 on a CPU whose MKL rounds as the reference machine's did (an AMD EPYC / AVX2 machine did); the test
 shows it (step-1 losses within 1e-12 with the right values, ~1e-6 off with wrong ones).
 `--radius_from` instead copies them from an earlier output of this script (no PyTorch needed).
+
+The module also defines the measure of the parity test and of the draws' self-agreement (`compare`: per
+group, max |a - b| / max |b| per tensor or loss term), so both measure alike.
 """
 
 from __future__ import annotations
@@ -53,6 +60,9 @@ STEPS = (1, 2, 3)
 # Per-step entries of the reference (step<k>/<name>) and how they are stored.
 STEP_ENTRIES = {'image_rgb_uint8': 'as_is', 'landmarks': 'exact32', 'pointmaps': 'exact32',
                 'edgemaps': 'exact32', 'losses': 'float64', 'total_loss': 'float64'}
+# Inputs that may carry more than float32 precision: in a run whose float32 islands ran in float64
+# (config/pure64 = 1), the official encoder interpolates the point maps in float64.
+WIDE_INPUTS = ('pointmaps', 'edgemaps', 'landmarks')
 # Groups of state-dict tensors (reference key prefix) and their encoding: 'exact32' float32,
 # refused unless lossless; 'fixedB' B-bit fixed point; 'delta' fixed point of the difference from
 # the init/ tensor of the same state-dict key, 16 bits for weights and 32 for BatchNorm statistics.
@@ -86,6 +96,10 @@ def official_radius_with_torch(n: int) -> np.ndarray:
   cols = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(line[None, :], (n, n))))
   radius = torch.sqrt(torch.pow(rows, 2) + torch.pow(cols, 2))
   return (radius / torch.max(radius)).numpy().astype(np.float32)
+
+
+def _is_exact32(value: np.ndarray) -> bool:
+  return np.array_equal(value.astype(np.float32).astype(value.dtype), value)
 
 
 def _exact32(key: str, value: np.ndarray) -> np.ndarray:
@@ -163,13 +177,20 @@ def _group(key: str) -> str:
 
 
 def encode(reference: dict) -> tuple[dict, dict]:
-  """Reference arrays -> (stored arrays, the storage error per group, see `_group`)."""
+  """Reference arrays -> (stored arrays, the storage error per group, see `_group`).
+
+  config/* and self_agreement/* are copied as they are. The inputs are stored as float32, refused
+  when that would round them, except in a pure64 reference (config/pure64 = 1), whose `WIDE_INPUTS`
+  are kept as float64 where float32 cannot hold them."""
   out = {'format': np.array(FORMAT)}
-  out.update({k: v for k, v in reference.items() if k.startswith('config/')})
+  out.update({k: v for k, v in reference.items() if k.startswith(('config/', 'self_agreement/'))})
+  wide = int(reference.get('config/pure64', 0)) == 1
   for k in STEPS:
     for name, how in STEP_ENTRIES.items():
       key, value = f'step{k}/{name}', reference[f'step{k}/{name}']
-      if how == 'exact32':
+      if how == 'exact32' and wide and name in WIDE_INPUTS and not _is_exact32(value):
+        value = np.asarray(value, np.float64)
+      elif how == 'exact32':
         value = _exact32(key, value)
       elif how == 'float64':
         value = np.asarray(value, np.float64)
@@ -179,7 +200,8 @@ def encode(reference: dict) -> tuple[dict, dict]:
   decoded = decode(out)
   errors = {}
   for key, value in reference.items():
-    if key in decoded and value.dtype.kind == 'f' and np.abs(value).max() > 0:
+    copied = key.startswith('self_agreement/')   # stored as they are, as config/* (whose 0 stays listed)
+    if not copied and key in decoded and value.dtype.kind == 'f' and np.abs(value).max() > 0:
       err = float(np.abs(decoded[key] - value).max() / np.abs(value).max())
       errors[_group(key)] = max(errors.get(_group(key), 0.0), err)
   return out, errors
@@ -204,6 +226,120 @@ def decode(stored) -> dict:
   return out
 
 
+# ---- The measure: how far one run of the three steps is from another -------------------------------
+# Used by the parity test (ours against the official run) and by make_train_step_draw.py (the official
+# run against its reruns: the self-agreement stored in a golden).
+
+# Groups, in the order reports list them. 'losses/step1' is the part of 'losses/steps12' from step 1.
+GROUPS = ('losses/step1', 'losses/steps12', 'losses/step3', 'grad1', 'net', 'net_stats', 'ema', 'ema_stats',
+          'adam_mu', 'adam_nu')
+# A step-1 gradient below this fraction of the largest one is rounding noise: the loss is invariant to
+# the parameter (conv biases before a train-mode BatchNorm, ...). Real gradients are >= 2e-5 of the
+# largest; noise <= 1e-15.
+NULL_GRADIENT = 1e-12
+
+
+def tensor_keys(arrays: dict, prefix: str) -> list[str]:
+  return sorted(k[len(prefix):] for k in arrays if k.startswith(prefix))
+
+
+def relative_difference(a, b) -> float:
+  """max |a - b| / max |b| (0 when both are all zero)."""
+  b = np.asarray(b, np.float64)
+  scale = float(np.abs(b).max())
+  diff = float(np.abs(np.asarray(a, np.float64) - b).max())
+  return diff / scale if scale > 0 else (0.0 if diff == 0 else np.inf)
+
+
+def null_gradient_keys(reference: dict) -> set[str]:
+  """Parameters whose step-1 gradient is rounding noise (the loss is invariant to them)."""
+  grads = {k: reference['step1/grad/' + k] for k in tensor_keys(reference, 'step1/grad/')}
+  largest = max(float(np.abs(g).max()) for g in grads.values())
+  return {k for k, g in grads.items() if np.abs(g).max() <= NULL_GRADIENT * largest}
+
+
+def compare(reference: dict, other: dict) -> dict[str, list[tuple[float, str]]]:
+  """Per group, (relative difference, name) for everything `other` has, largest first.
+
+  Groups: 'losses/step1', 'losses/steps12', 'losses/step3' (each of the 12 terms and the total,
+  relative to itself), 'grad1', 'net', 'net_stats', 'ema', 'ema_stats', 'adam_mu', 'adam_nu' (per
+  tensor, `relative_difference`). Tensors whose step-1 gradient is rounding noise (`null_gradient_keys`
+  of `reference`) go to 'net/null' and 'ema/null' (compared the same way), and to 'grad1/null',
+  'adam_mu/null', 'adam_nu/null' as max |other| / the largest |reference| value of the group's other
+  tensors (a bound, not a comparison).
+  """
+  null = null_gradient_keys(reference)
+  groups: dict[str, list] = {}
+
+  def add(group, err, name):
+    groups.setdefault(group, []).append((float(err), name))
+
+  for k in STEPS:
+    groups_k = ['losses/step3'] if k == 3 else ['losses/steps12'] + (['losses/step1'] if k == 1 else [])
+    errors = [(abs(a - b) / abs(b), f'step{k}/losses[{i}]')
+              for i, (a, b) in enumerate(zip(other[f'step{k}/losses'], reference[f'step{k}/losses']))]
+    errors.append((relative_difference(other[f'step{k}/total_loss'], reference[f'step{k}/total_loss']),
+                   f'step{k}/total_loss'))
+    for group in groups_k:
+      for err, name in errors:
+        add(group, err, name)
+  largest = {p: max(float(np.abs(reference[p + k]).max()) for k in tensor_keys(other, p) if k not in null)
+             for p in ('step1/grad/', 'step3/adam_mu/', 'step3/adam_nu/')}
+  for prefix, group in (('step1/grad/', 'grad1'), ('step3/adam_mu/', 'adam_mu'), ('step3/adam_nu/', 'adam_nu')):
+    for key in tensor_keys(other, prefix):
+      if key in null:
+        add(group + '/null', np.abs(other[prefix + key]).max() / largest[prefix], key)
+      else:
+        add(group, relative_difference(other[prefix + key], reference[prefix + key]), key)
+  for prefix, group in (('step3/net/', 'net'), ('step3/net_ema/', 'ema')):
+    for key in tensor_keys(other, prefix):
+      if np.asarray(reference[prefix + key]).dtype.kind != 'f':
+        continue   # num_batches_tracked: checked on its own
+      kind = '_stats' if 'running_' in key else '/null' if key in null else ''
+      add(group + kind, relative_difference(other[prefix + key], reference[prefix + key]), key)
+  return {g: sorted(v, reverse=True) for g, v in groups.items()}
+
+
+def step1_loss_terms(reference: dict, other: dict) -> np.ndarray:
+  """(12,) the relative difference of each step-1 loss term."""
+  return np.abs(np.asarray(other['step1/losses']) - reference['step1/losses']) / np.abs(reference['step1/losses'])
+
+
+def cosine(reference: dict, other: dict, prefix: str) -> float:
+  """Cosine similarity of `other` and `reference` over all weights under `prefix` (no BatchNorm
+  statistics, no zero-gradient tensors) taken together; step-3 states as updates, value - init."""
+  null = null_gradient_keys(reference)
+  keys = [k for k in tensor_keys(other, prefix) if k not in null and 'running_' not in k and 'num_batches' not in k]
+  base = (lambda k: reference['init/' + k]) if prefix.startswith('step3/net') else (lambda k: 0.0)
+  a = np.concatenate([(other[prefix + k] - base(k)).ravel() for k in keys])
+  b = np.concatenate([(reference[prefix + k] - base(k)).ravel() for k in keys])
+  return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def report(errors: dict) -> str:
+  """One line per group: largest and median difference and the three worst tensors."""
+  lines = []
+  for group, values in sorted(errors.items()):
+    worst = ', '.join(f'{name} {err:.1e}' for err, name in values[:3])
+    lines.append(f'{group:16s} max {values[0][0]:.1e}  median {values[len(values) // 2][0]:.1e}  '
+                 f'n={len(values):4d}  worst: {worst}')
+  return '\n'.join(lines)
+
+
+def draw_digest(arrays: dict) -> str:
+  """sha256 of a draw's inputs (initial weights, images, landmarks, target maps) as float64 values,
+  the same for a reference file and its compact form."""
+  keys = [k for k in arrays if k.startswith('init/')]
+  keys += [f'step{k}/{name}' for k in STEPS for name in ('image_rgb_uint8', 'landmarks', 'pointmaps', 'edgemaps')]
+  h = hashlib.sha256()
+  for key in sorted(keys):
+    a = np.asarray(arrays[key])
+    a = np.ascontiguousarray(a.astype(np.float64) if a.dtype.kind == 'f' else a)
+    h.update(f'{key}|{a.dtype.str}|{a.shape}|'.encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
 def _make(argv: list[str]) -> int:
   command = cli.Command(__doc__, argv)
   fv = command.fv
@@ -220,7 +356,9 @@ def _make(argv: list[str]) -> int:
   with np.load(args.reference) as f:
     reference = {k: f[k] for k in f.files}
   stored, errors = encode(reference)
-  if args.radius_from:
+  if int(reference.get('config/pure64', 0)) == 1:
+    radius, source = {}, ''   # computed in float64 by the official run: nothing to emulate
+  elif args.radius_from:
     with np.load(args.radius_from) as f:
       radius = {n: f[f'coordconv/radius_{n}'] for n in RADIUS_SIZES}
       source = str(f['coordconv/source'])
@@ -234,7 +372,8 @@ def _make(argv: list[str]) -> int:
     source = f'torch {torch.__version__}: torch.sqrt (MKL VML) on a CPU'
   for n, r in radius.items():
     stored[f'coordconv/radius_{n}'] = np.asarray(r, np.float32)
-  stored['coordconv/source'] = np.array(source)
+  if radius:
+    stored['coordconv/source'] = np.array(source)
   for group, err in errors.items():
     stored[f'storage_relerr/{group}'] = np.float64(err)
   stored['sha256'] = np.array(content_digest(stored))

@@ -76,7 +76,7 @@ def _reproduce(argv: list[str]) -> int:
   from star_jax.evaluation import reproduce  # pylint: disable=import-outside-toplevel
   from star_jax.evaluation import scoring  # pylint: disable=import-outside-toplevel
   from star_jax.layouts import get_layout  # pylint: disable=import-outside-toplevel
-  from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
+  from star_jax import checkpoints  # pylint: disable=import-outside-toplevel
 
   cli.setup_logging('error')
   config = command.config if command.config is not None else config_lib.load_config(CONFIGS[fv.dataset])

@@ -7,6 +7,8 @@ The Python API is `star_jax.FaceLandmarker` (star_jax/inference/landmarker.py), 
 use so that `import star_jax` stays fast (no JAX, no OpenCV).
 """
 
+import importlib
+
 __version__ = '0.1.0'
 
 # Public names imported lazily, on first attribute access: name -> module.
@@ -17,7 +19,6 @@ __all__ = ['FaceLandmarker', '__version__']
 
 def __getattr__(name):
   if name in _LAZY:
-    import importlib  # pylint: disable=import-outside-toplevel
     value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value
     return value

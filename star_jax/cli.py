@@ -14,10 +14,16 @@ A problem the user can fix (a missing file, a bad value) is raised as `UserError
 
 from __future__ import annotations
 
+import logging as std_logging
+import pathlib
 import sys
 from typing import Callable, Sequence
 
 from absl import flags
+from absl import logging
+
+from star_jax import config_lib
+from star_jax import cpu_tuning
 
 
 class UserError(Exception):
@@ -56,8 +62,8 @@ class Command:
     self._config = None
     self._config_required = config == 'required'
     if config is not None:
-      from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-      from star_jax import config_lib  # pylint: disable=import-outside-toplevel
+      # JAX-free ONNX path: predict --model runs without ml_collections installed, and has no config.
+      from ml_collections import config_flags  # lazy: JAX-free ONNX path
       self.argv = config_lib.resolve_config_argv(self.argv)
       default = None if config in ('required', 'optional') else config_lib.resolve_config_path(config)
       self._config = config_flags.DEFINE_config_file(
@@ -94,10 +100,6 @@ class Command:
 def setup_logging(level: str = 'info') -> None:
   """Log lines of star_jax at `level` through absl's handler; other libraries' (Orbax logs every file
   it writes) only from WARNING up. For commands, in `main` (changes the process's logging)."""
-  import logging as std_logging  # pylint: disable=import-outside-toplevel
-  import pathlib  # pylint: disable=import-outside-toplevel
-  from absl import logging  # pylint: disable=import-outside-toplevel
-
   package = str(pathlib.Path(__file__).resolve().parent)
   logging.use_absl_handler()
   logging.set_verbosity(level)
@@ -132,7 +134,6 @@ def guarded(work: Callable[[list[str]], int | None], argv: Sequence[str] | None,
 def run(main: Callable[[], int]) -> None:
   """The `__main__` of an entry point: process set-up (the CPU tuning of star_jax/cpu_tuning.py,
   which may re-execute the process once), then `main()`, and exit with its status."""
-  from star_jax import cpu_tuning  # pylint: disable=import-outside-toplevel
   try:
     cpu_tuning.setup_process()
   except ValueError as e:

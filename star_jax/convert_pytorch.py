@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from star_jax import checkpoints
 from star_jax import cli
 from star_jax import layouts
 from star_jax.models import create_model
@@ -165,7 +166,7 @@ def _read_zip(path: str):
 
 def _read_with_torch(path: str):
   try:
-    import torch  # pylint: disable=import-outside-toplevel
+    import torch  # lazy: optional extra (PyTorch reads the formats before zip archives)
   except ImportError:
     raise ValueError(f'{path} is not a zip-format torch.save archive; reading older PyTorch formats '
                      'needs PyTorch installed (or re-save the file with a recent torch.save)') from None
@@ -176,6 +177,12 @@ def _read_with_torch(path: str):
 
 _ZIP_MAGIC = b'PK\x03\x04'
 _PICKLE_PROTOCOL_2_PLUS = b'\x80'
+
+
+def _not_torch(path: str, head: bytes) -> str:
+  """The error message of a file that is neither a zip archive nor a pickle of protocol 2 or later."""
+  return (f'{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle; it starts with '
+          f'{head!r})')
 
 
 def read_torch_checkpoint(path: str):
@@ -196,14 +203,15 @@ def read_torch_checkpoint(path: str):
     if head.startswith(_ZIP_MAGIC):
       raise CheckpointFormatError(f'{path}: a damaged or truncated zip archive (the start of a torch.save '
                                   'file, but its end is missing); download or copy it again')
+    if not head.startswith(_PICKLE_PROTOCOL_2_PLUS):
+      # Decided here, not by torch.load: with PyTorch installed it would fail on such a file with an
+      # obscure error (a KeyError of a byte value), without PyTorch we could not ask it.
+      raise CheckpointFormatError(_not_torch(path, head))
     return _read_with_torch(path)
   except (CheckpointFormatError, FileNotFoundError):
     raise
-  except ValueError as e:
-    if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTOCOL_2_PLUS):
-      raise CheckpointFormatError(str(e)) from None
-    raise CheckpointFormatError(f'{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a '
-                                f'pickle; it starts with {head!r})') from None
+  except ValueError as e:   # a zip archive that is no torch.save file; an old format without PyTorch
+    raise CheckpointFormatError(str(e)) from None
   except Exception as e:  # pylint: disable=broad-except  (a damaged pickle can fail in any way)
     raise CheckpointFormatError(f'{path}: not a readable torch.save checkpoint ({type(e).__name__}: '
                                 f'{str(e)[:300]})') from None
@@ -366,20 +374,41 @@ def load_into_model(state_dict, model: StackedHGNet) -> StackedHGNet:
   return model
 
 
+def to_model(state_dict, config) -> StackedHGNet:
+  """The network of `config` holding the converted `state_dict`, in eval mode."""
+  model = load_into_model(state_dict, create_model(config, nnx.Rngs(0)))
+  model.eval()
+  return model
+
+
+def state_dict_points(state_dict: dict) -> int:
+  """The number of landmarks of an official state dict: the output channels of its first heatmap head."""
+  for key, value in state_dict.items():
+    if key.removeprefix('module.') == 'out_heatmaps.0.conv.weight':
+      return int(np.shape(value)[0])
+  raise ValueError('not a STAR state dict: it has no out_heatmaps.0.conv.weight')
+
+
+def read_official(path: str) -> dict:
+  """An official checkpoint as {'net': state dict, 'net_ema': state dict, 'epoch': ...}
+  (`read_torch_checkpoint`; a bare state dict is taken as 'net'). ValueError for anything but a dict."""
+  obj = read_torch_checkpoint(path)
+  if isinstance(obj, dict) and 'net' not in obj and 'net_ema' not in obj and all(
+      isinstance(v, np.ndarray) for v in obj.values()):
+    obj = {'net': obj}  # a bare state dict
+  if not isinstance(obj, dict):
+    raise ValueError(f'{path}: expected a dict with "net" / "net_ema", got {type(obj).__name__}')
+  return obj
+
+
 def convert_checkpoint(checkpoint: str, config, output: str, weights: str = 'net') -> dict:
   """Reads an official checkpoint and writes a star_jax checkpoint to `output` (see module doc).
 
   Returns a small summary dict (which items were written, the official epoch).
   """
-  from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
-
   if weights not in ('net', 'net_ema', 'both'):
     raise ValueError(f"--weights must be 'net', 'net_ema' or 'both', got {weights!r}")
-  obj = read_torch_checkpoint(checkpoint)
-  if not isinstance(obj, dict):
-    raise ValueError(f'{checkpoint}: expected a dict with "net" / "net_ema", got {type(obj).__name__}')
-  if 'net' not in obj and 'net_ema' not in obj and all(isinstance(v, np.ndarray) for v in obj.values()):
-    obj = {'net': obj}  # a bare state dict
+  obj = read_official(checkpoint)
   wanted = ('net', 'net_ema') if weights == 'both' else (weights,)
   for name in wanted:
     if name not in obj:
@@ -389,18 +418,15 @@ def convert_checkpoint(checkpoint: str, config, output: str, weights: str = 'net
       raise ValueError(f'{checkpoint}: its {name!r} entry is not a state dict of tensors '
                        f'({type(obj[name]).__name__})')
   layouts.get_layout(config.layout)  # a clear error for a bad layout before building anything
-
-  def build(name):
-    model = create_model(config, nnx.Rngs(0))
+  built = {}
+  for name in wanted:
     try:
-      return load_into_model(obj[name], model)
+      built[name] = to_model(obj[name], config)
     except ValueError as e:
       raise ValueError(f'{checkpoint} [{name}]: {e}') from None
-
-  model = build(wanted[0])
-  ema = build('net_ema') if weights == 'both' else None
-  checkpoints.save_model_checkpoint(output, model=model, config=config, ema=ema, step=0)
-  return {'model': wanted[0], 'ema': 'net_ema' if ema is not None else None, 'epoch': obj.get('epoch')}
+  ema = built['net_ema'] if weights == 'both' else None
+  checkpoints.save_model_checkpoint(output, model=built[wanted[0]], config=config, ema=ema, step=0)
+  return {'model': wanted[0], 'ema': 'net_ema' if weights == 'both' else None, 'epoch': obj.get('epoch')}
 
 
 def _convert(argv: list[str]) -> int:

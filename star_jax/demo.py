@@ -20,13 +20,16 @@ import base64
 import html
 import json
 import threading
+import time
 
 from absl import flags
 import cv2
+import jax
 import numpy as np
 
 from star_jax import cli
 from star_jax.inference import face_detect
+from star_jax.inference import landmarker as landmarker_lib
 
 HOST = '127.0.0.1'
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
@@ -108,9 +111,7 @@ def make_app(landmarker, *, faces: str = 'all', info: str = ''):
   """The Flask app of the page: GET / (the page), POST /predict (multipart 'image', 'faces',
   'ambiguity') -> JSON {width, height, num_points, layout, faces: [FaceResult.to_dict()], picture:
   JPEG data URL, seconds}, or {error} with status 400."""
-  import time  # pylint: disable=import-outside-toplevel
-
-  import flask  # pylint: disable=import-outside-toplevel
+  import flask  # lazy: optional extra (the 'demo' extra)
 
   app = flask.Flask('star_jax.demo')
   app.config['MAX_CONTENT_LENGTH'] = MAX_UPLOAD_BYTES
@@ -179,14 +180,10 @@ def _demo(argv: list[str]) -> int:
     raise flags.Error(f'unexpected arguments: {" ".join(rest)}')
   command.require('checkpoint')
   try:
-    from werkzeug import serving  # pylint: disable=import-outside-toplevel
-    import flask  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    from werkzeug import serving  # lazy: optional extra (the 'demo' extra; Flask's server)
+    import flask  # noqa: F401  # lazy: optional extra (the 'demo' extra; checked before loading the model)
   except ImportError:
     raise cli.UserError("the demo needs Flask: pip install -e '.[demo]' (or pip install flask)") from None
-  import jax  # pylint: disable=import-outside-toplevel
-
-  from star_jax.inference import landmarker as landmarker_lib  # pylint: disable=import-outside-toplevel
-
   cli.setup_logging('error')
   try:
     landmarker = landmarker_lib.FaceLandmarker.from_checkpoint(

@@ -14,11 +14,10 @@ that won there. The official trainer scores the network and its EMA at every eva
 whichever has the lowest NME so far as best_model.pkl, whose `net` its tester evaluates; our trainer
 records the same choice with each evaluated checkpoint (README, "Relation to the official code").
 --step chooses a step ('best', 'latest' or a number; with a number the weights default to the ones
-that won that step's evaluation) and --weights the weights (model or ema; --use_ema / --nouse_ema
-are the same as --weights=ema / model). Workdirs trained before the official protocol rank by the
-EMA alone. For --pytorch the default is the `.pkl`'s `net`, what the official tester evaluates
-(--weights=ema: its `net_ema`). Reports say which step and weights were scored, how they were chosen
-and whether they are the best by the official protocol. The dataset comes from the config and can be changed from the command line, e.g.
+that won that step's evaluation) and --weights the weights (model or ema). For --pytorch the default
+is the `.pkl`'s `net`, what the official tester evaluates (--weights=ema: its `net_ema`). Reports say
+which step and weights were scored, how they were chosen and whether they are the best by the official
+protocol. The dataset comes from the config and can be changed from the command line, e.g.
 `--config.data.data_dir=~/tensorflow_datasets`, `--config.data.max_eval_examples=100`,
 `--config.eval_batch_size=16`.
 
@@ -52,6 +51,9 @@ from absl import flags
 import numpy as np
 
 from star_jax import cli
+from star_jax import metrics
+from star_jax.evaluation import temporal as temporal_lib
+from star_jax.layouts import get_layout
 
 
 def _flags(argv):
@@ -68,7 +70,6 @@ def _flags(argv):
   flags.DEFINE_enum('norm', None, ['ocular', 'pupil'],
                     "NME normalisation (default: the layout's: ocular for WFLW and 300W, pupil for COFW)",
                     flag_values=fv)
-  flags.DEFINE_bool('use_ema', None, 'the same as --weights=ema (--nouse_ema: --weights=model)', flag_values=fv)
   flags.DEFINE_string('output', None, "where the report goes (default '<checkpoint>_eval')", flag_values=fv)
   flags.DEFINE_bool('progress', True, 'show a progress bar', flag_values=fv)
   rest = command.parse()
@@ -80,22 +81,13 @@ def _flags(argv):
   return fv, command.config
 
 
-def weights_choice(weights: str | None, use_ema: bool | None) -> str | None:
-  """'model', 'ema' or None (the default) from --weights and the older --use_ema / --nouse_ema."""
-  from_use_ema = None if use_ema is None else ('ema' if use_ema else 'model')
-  if weights is not None and from_use_ema is not None and weights != from_use_ema:
-    raise cli.UserError(f'--weights={weights} and --{"" if use_ema else "no"}use_ema contradict each other: '
-                        'give one of them')
-  return weights or from_use_ema
-
-
 def _load(fv, config, tmp: str):
   """The model to evaluate: (LoadedModel, where it came from, what was read for the report: step, weights,
   best_by_protocol, chosen_by, best)."""
-  from star_jax import convert_pytorch  # pylint: disable=import-outside-toplevel
-  from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
+  from star_jax import checkpoints  # lazy: command start-up
+  from star_jax import convert_pytorch  # lazy: command start-up
 
-  weights = weights_choice(fv.weights, fv.use_ema)
+  weights = fv.weights
   if fv.pytorch:
     if fv.step is not None:
       raise cli.UserError('--step is for --checkpoint directories; an official .pkl holds one network')
@@ -137,16 +129,14 @@ def _load(fv, config, tmp: str):
 def _evaluate(argv: list[str]) -> int:
   fv, config = _flags(argv)
   cli.setup_logging('error')  # Orbax warns about harmless details of read-only restores
-  import jax  # pylint: disable=import-outside-toplevel  (after flag parsing: --help stays fast)
-
-  from star_jax import metrics  # pylint: disable=import-outside-toplevel
-  from star_jax.data import build  # pylint: disable=import-outside-toplevel
-  from star_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  from star_jax.evaluation import plots  # pylint: disable=import-outside-toplevel
-  from star_jax.evaluation import report  # pylint: disable=import-outside-toplevel
-  from star_jax.evaluation import scoring  # pylint: disable=import-outside-toplevel
-  from star_jax.evaluation import temporal as temporal_lib  # pylint: disable=import-outside-toplevel
-  from star_jax.layouts import get_layout  # pylint: disable=import-outside-toplevel
+  # The libraries load here, after cli.run's process set-up (which may re-execute the process) and the
+  # flags: they load once, and --help stays fast.
+  import jax  # lazy: command start-up
+  from star_jax.data import build  # lazy: command start-up
+  from star_jax.data import pipeline  # lazy: command start-up
+  from star_jax.evaluation import plots  # lazy: command start-up
+  from star_jax.evaluation import report  # lazy: command start-up
+  from star_jax.evaluation import scoring  # lazy: command start-up
 
   layout = get_layout(config.layout)
   norm = fv.norm or layout.default_norm

@@ -55,8 +55,14 @@ import tempfile
 from typing import Callable
 
 from absl import flags
+import jax
+import jax.numpy as jnp
 
+import star_jax
+from star_jax import checkpoints
 from star_jax import cli
+from star_jax import layouts
+from star_jax import models
 
 FORMATS = ('onnx', 'stablehlo')
 WEIGHTS = ('ema', 'model')
@@ -99,10 +105,6 @@ def inference_fn(model, decode: str = 'landmarks') -> Callable:
   It is the prediction function of every other path (`star_jax.models.make_predict_fn`), mapped to
   crop pixels.
   """
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel  (--help and errors stay fast)
-
-  from star_jax import models  # pylint: disable=import-outside-toplevel
-
   image_size = model.image_size
   graph, params, batch_stats = models.split(model)
   predict = models.make_predict_fn(graph, decode=decode, covariances=True)
@@ -127,8 +129,8 @@ def export_onnx(model, *, opset: int = DEFAULT_OPSET, metadata: dict | None = No
   forward ops, which jax2onnx converts; no separate inference path is needed.
   """
   try:
-    import jax2onnx  # pylint: disable=import-outside-toplevel
-    import onnx  # pylint: disable=import-outside-toplevel
+    import jax2onnx  # lazy: optional extra (the 'export' extra)
+    import onnx  # lazy: optional extra (the 'export' extra)
   except ImportError as e:
     raise ExportError(f'ONNX export needs the packages of the "export" extra '
                       f"(pip install 'star_jax[export]'): {e}") from None
@@ -172,9 +174,6 @@ def _quiet(*names):
 def export_stablehlo(model, *, platforms=DEFAULT_PLATFORMS, decode: str = 'landmarks'):
   """`jax.export.Exported` of `inference_fn(model)` for image (N, S, S, 3) with N symbolic, lowered
   for `platforms` (a JAX platform name or several; lowering needs no such device present)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
   s = model.image_size
   n, = jax.export.symbolic_shape('N')
   spec = jax.ShapeDtypeStruct((n, s, s, 3), jnp.float32)
@@ -183,8 +182,6 @@ def export_stablehlo(model, *, platforms=DEFAULT_PLATFORMS, decode: str = 'landm
 
 def load_stablehlo(path) -> Callable:
   """Reads a --format stablehlo file; returns `fn(image) -> (landmarks, covariances)` (JAX arrays)."""
-  import jax  # pylint: disable=import-outside-toplevel
-
   exported = jax.export.deserialize(bytearray(pathlib.Path(path).read_bytes()))
   return exported.call
 
@@ -217,24 +214,6 @@ def _atomic_output(output: pathlib.Path):
     raise
 
 
-def _float32(model, config):
-  """The model computing in float32 (same weights): a bfloat16 export would not run on every
-  runtime (onnxruntime has no bfloat16 CPU convolutions), and the contract promises float32."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-
-  from star_jax import models  # pylint: disable=import-outside-toplevel
-
-  if model.dtype == jnp.float32:
-    return model
-  config = config.copy_and_resolve_references()
-  config.model.dtype = 'float32'
-  float32 = models.create_model(config, nnx.Rngs(0))
-  nnx.update(float32, nnx.state(model))   # parameters and statistics are float32 in any case
-  float32.eval()
-  return float32
-
-
 def export_checkpoint(checkpoint, output, *, fmt: str = 'onnx', weights: str = 'ema',
                       step: int | None = None, opset: int = DEFAULT_OPSET,
                       platforms=DEFAULT_PLATFORMS) -> dict:
@@ -251,22 +230,20 @@ def export_checkpoint(checkpoint, output, *, fmt: str = 'onnx', weights: str = '
     raise ExportError(f'checkpoint directory {str(checkpoint)!r} does not exist')
   output = pathlib.Path(output)
   with _atomic_output(output) as handle:
-    from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
-
     try:
       loaded = checkpoints.load_model(checkpoint, step=step, weights=None if weights == 'ema' else 'model')
     except (FileNotFoundError, ValueError) as e:
       raise ExportError(f'cannot load the checkpoint {str(checkpoint)!r}: {e}') from None
     config, directory, used = loaded.config, loaded.directory, loaded.weights
     decode = config.model.get('decode', 'landmarks')
-    model = _float32(loaded.model, config)
-    from star_jax import layouts  # pylint: disable=import-outside-toplevel
+    # float32 whatever the checkpoint trained in: a bfloat16 export would not run on every runtime
+    # (onnxruntime has no bfloat16 CPU convolutions), and the contract promises float32.
+    model = models.float32_model(loaded.model, config)
     # The layout's name; a layout from a file (your own points) also travels as its JSON text.
     layout_name, spec = layouts.get_layout(config.layout).name, layouts.portable(config.layout)
     summary = {'format': fmt, 'output': str(output), 'weights': used, 'layout': layout_name,
                'image_size': model.image_size, 'num_points': model.num_points}
     if fmt == 'onnx':
-      import star_jax  # pylint: disable=import-outside-toplevel
       # What a JAX-free reader (star_jax.inference.onnx_model) needs besides image_size and
       # num_points: the layout, and for its records the weights, step and origin.
       metadata = {'layout': layout_name, 'weights': used, 'checkpoint': str(directory),

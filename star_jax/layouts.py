@@ -247,7 +247,7 @@ def read_layout_file(path) -> Layout:
     data = _parse_json(text, str(path))
   else:
     try:
-      import yaml  # pylint: disable=import-outside-toplevel
+      import yaml  # lazy: optional extra (PyYAML, for .yaml layout files: not in the JAX-free install)
     except ImportError:
       raise ValueError(f'{path}: reading YAML layout files needs PyYAML (pip install pyyaml); or write '
                        'the layout as .json') from None

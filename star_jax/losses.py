@@ -22,9 +22,13 @@ from star_jax.models.decoding import heatmap_moments
 
 # Official SmoothL1Loss switches from quadratic to linear at this distance (lib/loss/smoothL1Loss.py).
 SMOOTH_L1_SCALE = 0.01
-# A 2x2 covariance whose eigenvalue gap is below this fraction of its mean eigenvalue is isotropic up
-# to float32 rounding: its eigenvectors are noise, so `eigh_2x2` pins them (see there).
-_ISOTROPIC_RTOL = 1e-5
+# A float32 2x2 covariance whose eigenvalue gap is below this fraction of its mean eigenvalue (about 84
+# epsilons) is isotropic up to the rounding of its computation: its eigenvectors are noise, so
+# `eigh_2x2` pins them (see there). Other dtypes: the same number of their epsilons (float64: 1.9e-14).
+_ISOTROPIC_RTOL_FLOAT32 = 1e-5
+# STAR's eigenvectors of isotropic covariances: 'pin' (the default, above) or 'official' (as LAPACK
+# returns them: never pinned, except where the gap is exactly zero).
+ISOTROPIC = ('pin', 'official')
 
 # Official WingLoss (lib/loss/wingLoss.py): logarithmic below OMEGA, linear above.
 WING_OMEGA = 0.01
@@ -38,8 +42,19 @@ LANDMARK_LOSSES = ('star', 'star_v1', 'l1', 'l2', 'smoothl1', 'none')
 # Closed-form eigendecomposition of symmetric 2x2 matrices
 # ------------------------------------------------------------------------------------------------
 
-@jax.custom_jvp
-def eigh_2x2(cov: jnp.ndarray):
+def isotropic_rtol(dtype, isotropic: str = 'pin') -> float:
+  """The relative eigenvalue gap below which `eigh_2x2` pins eigenvectors, for covariances of `dtype`:
+  1e-5 in float32, 1.9e-14 in float64 (`_ISOTROPIC_RTOL_FLOAT32`, in epsilons); 0 for isotropic='official'."""
+  if isotropic not in ISOTROPIC:
+    raise ValueError(f'isotropic must be one of {ISOTROPIC}, got {isotropic!r}')
+  if isotropic == 'official':
+    return 0.0
+  eps = jnp.finfo(jnp.promote_types(dtype, jnp.float32)).eps
+  return _ISOTROPIC_RTOL_FLOAT32 * float(eps / jnp.finfo(jnp.float32).eps)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def eigh_2x2(cov: jnp.ndarray, rtol: float | None = None):
   """Eigendecomposition of symmetric 2x2 matrices, closed form and differentiable everywhere.
 
   For [[a, b], [b, c]] with m = (a + c) / 2, d = (a - c) / 2 and r = sqrt(d^2 + b^2) the eigenvalues
@@ -50,8 +65,11 @@ def eigh_2x2(cov: jnp.ndarray):
   Replaces the official per-step copy of every covariance to the CPU for LAPACK `eigh`. Unlike
   LAPACK-based `eigh` its gradient stays finite for equal eigenvalues: when the gap r is (numerically)
   zero the eigenvectors are pinned to the coordinate axes with zero derivative (what LAPACK returns for
-  an isotropic matrix too). "Numerically zero" is relative: a gap below 1e-5 of the mean eigenvalue, a
-  few times float32 noise.
+  an isotropic matrix too). "Numerically zero" is relative: a half-gap r at most `rtol` times the mean
+  eigenvalue; by default (None) `isotropic_rtol(cov.dtype)`, 1e-5 in float32 and 1.9e-14 in float64,
+  about 84 epsilons (the covariance's own rounding). rtol=0 pins only an exactly zero gap, where
+  LAPACK's gradient is infinite or NaN; elsewhere its eigenvectors and their derivatives are LAPACK's
+  (up to sign), however ill-conditioned.
 
   Derivatives are the analytic ones (a custom JVP): r' = (d d' + b b') / r and, for the eigenvector
   angle t, t' = (d b' - b d') / (2 r^2). Autodiff through the formula above would take the difference
@@ -59,40 +77,66 @@ def eigh_2x2(cov: jnp.ndarray):
 
   Args:
     cov: (..., 2, 2) symmetric (only cov[..., 0, 1] is read off the diagonal).
+    rtol: see above (a static float).
   Returns:
     evalues (..., 2) in ascending order, as `jnp.linalg.eigh`;
     evectors (..., 2, 2) whose COLUMNS are the unit eigenvectors: cov @ evectors = evectors * evalues.
     Their signs are arbitrary; callers must index columns, not rows.
   """
-  mean, d, b, r, anisotropic = _eigh_2x2_parts(cov)
+  mean, d, b, r, anisotropic = _eigh_2x2_parts(cov, rtol)
   big = r + jnp.abs(d)                      # >= r: the well-conditioned component
-  inv_norm = 1.0 / jnp.where(anisotropic, jnp.sqrt(jnp.where(anisotropic, 2.0 * r * big, 1.0)), 1.0)
-  major_x = jnp.where(anisotropic, jnp.where(d >= 0, big, b) * inv_norm, 1.0)
-  major_y = jnp.where(anisotropic, jnp.where(d >= 0, b, big) * inv_norm, 0.0)
-  evalues = jnp.stack([mean - r, mean + r], axis=-1)
+  # The major eigenvector's direction, then normalised by its own length (scaled to at most 1 first):
+  # unit even where r is at the rounding of the covariance (rtol 0), where XLA may compute r and d in
+  # separate fusions that round differently, so that sqrt(2 r big) would not be its length.
+  vx, vy = jnp.where(d >= 0, big, b), jnp.where(d >= 0, b, big)
+  scale = jnp.where(anisotropic, jnp.maximum(jnp.abs(vx), jnp.abs(vy)), 1.0)
+  vx, vy = vx / scale, vy / scale
+  inv_norm = 1.0 / jnp.sqrt(jnp.where(anisotropic, vx * vx + vy * vy, 1.0))
+  major_x = jnp.where(anisotropic, vx * inv_norm, 1.0)
+  major_y = jnp.where(anisotropic, vy * inv_norm, 0.0)
+  evalues = _eigenvalues_2x2(cov, mean, r)
   minor = jnp.stack([-major_y, major_x], axis=-1)   # eigenvector of mean - r
   major = jnp.stack([major_x, major_y], axis=-1)    # eigenvector of mean + r
   evectors = jnp.stack([minor, major], axis=-1)     # columns
   return evalues, evectors
 
 
-def _eigh_2x2_parts(cov):
+def _eigenvalues_2x2(cov, mean, r):
+  """(..., 2) ascending eigenvalues of symmetric 2x2 matrices, as LAPACK's dlae2 computes them: the one
+  of larger magnitude as mean +- r, the other as the determinant divided by it. m - r would cancel for
+  a nearly singular matrix (a map on one row or line: its small eigenvalue is 0 up to rounding, whose
+  sign matters to the restriction's |eigenvalue|); the determinant form keeps it at its relative
+  accuracy, and exactly 0 where LAPACK gives 0."""
+  a, b, c = cov[..., 0, 0], cov[..., 0, 1], cov[..., 1, 1]
+  positive = mean >= 0
+  large = jnp.where(positive, mean + r, mean - r)
+  nonzero = large != 0
+  safe = jnp.where(nonzero, large, 1.0)
+  a_larger = jnp.abs(a) > jnp.abs(c)
+  acmx, acmn = jnp.where(a_larger, a, c), jnp.where(a_larger, c, a)
+  small = jnp.where(nonzero, (acmx / safe) * acmn - (b / safe) * b, 0.0)
+  return jnp.stack([jnp.where(positive, small, large), jnp.where(positive, large, small)], axis=-1)
+
+
+def _eigh_2x2_parts(cov, rtol):
   """(m, d, b, r, anisotropic) of symmetric 2x2 matrices [[m + d, b], [b, m - d]], r = sqrt(d^2 + b^2)."""
   a, b, c = cov[..., 0, 0], cov[..., 0, 1], cov[..., 1, 1]
   d = 0.5 * (a - c)
   mean = 0.5 * (a + c)
   r = jnp.sqrt(d * d + b * b)
+  if rtol is None:
+    rtol = isotropic_rtol(cov.dtype)
   # Eigenvectors of a (numerically) isotropic matrix are arbitrary and their derivative ~ 1 / r would
   # only amplify rounding noise: there they are the axes, with zero derivative. The relative test also
   # covers the all-zero matrix (r = m = 0).
-  return mean, d, b, r, r > _ISOTROPIC_RTOL * jnp.abs(mean)
+  return mean, d, b, r, r > rtol * jnp.abs(mean)
 
 
 @eigh_2x2.defjvp
-def _eigh_2x2_jvp(primals, tangents):
+def _eigh_2x2_jvp(rtol, primals, tangents):
   (cov,), (cov_dot,) = primals, tangents
-  evalues, evectors = eigh_2x2(cov)
-  _, d, b, r, anisotropic = _eigh_2x2_parts(cov)
+  evalues, evectors = eigh_2x2(cov, rtol)
+  _, d, b, r, anisotropic = _eigh_2x2_parts(cov, rtol)
   d_dot = 0.5 * (cov_dot[..., 0, 0] - cov_dot[..., 1, 1])
   m_dot = 0.5 * (cov_dot[..., 0, 0] + cov_dot[..., 1, 1])
   b_dot = cov_dot[..., 0, 1]       # the primal reads only the upper off-diagonal entry
@@ -132,12 +176,33 @@ def wing(delta2: jnp.ndarray, omega: float = WING_OMEGA, epsilon: float = WING_E
   return jnp.where(delta < omega, omega * jnp.log1p(delta / epsilon), delta - c)
 
 
+def abs_official(x: jnp.ndarray) -> jnp.ndarray:
+  """|x| with derivative sign(x), 0 at x = 0, as PyTorch's abs and F.l1_loss differentiate it (jnp.abs's
+  derivative at 0 is 1): for a zero error under 'l1', an eigenvalue exactly 0 in the restriction."""
+  return x * jnp.sign(x)
+
+
+def eigenvalue_restriction(evalues: jnp.ndarray) -> jnp.ndarray:
+  """STAR's restriction |evalue_0| + |evalue_1|: (..., 2) -> (...).
+
+  |e| has a kink at 0, where a singular covariance (a map on one row, one line, one pixel) puts its
+  small eigenvalue; computed, that eigenvalue is 0 or +-1e-17, by the covariance's rounding, and the
+  derivative sign(e) follows the rounding (the official code's LAPACK eigenvalue is exactly 0 on such
+  maps, and PyTorch's abs has derivative 0 at 0). So an eigenvalue within the rounding of zero, |e| at
+  most `isotropic_rtol` (about 84 epsilons) of the larger |e|, gets the derivative 0; its value is kept.
+  """
+  size = abs_official(evalues)
+  rtol = isotropic_rtol(evalues.dtype)
+  zero = size <= rtol * jax.lax.stop_gradient(size.max(-1, keepdims=True))
+  return jnp.where(zero, jax.lax.stop_gradient(size), size).sum(-1)
+
+
 def _scalar_distance(x: jnp.ndarray, dist: str) -> jnp.ndarray:
   """Distance of scalar errors `x` from 0, elementwise: smooth-L1, |x|, x^2 or Wing."""
   if dist == 'smoothl1':
     return smooth_l1(jnp.square(x))
   if dist == 'l1':
-    return jnp.abs(x)
+    return abs_official(x)
   if dist == 'l2':
     return jnp.square(x)
   if dist == 'wing':
@@ -149,13 +214,13 @@ def _scalar_distance(x: jnp.ndarray, dist: str) -> jnp.ndarray:
 # STAR losses
 # ------------------------------------------------------------------------------------------------
 
-def _decompose(heatmaps, targets, eps, eig_clamp):
+def _decompose(heatmaps, targets, eps, eig_clamp, isotropic):
   check_heatmaps(heatmaps)
   if targets.shape != (heatmaps.shape[0], heatmaps.shape[3], 2):
     raise ValueError(f'targets must be (batch, points, 2) = {(heatmaps.shape[0], heatmaps.shape[3], 2)} '
                      f'for heatmaps of shape {heatmaps.shape}, got {targets.shape}')
   means, cov = heatmap_moments(heatmaps, eps)
-  evalues, evectors = eigh_2x2(cov)
+  evalues, evectors = eigh_2x2(cov, isotropic_rtol(cov.dtype, isotropic))
   if eig_clamp > 0:
     # Not in the official code. For non-negative maps the covariance is positive semi-definite, but
     # negative map values (e.g. a head without the final ReLU) can make an eigenvalue < -eps, and then
@@ -179,10 +244,10 @@ def star_terms(error, evalues, evectors, *, w=1.0, dist='smoothl1', eps=1e-5):
   # so the eigenvectors' signs do not matter.
   proj = jnp.einsum('...i,...ik->...k', error, evectors)
   scaled = _scalar_distance(proj, dist) / jnp.sqrt(evalues + eps)
-  return scaled.sum(-1) + w * jnp.abs(evalues).sum(-1)
+  return scaled.sum(-1) + w * eigenvalue_restriction(evalues)
 
 
-def star_loss(heatmaps, targets, *, w=1.0, dist='smoothl1', eps=1e-5, eig_clamp=0.0):
+def star_loss(heatmaps, targets, *, w=1.0, dist='smoothl1', eps=1e-5, eig_clamp=0.0, isotropic='pin'):
   """STAR loss, the official STARLoss_v2 (lib/loss/starLoss_v2.py).
 
   Each map is normalised to a distribution; its mean is the prediction and its covariance the
@@ -199,14 +264,17 @@ def star_loss(heatmaps, targets, *, w=1.0, dist='smoothl1', eps=1e-5, eig_clamp=
       calls WingLoss with `reduction=`; here it is the Wing distance of each projected error.)
     eps: added to the eigenvalues under the square root, and to the covariance's V1 and V2.
     eig_clamp: > 0 clamps eigenvalues to at least this (not in the official code; off by default).
+    isotropic: 'pin' (default) takes the eigenvectors of a numerically isotropic covariance (relative
+      eigenvalue gap below ~84 epsilons of the compute dtype) to be the axes, with a finite gradient;
+      'official' takes them from the matrix whatever its gap, as LAPACK does (`eigh_2x2`).
   Returns:
     scalar, the mean over batch and points (float32, also for bfloat16 maps).
   """
-  error, evalues, evectors = _decompose(heatmaps, targets, eps, eig_clamp)
+  error, evalues, evectors = _decompose(heatmaps, targets, eps, eig_clamp, isotropic)
   return star_terms(error, evalues, evectors, w=w, dist=dist, eps=eps).mean()
 
 
-def star_loss_v1(heatmaps, targets, *, w=1.0, dist='smoothl1', eps=1e-5, eig_clamp=0.0):
+def star_loss_v1(heatmaps, targets, *, w=1.0, dist='smoothl1', eps=1e-5, eig_clamp=0.0, isotropic='pin'):
   """The older STAR loss, the official STARLoss (lib/loss/starLoss.py).
 
   Differs from `star_loss` in where the distance is taken: the error is rotated into the eigenbasis
@@ -215,7 +283,7 @@ def star_loss_v1(heatmaps, targets, *, w=1.0, dist='smoothl1', eps=1e-5, eig_cla
   points, and for 'l1' / 'l2' also over the two components). Plus w times the mean of |evalue_0| + |evalue_1|.
   Same arguments and shapes as `star_loss`.
   """
-  error, evalues, evectors = _decompose(heatmaps, targets, eps, eig_clamp)
+  error, evalues, evectors = _decompose(heatmaps, targets, eps, eig_clamp, isotropic)
   # Columns again (the official code takes rows; equal for LAPACK's symmetric 2x2 eigenvectors).
   scaled = jnp.einsum('...i,...ik->...k', error, evectors) / jnp.sqrt(evalues + eps)   # (B, N, 2)
   if dist == 'smoothl1':
@@ -224,7 +292,7 @@ def star_loss_v1(heatmaps, targets, *, w=1.0, dist='smoothl1', eps=1e-5, eig_cla
     trans = wing(jnp.square(scaled).sum(-1)).mean()
   else:
     trans = _scalar_distance(scaled, dist).mean()
-  return trans + w * jnp.abs(evalues).sum(-1).mean()
+  return trans + w * eigenvalue_restriction(evalues).mean()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,7 +390,7 @@ def smooth_l1_loss(pred, target, scale=SMOOTH_L1_SCALE):
 
 def l1_loss(pred, target):
   """F.l1_loss (the official loss_func 'l1'): mean absolute error over every coordinate of (B, N, 2)."""
-  return jnp.abs(pred - target).mean()
+  return abs_official(pred - target).mean()
 
 
 def mse_loss(pred, target):
@@ -340,7 +408,8 @@ def _landmark_loss(stack_out: Mapping[str, Any], gt_landmarks, loss_cfg):
     # As the official compute_loss: STAR sees the fusion heatmaps (heatmaps x AAM mask).
     fn = star_loss if kind == 'star' else star_loss_v1
     return fn(stack_out['fusion_heatmaps'], gt_landmarks, w=loss_cfg.star_w, dist=loss_cfg.star_dist,
-              eps=loss_cfg.star_eps, eig_clamp=loss_cfg.eig_clamp)
+              eps=loss_cfg.star_eps, eig_clamp=loss_cfg.eig_clamp,
+              isotropic=loss_cfg.get('star_isotropic', 'pin'))
   if kind == 'l1':
     return l1_loss(stack_out['landmarks'], gt_landmarks)
   if kind == 'l2':
@@ -361,7 +430,8 @@ def multistack_loss(outputs: Sequence[Mapping[str, Any]], batch: Mapping[str, An
     outputs: one dict per stack with 'landmarks' (B, N, 2), 'fusion_heatmaps' (B, h, w, N) and, with
       AAM, 'pointmaps' (B, h, w, N) and 'edgemaps' (B, h, w, E).
     batch: 'landmarks' (B, N, 2) in [-1, 1]; 'pointmaps' / 'edgemaps' targets when AAM is on.
-    loss_cfg: configs/base.py's `c.loss` (kind, star_w, star_dist, star_eps, eig_clamp, weights).
+    loss_cfg: configs/base.py's `c.loss` (kind, star_w, star_dist, star_eps, eig_clamp, star_isotropic,
+      weights).
       kind 'none' drops the landmark term (AWing-only baseline).
   Returns:
     (total scalar, metrics) with metrics 'loss' (the total) and per stack i the unweighted terms

@@ -55,9 +55,12 @@ from typing import Callable, Sequence
 
 from absl import flags
 import cv2
+import tqdm
 
 from star_jax import cli
 from star_jax.inference import face_detect
+from star_jax.inference import landmarker as landmarker_lib
+from star_jax.inference import video
 # Part of this module's interface (the library's since the Python API).
 from star_jax.inference.landmarker import IMAGE_EXTENSIONS, read_image  # noqa: F401
 
@@ -123,7 +126,6 @@ def _flags(argv):
                       flag_values=fv)
   flags.DEFINE_enum('weights', None, ['model', 'ema'], "the weights (default: those that won the step's "
                     "evaluation; for an official .pkl its net, i.e. model; ema: its net_ema)", flag_values=fv)
-  flags.DEFINE_bool('use_ema', None, 'the same as --weights=ema (--nouse_ema: --weights=model)', flag_values=fv)
   flags.DEFINE_string('config', None, 'for an official .pkl checkpoint only: wflw, 300w, cofw or a config file '
                       '(default: by its number of points, 98 wflw, 68 300w, 29 cofw)', flag_values=fv)
   flags.DEFINE_bool('video', False, 'treat every folder given as the frames of one video (in the natural '
@@ -143,7 +145,7 @@ def _flags(argv):
     raise flags.Error('give --checkpoint (a checkpoint) or --model (an exported ONNX file), one of them')
   command.require('output')
   if fv.model is not None:
-    ignored = [f'--{n}' for n in ('step', 'use_ema', 'weights', 'config') if fv[n].present]
+    ignored = [f'--{n}' for n in ('step', 'weights', 'config') if fv[n].present]
     if ignored:
       raise flags.Error(f'{", ".join(ignored)}: for --checkpoint only; an ONNX model holds the weights it was '
                         'exported with')
@@ -160,9 +162,7 @@ def _flags(argv):
 
 def load_landmarker(fv, box, **options):
   """The command's FaceLandmarker (star_jax.FaceLandmarker) from --checkpoint, --config, --step,
-  --use_ema (or --model) and the detector flags; a cli.UserError for what the user can fix."""
-  from star_jax.inference import landmarker as landmarker_lib  # pylint: disable=import-outside-toplevel
-
+  --weights (or --model) and the detector flags; a cli.UserError for what the user can fix."""
   onnx = fv.model is not None or pathlib.Path(fv.checkpoint).suffix.lower() == '.onnx'
   if onnx:
     path = pathlib.Path(fv.model if fv.model is not None else fv.checkpoint)
@@ -187,13 +187,12 @@ def load_landmarker(fv, box, **options):
       return landmarker_lib.FaceLandmarker.from_onnx(path, **common)
     except (FileNotFoundError, ValueError, ImportError) as e:
       raise cli.UserError(f'cannot run the ONNX model: {e}') from None
-  from star_jax.evaluate import weights_choice  # pylint: disable=import-outside-toplevel  (JAX: not for --model)
-  from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
+  from star_jax.checkpoints import selection  # lazy: JAX-free ONNX path (the checkpoints need JAX)
 
-  weights = weights_choice(fv.weights, fv.use_ema)
+  weights = fv.weights
   if path.is_dir():
     try:
-      step = checkpoints.parse_step(fv.step if fv.step is not None else 'best')
+      step = selection.parse_step(fv.step if fv.step is not None else 'best')
     except ValueError as e:
       raise cli.UserError(f'--step: {e}') from None
     kwargs = {'step': step, 'weights': weights}
@@ -217,14 +216,10 @@ def _selection(landmarker) -> dict:
 def _predict(argv: list[str]) -> int:
   """Returns the exit status: 0 when at least one input was written, 1 when none was."""
   fv, inputs, box = _flags(argv)
-  import tqdm  # pylint: disable=import-outside-toplevel
-
   cli.setup_logging('error')  # Orbax logs harmless warnings about read-only restores
 
   def warn(message: str):
     tqdm.tqdm.write(f'warning: {message}', file=sys.stderr)
-
-  from star_jax.inference import video  # pylint: disable=import-outside-toplevel
 
   videos, photo_inputs = video.split_inputs(inputs, fv.video)
   paths = collect_images(photo_inputs, warn) if photo_inputs else []
@@ -257,8 +252,6 @@ def _predict(argv: list[str]) -> int:
 
 def _predict_photos(fv, box, landmarker, paths, out_dir, warn) -> int:
   """Writes each photo's picture and JSON; returns the number of photos written."""
-  import tqdm  # pylint: disable=import-outside-toplevel
-
   stems = output_stems(paths)
   written, faces_written, skipped = 0, 0, []
 

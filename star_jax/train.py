@@ -18,8 +18,11 @@ import pathlib
 import shlex
 
 from absl import flags
+import cv2
 
 from star_jax import cli
+from star_jax import layouts
+from star_jax.data import synthetic
 
 DEFAULT_CONFIG = 'configs/synthetic.py'
 
@@ -42,29 +45,28 @@ def _train(argv: list[str]) -> int:
   if rest:
     raise flags.Error(f'unexpected arguments: {" ".join(rest)}')
 
-  import jax  # pylint: disable=import-outside-toplevel  (after flag parsing: --help stays fast)
+  # The libraries load here, after cli.run's process set-up (which may re-execute the process) and the
+  # flags: they load once, and --help stays fast.
+  import jax  # lazy: command start-up
+  from star_jax.checkpoints import selection  # lazy: command start-up
+  from star_jax.training import loop  # lazy: command start-up
+
   if fv.cpu_collectives:
     jax.config.update('jax_cpu_collectives_implementation', fv.cpu_collectives)
   if fv.coordinator:
     jax.distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id)
   elif fv.distributed:
     jax.distributed.initialize()
-  # pylint: disable=import-outside-toplevel
-  from star_jax.data.annotations import AnnotationError
-  from star_jax.data.pipeline import BadRecordError
-  from star_jax.training import checkpoints
-  from star_jax.training import loop
-  from star_jax.training import workdir
-  # pylint: enable=import-outside-toplevel
   cli.setup_logging()
   try:
     final = loop.train_and_evaluate(command.config, fv.workdir, allow_config_change=fv.allow_config_change)
-  except (workdir.WorkdirError, checkpoints.CheckpointError, checkpoints.InitFromError, loop.NonFiniteLossError,
-          BadRecordError, AnnotationError, FileNotFoundError) as e:
+  except loop.USER_ERRORS as e:
     # Problems the user can act on: one message, no traceback (the log above says what happened).
     raise cli.UserError(str(e)) from None
   if jax.process_index() == 0:
-    print(last_word(command.config, fv.workdir, final, argv), flush=True)
+    # Evaluations of earlier invocations (a resumed or already complete run) are ranked too.
+    best = (final or {}).get('best') or _asdict(selection.best_checkpoint(fv.workdir))
+    print(last_word(command.config, fv.workdir, final, best, argv), flush=True)
   return 0
 
 
@@ -85,10 +87,6 @@ def _config_args(argv: list[str]) -> list[str]:
 
 def write_samples(config, folder: pathlib.Path, count: int = 4) -> list[pathlib.Path]:
   """A few synthetic test faces as JPEG files (for the printed predict command to run on)."""
-  import cv2  # pylint: disable=import-outside-toplevel
-
-  from star_jax.data import synthetic  # pylint: disable=import-outside-toplevel
-
   folder.mkdir(parents=True, exist_ok=True)
   paths = []
   for i in range(count):
@@ -99,12 +97,15 @@ def write_samples(config, folder: pathlib.Path, count: int = 4) -> list[pathlib.
   return paths
 
 
-def last_word(config, workdir: str, final: dict, argv: list[str]) -> str:
-  """What the run ends with: its result (NME / FR / AUC of the final and the EMA weights, when it
-  evaluated) and the exact commands to evaluate it and to predict with it. For the synthetic faces
-  it also writes a few test faces to <workdir>/samples, for the predict command to run on."""
-  from star_jax import layouts  # pylint: disable=import-outside-toplevel
+def _asdict(best) -> dict | None:
+  return dataclasses.asdict(best) if best is not None else None
 
+
+def last_word(config, workdir: str, final: dict, best: dict | None, argv: list[str]) -> str:
+  """What the run ends with: its result (NME / FR / AUC of the final and the EMA weights, when it
+  evaluated), its best checkpoint (`best`: checkpoints.Best as a dict, or None) and the exact commands
+  to evaluate it and to predict with it. For the synthetic faces it also writes a few test faces to
+  <workdir>/samples, for the predict command to run on."""
   workdir_path = pathlib.Path(workdir).absolute()
   quote = lambda parts: ' '.join(shlex.quote(str(p)) for p in parts)  # noqa: E731
   layout = layouts.get_layout(config.layout)
@@ -119,15 +120,8 @@ def last_word(config, workdir: str, final: dict, argv: list[str]) -> str:
                      f'{final[f"{name}/auc"]:7.3f}')
   else:
     lines.append('(no evaluation in this invocation: it stopped before the end, or the run was already complete)')
-  best = final.get('best') if final else None
-  if best is None:
-    # Evaluations of earlier invocations (a resumed or already complete run) are ranked too.
-    from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
-    found = checkpoints.best_checkpoint(workdir_path)
-    best = dataclasses.asdict(found) if found is not None else None
   if best:
-    rule = ('the official model selection: the lower NME of the weights and their EMA at each evaluation'
-            if best['rule'] == 'official' else f'model selection: {best["rule"]}')
+    rule = 'the official model selection: the lower NME of the weights and their EMA at each evaluation'
     lines.append(f'best checkpoint ({rule}): step {best["step"]}, {best["weights"]} weights, NME '
                  f'{100 * best["nme"]:.2f}%; evaluate and predict use it by default (--step, --weights to choose)')
   lines.append('next:')

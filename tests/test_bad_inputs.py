@@ -23,7 +23,7 @@ from conftest import DATA, REPO, TINY_CONFIG, load_config
 from star_jax import convert_pytorch, evaluate, predict
 from star_jax.data import build, crop, pipeline
 from star_jax.data.annotations import AnnotationError
-from star_jax.training import checkpoints
+from star_jax import checkpoints
 from star_jax_datasets.cofw import fake_data as cofw_fake
 from star_jax_datasets.wflw import fake_data as wflw_fake
 from star_jax_datasets.wflw import wflw_dataset_builder as wflw
@@ -89,7 +89,7 @@ def test_truncated_checkpoint_is_named_by_evaluate_and_predict(checkpoint, tmp_p
 
 _READ_BROKEN = '''
 import gc, sys, time
-from star_jax.training import checkpoints
+from star_jax import checkpoints
 for _ in range(int(sys.argv[2])):
   try:
     checkpoints.load_model(sys.argv[1], step=5)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 
 import benchmarks
@@ -60,7 +61,7 @@ def test_bad_repeats_is_refused_before_any_work(tmp_path):
   assert not (tmp_path / 'rows.json').exists()
 
 
-@pytest.mark.parametrize('section', ['loss', 'model', 'data', 'train', 'eval', 'export', 'video', 'infer'])
+@pytest.mark.parametrize('section', ['loss', 'model', 'data', 'train', 'eval', 'export', 'video', 'infer', 'fidelity'])
 def test_every_section_binds_the_globals_its_run_uses(section):
   """The heavy sections are not run here (seconds to minutes per call): check instead that every
   global name `run` (and the functions and lambdas inside it) loads is bound, which catches a missing
@@ -102,3 +103,40 @@ def test_infer_section_small_runs_every_engine_in_turns(tmp_path):
   assert 1 < flops['value'] < 10 and flops['unit'] == 'GFLOP'
   assert rows['matmul f32 512^3 jax']['value'] > 0
   assert 'onnx int8 over onnx f32, network b8' in rows
+
+
+# ---- The fidelity section (its runs take minutes: its pieces here) ------------------------------------
+
+def test_fidelity_section_without_the_official_code_says_so():
+  from benchmarks import fidelity  # pylint: disable=import-outside-toplevel
+  (row,) = fidelity.run(types.SimpleNamespace(official='', official_python=''))
+  assert row['name'].startswith('skipped') and '--official' in row['name']
+
+
+def test_fidelity_batches_visit_every_face_once_per_epoch():
+  from benchmarks import fidelity  # pylint: disable=import-outside-toplevel
+  order = fidelity.batch_order(0)
+  assert order.shape == (fidelity.STEPS, fidelity.BATCH)
+  flat = order.ravel()
+  epoch = fidelity.TRAIN_FACES
+  assert sorted(flat[:epoch]) == list(range(epoch)) and sorted(flat[epoch:2 * epoch]) == list(range(epoch))
+  np.testing.assert_array_equal(fidelity.batch_order(0), order)          # the same batches for every run
+  assert not np.array_equal(fidelity.batch_order(1), order)              # another data order
+
+
+def test_fidelity_plot_draws_the_curves_and_refuses_other_rows(tmp_path):
+  rng = np.random.default_rng(0)
+  rows = [{'section': 'fidelity', 'name': f'{name}: final loss', 'value': 1.0, 'unit': 'loss', 'notes': '',
+           'curve': (100 * np.exp(-np.arange(200) / 80) + rng.normal(0, 1, 200)).tolist()}
+          for name in ('official', 'official_threads', 'ours')]
+  good, bad = tmp_path / 'good.json', tmp_path / 'bad.json'
+  good.write_text(json.dumps({'rows': rows}))
+  bad.write_text(json.dumps({'rows': [dict(rows[0], section='loss')]}))
+  script = [sys.executable, str(REPO / 'scripts' / 'fidelity_plot.py')]
+  proc = subprocess.run(script + ['--json', str(good), '--output', str(tmp_path / 'curves.png')],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert (tmp_path / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  proc = subprocess.run(script + ['--json', str(bad), '--output', str(tmp_path / 'no.png')],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1 and 'no fidelity rows' in proc.stderr and not (tmp_path / 'no.png').exists()

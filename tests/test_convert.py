@@ -25,7 +25,7 @@ from flax import nnx
 
 from conftest import DATA, REPO, load_config
 from star_jax import convert_pytorch, layouts
-from star_jax.training import checkpoints
+from star_jax import checkpoints
 from star_jax.models import create_model
 
 TINY_FLAGS = ['--config.model.channels=32', '--config.model.nstack=4', '--config.data.image_size=64']

@@ -30,7 +30,7 @@ def checkpoint(tmp_path_factory):
   import jax
   from flax import nnx
   from star_jax import models
-  from star_jax.training import checkpoints
+  from star_jax import checkpoints
 
   config = _config('synthetic')
   model = models.create_model(config, nnx.Rngs(0))
@@ -96,13 +96,13 @@ def test_evaluate_predictions_are_the_networks_on_the_official_crop(checkpoint, 
   # Redo image 3 by hand: the record's crop, the network (EMA weights), and back to image pixels.
   from star_jax import models
   from star_jax.data import build
-  from star_jax.training import checkpoints
+  from star_jax import checkpoints
   from star_jax.data import transforms
   import ml_collections
 
   out = tmp_path / 'report'
   assert _run(f'--checkpoint={checkpoint}', f'--config.data.data_dir={tfds_dir}', f'--output={out}',
-              '--noprogress', '--config.data.max_eval_examples=4', '--nouse_ema') == 0
+              '--noprogress', '--config.data.max_eval_examples=4', '--weights=model') == 0
   images = json.loads((out / 'predictions.json').read_text())['images']
   assert len(images) == 4 and json.loads((out / 'metrics.json').read_text())['info']['weights'] == 'model'
   source = build.load_source(ml_collections.ConfigDict(
@@ -238,7 +238,7 @@ def test_evaluate_300vw_per_category_and_per_video(vw_data, tmp_path):
   from star_jax import models
   from star_jax.evaluation import temporal
   from star_jax.layouts import W300VW
-  from star_jax.training import checkpoints
+  from star_jax import checkpoints
 
   data_dir, videos = vw_data
   # A 300W model (here untrained) runs under the 300VW config: the same points.

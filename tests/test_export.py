@@ -1,6 +1,6 @@
 """star_jax.export: the ONNX and StableHLO exports, their contract, and parity with our JAX network.
 
-"Ours" is the project's own inference path (`predictor.network_fn`, the jit-compiled network on
+"Ours" is the project's own inference path (`models.network_fn`, the jit-compiled network on
 uint8 crops) mapped to crop pixels with the pipeline's own functions (`transforms.denormalize`,
 `predictor.covariances_to_image`); the exports must agree with it on the same face crops, made as the
 pipeline makes them (`crop.box_rule` + `transforms.warp`) from synthetic faces.
@@ -28,8 +28,9 @@ from star_jax import convert_pytorch, export, layouts
 from star_jax.data import crop as crop_lib
 from star_jax.data import synthetic, transforms
 from star_jax.inference import predictor
+from star_jax import models
 from star_jax.models import create_model
-from star_jax.training import checkpoints
+from star_jax import checkpoints
 
 LANDMARK_TOLERANCE_PX = 1e-3  # the parity required of the exports' landmarks, in crop pixels
 COV_RTOL = 1e-4              # per point: |cov_export - cov_ours|_F / |cov_ours|_F
@@ -61,7 +62,7 @@ def face_crops(count: int, size: int) -> np.ndarray:
 def ours(model, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Our network's (landmarks px (B, P, 2), covariances px^2 (B, P, 2, 2)) for uint8 crops."""
   size = model.image_size
-  out = predictor.network_fn(model, with_covariance=True)(crops)
+  out = models.network_fn(model, with_covariance=True)(crops)
   identity = np.broadcast_to(np.eye(3, dtype=np.float32), (len(crops), 3, 3))
   return (transforms.denormalize(out['landmarks'], size),
           predictor.covariances_to_image(out['covariances'], identity, size))

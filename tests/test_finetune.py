@@ -11,9 +11,10 @@ import pytest
 from flax import nnx
 
 from conftest import COMPILE_CACHE_ENV, DATA, REPO, TINY_CONFIG, load_config
+from star_jax import checkpoints
 from star_jax import convert_pytorch
+from star_jax.checkpoints import init_from
 from star_jax.models import create_model
-from star_jax.training import checkpoints
 from star_jax.training import state as state_lib
 
 PKL = str(DATA / 'tiny_wflw_checkpoint.pkl')   # the official tiny WFLW net: input 64, 4 stacks, 32 channels
@@ -42,7 +43,7 @@ def _equal(a, b):
 def test_init_from_an_official_pkl_takes_net_and_net_ema():
   config = _config()
   fresh = _fresh(config)
-  state, summary = checkpoints.initialize_from(PKL, config, fresh)
+  state, summary = init_from.initialize_from(PKL, config, fresh)
   obj = convert_pytorch.read_torch_checkpoint(PKL)
   want = convert_pytorch.convert_state_dict(obj['net'], create_model(config, nnx.Rngs(0)))
   _equal(_tree(state.params, state.batch_stats), want)
@@ -58,7 +59,7 @@ def test_init_from_our_checkpoint_takes_model_and_ema(tmp_path):
   config = _config()
   model, ema = create_model(config, nnx.Rngs(11)), create_model(config, nnx.Rngs(12))
   checkpoints.save_model_checkpoint(tmp_path / 'ckpt', model=model, config=config, ema=ema, step=5)
-  state, summary = checkpoints.initialize_from(str(tmp_path / 'ckpt'), config, _fresh(config))
+  state, summary = init_from.initialize_from(str(tmp_path / 'ckpt'), config, _fresh(config))
   _equal(_tree(state.params, state.batch_stats), nnx.to_pure_dict(nnx.state(model)))
   _equal(_tree(state.ema_params, state.ema_batch_stats), nnx.to_pure_dict(nnx.state(ema)))
   assert (summary['format'], summary['step'], summary['kept_fresh']) == ('star_jax', 5, [])
@@ -66,11 +67,11 @@ def test_init_from_our_checkpoint_takes_model_and_ema(tmp_path):
 
 def test_init_from_names_the_misfits_and_can_load_what_fits(tmp_path):
   cofw = _config('cofw')                       # 29 points: the WFLW heads do not fit
-  with pytest.raises(checkpoints.InitFromError, match='edge-to-point transform|does not fit'):
-    checkpoints.initialize_from(PKL, cofw, _fresh(cofw))
+  with pytest.raises(init_from.InitFromError, match='edge-to-point transform|does not fit'):
+    init_from.initialize_from(PKL, cofw, _fresh(cofw))
   cofw.init_from_strict = False
   fresh = _fresh(cofw)
-  state, summary = checkpoints.initialize_from(PKL, cofw, fresh)
+  state, summary = init_from.initialize_from(PKL, cofw, fresh)
   kept = summary['kept_fresh']
   # The per-point heads and the layers fed by them keep their fresh values; the body is loaded.
   assert 'out_heatmaps/0/kernel' in kept and 'merge_heatmaps/0/kernel' in kept and 'stem/conv/kernel' not in kept
@@ -85,13 +86,13 @@ def test_init_from_names_the_misfits_and_can_load_what_fits(tmp_path):
   wflw = _config()
   checkpoints.save_model_checkpoint(tmp_path / 'w', model=create_model(wflw, nnx.Rngs(1)), config=wflw, step=1)
   cofw.init_from_strict = True
-  with pytest.raises(checkpoints.InitFromError, match='WFLW layout, this config is COFW'):
-    checkpoints.initialize_from(str(tmp_path / 'w'), cofw, _fresh(cofw))
+  with pytest.raises(init_from.InitFromError, match='WFLW layout, this config is COFW'):
+    init_from.initialize_from(str(tmp_path / 'w'), cofw, _fresh(cofw))
   cofw.init_from_strict = False
-  _, summary = checkpoints.initialize_from(str(tmp_path / 'w'), cofw, _fresh(cofw))
+  _, summary = init_from.initialize_from(str(tmp_path / 'w'), cofw, _fresh(cofw))
   assert 'out_heatmaps/0/kernel' in summary['kept_fresh'] and 'stem/conv/kernel' not in summary['kept_fresh']
-  with pytest.raises(checkpoints.InitFromError, match='does not exist'):
-    checkpoints.initialize_from(str(tmp_path / 'nothing'), cofw, _fresh(cofw))
+  with pytest.raises(init_from.InitFromError, match='does not exist'):
+    init_from.initialize_from(str(tmp_path / 'nothing'), cofw, _fresh(cofw))
 
 
 def test_train_command_fine_tunes_from_a_pkl_and_resumes_its_own(tmp_path, tiny_tfds_dir):
@@ -118,6 +119,6 @@ def test_init_from_the_same_points_under_another_layout_name(tmp_path):
   w300, vw = _config('300w'), _config('300vw')
   model = create_model(w300, nnx.Rngs(3))
   checkpoints.save_model_checkpoint(tmp_path / 'w', model=model, config=w300, step=1)
-  state, summary = checkpoints.initialize_from(str(tmp_path / 'w'), vw, _fresh(vw))
+  state, summary = init_from.initialize_from(str(tmp_path / 'w'), vw, _fresh(vw))
   assert summary['kept_fresh'] == []
   _equal(_tree(state.params, state.batch_stats), nnx.to_pure_dict(nnx.state(model)))

@@ -1,8 +1,13 @@
-"""The package as a whole: importing it changes nothing, and an installed copy (no checkout) trains
-and evaluates with the configs it ships."""
+"""The package as a whole: importing it changes nothing, an installed copy (no checkout) trains and
+evaluates with the configs it ships, and the import structure holds (read from the code: every
+module's imports, those inside functions included)."""
 
+import ast
+import collections
+import importlib.metadata
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -17,7 +22,7 @@ from conftest import COMPILE_CACHE_ENV, REPO
 _PROBE = textwrap.dedent('''
     import importlib, json, logging, os, pkgutil, signal, sys
     import absl.flags, absl.logging, cv2, flax, grain, jax, matplotlib, ml_collections, numpy, optax, orbax.checkpoint
-    import tensorflow_datasets, tqdm
+    import tensorboardX, tensorflow_datasets, tqdm
     from jax._src import xla_bridge
     before = dict(env=dict(os.environ), flags=sorted(absl.flags.FLAGS), handlers=len(logging.getLogger().handlers),
                   absl_handlers=len(logging.getLogger('absl').handlers), verbosity=absl.logging.get_verbosity(),
@@ -48,7 +53,7 @@ def test_importing_star_jax_changes_nothing(tmp_path):
   report = json.loads(proc.stdout.strip().splitlines()[-1])
   # Every module was imported (the walk found the package's rooms), and none of them did anything.
   for module in ('star_jax.cpu_tuning', 'star_jax.train', 'star_jax.evaluate', 'star_jax.predict',
-                 'star_jax.training.loop', 'star_jax.data.synthetic.render', 'star_jax.experiments.ambiguity',
+                 'star_jax.training.loop', 'star_jax.data.synthetic.render', 'star_jax.checkpoints.init_from',
                  'star_jax_datasets.synthetic_faces.synthetic_faces_dataset_builder'):
     assert module in report['modules']
   assert report['changed'] == {}
@@ -105,3 +110,149 @@ def test_an_installed_copy_trains_and_evaluates_without_the_checkout(tmp_path, t
   # Without --config the trainer takes the installed synthetic default.
   from star_jax import config_lib
   assert config_lib.resolve_config_path('configs/nothing_here.py') == 'configs/nothing_here.py'
+
+
+# ---- The import structure ---------------------------------------------------------------------------
+
+# The project's code: the library, the dataset builders (installed as star_jax_datasets), the projects.
+ROOTS = {'star_jax': REPO / 'star_jax', 'star_jax_datasets': REPO / 'datasets', 'projects': REPO / 'projects'}
+# What only reads checkpoints, and must not reach into the trainer.
+READERS = ('star_jax.inference', 'star_jax.evaluation', 'star_jax.export', 'star_jax.predict', 'star_jax.demo',
+           'star_jax.evaluate')
+# The modules that run without JAX (predict --model, FaceLandmarker.from_onnx), and the third-party
+# packages they may import at module level: the JAX-free install (README, "Deploy").
+JAX_FREE = ('star_jax.predict', 'star_jax.inference.landmarker', 'star_jax.inference.video')
+JAX_FREE_PACKAGES = {'numpy', 'cv2', 'absl', 'tqdm', 'star_jax'}
+# An import inside a function carries `# lazy: <reason>` on its line, the reason one of these.
+LAZY_REASONS = ('JAX-free ONNX path', 'optional extra', 'command start-up')
+MAX_LINES = 600
+
+
+def _is_test(path) -> bool:
+  return path.name.startswith('test_') or path.name.endswith('_test.py') or path.name == 'conftest.py'
+
+
+def _modules() -> dict:
+  """Module name -> path of every .py file under ROOTS."""
+  out = {}
+  for package, root in ROOTS.items():
+    for path in sorted(root.rglob('*.py')):
+      parts = [package, *path.relative_to(root).with_suffix('').parts]
+      out['.'.join(parts[:-1] if parts[-1] == '__init__' else parts)] = path
+  return out
+
+
+def _imports(name: str, path, modules: dict) -> list:
+  """(imported module, line number, inside a function) of every import statement of a module; `from a
+  import b` names a.b when that is a module, else a."""
+  package = name if path.name == '__init__.py' else name.rpartition('.')[0]
+  out = []
+
+  def visit(node, in_function: bool):
+    for child in ast.iter_child_nodes(node):
+      if isinstance(child, ast.Import):
+        out.extend((alias.name, child.lineno, in_function) for alias in child.names)
+      elif isinstance(child, ast.ImportFrom):
+        base = child.module or ''
+        if child.level:
+          parts = package.split('.')
+          base = '.'.join(parts[:len(parts) - child.level + 1] + ([child.module] if child.module else []))
+        out.extend((f'{base}.{a.name}' if f'{base}.{a.name}' in modules else base, child.lineno, in_function)
+                   for a in child.names)
+      visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+  visit(ast.parse(path.read_text()), False)
+  return out
+
+
+def _graph(modules: dict, *, top_level_only: bool = False) -> dict:
+  """Module -> the project modules its imports run: the imported module and the packages above it
+  (except its own, which run before it)."""
+  edges = collections.defaultdict(set)
+  for name, path in modules.items():
+    own = {name.rsplit('.', k)[0] for k in range(1, name.count('.') + 1)}
+    for target, _, in_function in _imports(name, path, modules):
+      if in_function and top_level_only:
+        continue
+      parts = target.split('.')
+      edges[name].update(t for t in ('.'.join(parts[:i]) for i in range(1, len(parts) + 1))
+                         if t in modules and t not in own and t != name)
+  return edges
+
+
+def _closure(edges: dict, start: str) -> set:
+  seen, todo = set(), [start]
+  while todo:
+    for nxt in edges.get(todo.pop(), ()):
+      if nxt not in seen:
+        seen.add(nxt)
+        todo.append(nxt)
+  return seen
+
+
+def _required_packages() -> set:
+  """The top-level import names of star_jax's required dependencies (pyproject's `dependencies`)."""
+  required = set()
+  for line in (REPO / 'pyproject.toml').read_text().split('dependencies = [', 1)[1].split(']', 1)[0].splitlines():
+    match = re.match(r'\s*"([A-Za-z0-9_.-]+)', line)
+    if match:
+      required.add(re.sub(r'[-_.]+', '-', match.group(1)).lower())
+  names = set()
+  for module, distributions in importlib.metadata.packages_distributions().items():
+    if any(re.sub(r'[-_.]+', '-', d).lower() in required for d in distributions):
+      names.add(module)
+  return names
+
+
+def test_the_import_structure():
+  modules = _modules()
+  edges, top_edges = _graph(modules), _graph(modules, top_level_only=True)
+  library = {n: p for n, p in modules.items() if n == 'star_jax' or n.startswith('star_jax.')}
+  facts = {'modules': len(modules), 'function-level imports': collections.Counter(),
+           'largest star_jax modules': sorted(((len(p.read_text().splitlines()), n) for n, p in library.items()),
+                                              reverse=True)[:5]}
+
+  # Readers of checkpoints import nothing of the trainer, at any depth (imports in functions included).
+  readers = [n for n in library if n.startswith(READERS)]
+  assert len(readers) > 10
+  reaching = {n: sorted(m for m in _closure(edges, n) if m.startswith('star_jax.training')) for n in readers}
+  assert {n: v for n, v in reaching.items() if v} == {}
+  # No import circle among the project's modules; nothing in the library imports the projects.
+  assert sorted(n for n in modules if n in _closure(edges, n)) == []
+  assert sorted(n for n in library if any(m.startswith('projects') for m in _closure(edges, n))) == []
+  # The JAX-free path imports, at module level, only what the JAX-free install has.
+  for name in JAX_FREE:
+    third_party = {t.split('.')[0] for m in (name, *_closure(top_edges, name))
+                   for t, _, in_function in _imports(m, modules[m], modules) if not in_function}
+    assert third_party - JAX_FREE_PACKAGES - set(sys.stdlib_module_names) == set(), name
+
+  # Imports sit at the top of each module, except at the deliberate boundaries, each marked with its reason.
+  required, commands = _required_packages(), set()
+  for name, path in modules.items():
+    if _is_test(path):
+      continue
+    text = path.read_text()
+    lines = text.splitlines()
+    if re.search(r"^if __name__ == '__main__':\n\s+cli\.run\(main\)", text, re.M):
+      commands.add(name)
+    for target, lineno, in_function in _imports(name, path, modules):
+      if not in_function:
+        continue
+      match = re.search(r'#\s*lazy:\s*(.+)$', lines[lineno - 1])
+      where = f'{path.relative_to(REPO)}:{lineno}'
+      assert match and match.group(1).startswith(LAZY_REASONS), f'{where}: an import in a function, without reason'
+      reason = next(r for r in LAZY_REASONS if match.group(1).startswith(r))
+      facts['function-level imports'][reason] += 1
+      facts['function-level imports']['of project modules'] += target.split('.')[0] in ROOTS
+      if reason == 'optional extra':
+        assert target.split('.')[0] not in required, f'{where}: {target} is a required dependency'
+      elif reason == 'JAX-free ONNX path':
+        assert name in JAX_FREE or any(name in _closure(top_edges, m) for m in JAX_FREE), where
+      else:
+        assert name in commands, f'{where}: not a command'
+
+  # No module of the library over MAX_LINES lines.
+  assert facts['largest star_jax modules'][0][0] <= MAX_LINES, facts['largest star_jax modules'][0]
+  facts['function-level imports']['total'] = sum(v for k, v in facts['function-level imports'].items()
+                                                 if k in LAZY_REASONS)
+  print(json.dumps({k: dict(v) if isinstance(v, collections.Counter) else v for k, v in facts.items()}, indent=1))

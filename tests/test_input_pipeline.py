@@ -10,7 +10,7 @@ from star_jax.data import pipeline as ip
 from star_jax import layouts
 from star_jax.data import targets as TG
 from star_jax.data import transforms as T
-from star_jax.training import mesh as mesh_lib
+from star_jax import mesh as mesh_lib
 
 
 def make_config(layout='WFLW', batch_size=4, eval_batch_size=4):

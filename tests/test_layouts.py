@@ -6,7 +6,7 @@ import ml_collections
 import pytest
 
 from star_jax import layouts
-from star_jax.training import checkpoints
+from star_jax import checkpoints
 
 
 def write(path, data):

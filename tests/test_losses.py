@@ -8,15 +8,23 @@ float32, NCHW; from the shared reference losses.npz, rebuilt by scripts/make_tes
   h64/*: two maps of the `b2_n24_h64` case (64x64): map (1, 11), the worst-conditioned one (its
     eigenvalues differ by 3%), and map (0, 0), as a batch of 1 x 2 maps. Every STAR term depends on its
     own map only and the loss averages over maps, so their gradients are the official ones x 48 / 2.
+tests/data/losses_hard_cases.npz (scripts/make_test_data.py, [loss_hard_cases]): the official STARLoss_v2
+(smoothl1, l1, l2, wing) and AWingLoss in float64 on the maps an untrained network produces and the
+corners of the loss (nearly uniform maps, nearly isotropic and singular covariances, a single pixel, an
+all-zero map, targets outside the crop), per map, with how much the official result moves when the map
+moves by one float64 ulp (the case's conditioning).
 """
 
 import functools
+import importlib.util
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+
+from conftest import REPO
 
 from star_jax import losses
 from star_jax.models import decoding
@@ -77,6 +85,99 @@ def test_awing_matches_official(ref):
       jnp.asarray(nhwc(ref['h16/awing/pred'])), jnp.asarray(nhwc(ref['h16/awing/target'])))
   np.testing.assert_allclose(float(value), float(ref['h16/awing/value']), rtol=RTOL)
   assert_grad_close(grad, nhwc(ref['h16/awing/grad_pred']))
+
+
+# The hard cases, float64. Tolerances: max(floor, 100 x how far the official result moves under changes
+# that leave the loss the same up to rounding: a one-ulp change of the map, the problem transposed or
+# mirrored). The floors: float64 rounding of the covariance amplified by its conditioning, up to
+# (largest eigenvalue) / (smallest + 1e-5) = 8e4 on the singular maps (on a map on the anti-diagonal the
+# official small eigenvalue is exactly 0, ours 5.6e-17: 2e-12 in the value, 8e-12 in the gradient).
+HARD_VALUE_FLOOR, HARD_GRAD_FLOOR = 1e-11, 1e-10
+
+
+@pytest.fixture(scope='module')
+def hard():
+  with np.load(REPO / 'tests' / 'data' / 'losses_hard_cases.npz') as f:
+    return dict(f)
+
+
+def _make_test_data_module():
+  spec = importlib.util.spec_from_file_location('make_test_data', REPO / 'scripts' / 'make_test_data.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_hard_case_inputs_are_the_generators(hard):
+  """The committed inputs are what scripts/make_test_data.py draws (so a rebuild tests the same cases)."""
+  inputs = _make_test_data_module().hard_case_inputs()
+  for key, value in inputs.items():
+    np.testing.assert_array_equal(hard[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize('isotropic', ['pin', 'official'])
+@pytest.mark.parametrize('dist', losses.DISTANCES)
+def test_star_loss_matches_official_on_hard_cases_float64(hard, dist, isotropic):
+  names = [str(n) for n in hard['star/case_names']]
+  maps, targets = hard['star/heatmap'], hard['star/target']
+  fn = functools.partial(losses.star_loss, dist=dist, isotropic=isotropic)
+  with jax.enable_x64(True):
+    per_map = jax.jit(jax.vmap(jax.value_and_grad(fn)))
+    values, grads = per_map(jnp.asarray(nhwc(maps.reshape(-1, 1, 16, 16)))[:, None],
+                            jnp.asarray(targets.reshape(-1, 1, 2))[:, None])
+    batch_value = float(jax.jit(fn)(jnp.asarray(nhwc(maps)), jnp.asarray(targets)))
+    assert values.dtype == jnp.float64
+  values = np.asarray(values).reshape(maps.shape[:2])
+  grads = np.asarray(grads)[:, 0, ..., 0].reshape(maps.shape)
+  official, official_grads = hard[f'star/{dist}/values'], hard[f'star/{dist}/grad_heatmap']
+  value_tol = np.maximum(HARD_VALUE_FLOOR, 100 * hard[f'star/{dist}/value_sensitivity'])
+  grad_tol = np.maximum(HARD_GRAD_FLOOR, 100 * hard[f'star/{dist}/grad_sensitivity'])
+  failures = []
+  for i, j in np.ndindex(*maps.shape[:2]):
+    case = f'{names[j]} (image {i})'
+    err = abs(values[i, j] - official[i, j]) / abs(official[i, j])
+    if not err <= value_tol[i, j]:
+      failures.append(f'{case}: value {values[i, j]!r} vs {official[i, j]!r} ({err:.1e} > {value_tol[i, j]:.1e})')
+    if not np.isfinite(official_grads[i, j]).all():
+      # The official gradient of a zero covariance (both eigenvalues 0: LAPACK's eigh has 1 / 0 in its
+      # derivative) is NaN; ours is finite: the eigenvectors are pinned to the axes there.
+      assert names[j] in ('single_pixel', 'zeros'), case
+      if not np.isfinite(grads[i, j]).all():
+        failures.append(f'{case}: our gradient is not finite')
+      continue
+    err = np.abs(grads[i, j] - official_grads[i, j]).max() / np.abs(official_grads[i, j]).max()
+    if not err <= grad_tol[i, j]:
+      failures.append(f'{case}: gradient {err:.1e} > {grad_tol[i, j]:.1e}')
+  assert not failures, '\n'.join(failures)
+  # The batch's loss is the mean of the per-map ones, to the same tolerances (the undetermined 'uniform'
+  # maps weigh in: their loss depends on the rounding of their covariance, batched or not).
+  batch_tol = max(HARD_VALUE_FLOOR, float((value_tol * np.abs(official)).sum() / np.abs(official).sum()))
+  np.testing.assert_allclose(batch_value, values.mean(), rtol=batch_tol)
+  np.testing.assert_allclose(batch_value, float(hard[f'star/{dist}/value']), rtol=batch_tol)
+
+
+def test_hard_cases_are_hard(hard):
+  """The cases the golden names are what they claim (so that the tolerances above are not vacuous):
+  well-conditioned maps move with float64 rounding only, the nearly isotropic one by ~1e-9, and the
+  uniform map's gradient is undetermined (its eigenvectors are the official code's rounding)."""
+  names = [str(n) for n in hard['star/case_names']]
+  sensitivity = hard['star/smoothl1/value_sensitivity']
+  for well in ('relu_noise', 'blob', 'blob_target_outside'):
+    assert sensitivity[:, names.index(well)].max() < 1e-14, well
+  assert 1e-10 < sensitivity[:, names.index('near_isotropic_1e-9')].max() < 1e-7
+  assert not np.isfinite(hard['star/smoothl1/grad_sensitivity'][:, names.index('uniform')]).all() or \
+      hard['star/smoothl1/grad_sensitivity'][:, names.index('uniform')].max() > 1e-3
+  assert not np.isfinite(hard['star/smoothl1/grad_heatmap'][:, names.index('single_pixel')]).all()
+
+
+def test_awing_matches_official_on_hard_cases_float64(hard):
+  with jax.enable_x64(True):
+    value, grad = jax.jit(jax.value_and_grad(losses.awing_loss))(
+        jnp.asarray(nhwc(hard['awing/pred'])), jnp.asarray(nhwc(hard['awing/target'])))
+    assert value.dtype == jnp.float64
+  np.testing.assert_allclose(float(value), float(hard['awing/value']), rtol=HARD_VALUE_FLOOR)
+  expected = nhwc(hard['awing/grad_pred'])
+  np.testing.assert_allclose(np.asarray(grad), expected, rtol=0, atol=HARD_GRAD_FLOOR * np.abs(expected).max())
 
 
 def test_awing_gradient_is_finite_where_prediction_equals_target():
@@ -217,8 +318,9 @@ def test_star_loss_of_all_zero_maps_is_finite_with_the_official_value():
 def _reference_moments(heatmaps, eps=1e-5):
   """The official moments written plainly (normalise, full grids, centred sums), for autodiff."""
   _, h, w, _ = heatmaps.shape
-  # The official grid is computed in float32 (arange / (n - 1) * 2 - 1); use exactly those values.
-  grid = lambda n: (np.arange(n, dtype=np.float32) / np.float32(n - 1) * 2 - 1).astype(heatmaps.dtype)
+  # The grid in the maps' precision (arange / (n - 1) * 2 - 1), as ours: float64 maps, float64 grid.
+  precision = np.float64 if heatmaps.dtype == jnp.float64 else np.float32
+  grid = lambda n: (np.arange(n, dtype=precision) / precision(n - 1) * 2 - 1).astype(heatmaps.dtype)
   y, x = jnp.meshgrid(grid(h), grid(w), indexing='ij')
   p = heatmaps / jnp.maximum(heatmaps.sum((1, 2), keepdims=True), 1e-6)
   mx = (p * x[None, :, :, None]).sum((1, 2))
@@ -257,11 +359,13 @@ def test_moments_custom_gradient_matches_autodiff_in_float64():
 
 
 @pytest.mark.parametrize('seed, sigma', [(2, (0.03, 0.06)), (1, (0.03, 0.06)), (1, (0.015, 0.03))])
-def test_star_loss_is_accurate_on_sharp_maps(seed, sigma):
+def test_star_loss_is_accurate_on_sharp_maps(seed, sigma, monkeypatch):
   """Sharp maps far from the centre are where float32 cancellation would hurt: compare the float32
   gradient with a float64 evaluation of the same loss (the official float32 code is ~2e-6 off).
   Seed 1 has maps whose float32 gradient was 1.1e-5 / 1.3e-5 off while the cross moment summed rows
-  about fixed centres; centred on each map's mean it is 2.6e-6 / 3.7e-7."""
+  about fixed centres; centred on each map's mean it is 2.6e-6 / 3.7e-7. The same loss: on the float32
+  grid in both (a float64 run builds its grid in float64, 6e-8 away, which these maps amplify)."""
+  monkeypatch.setattr(decoding, 'grid_dtype', lambda dtype: np.dtype(np.float32))
   rng = np.random.default_rng(seed)
   maps, targets = _gaussian_maps(rng, 2, 64, 8, sigma=sigma)
   grad32 = np.asarray(jax.jit(jax.grad(losses.star_loss))(jnp.asarray(maps), jnp.asarray(targets)))
@@ -388,7 +492,7 @@ def test_star_wing_distance_v1_norm_and_v2_projections():
   maps, _ = _gaussian_maps(rng, 2, 16, 5)
   targets = jnp.asarray(rng.uniform(-0.5, 0.5, (2, 5, 2)), jnp.float32)
   error, evalues, evectors = (np.asarray(a, np.float64) for a in
-                              losses._decompose(jnp.asarray(maps), targets, 1e-5, 0.0))  # pylint: disable=protected-access
+                              losses._decompose(jnp.asarray(maps), targets, 1e-5, 0.0, 'pin'))  # pylint: disable=protected-access
   proj = np.einsum('bni,bnik->bnk', error, evectors)
   omega, eps = 0.01, 2.0
   c = omega - omega * np.log(1 + omega / eps)

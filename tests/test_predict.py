@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO, load_config
 from star_jax import drawing as plots
+from star_jax import models
 from star_jax import predict
 from star_jax.data import annotations
 from star_jax.data import crop as crop_lib
@@ -357,9 +358,9 @@ def _loaded_models():
 def spy(monkeypatch, _loaded_models):
   """Records the network functions the command builds, and loads each checkpoint only once per module
   (loading the tiny model takes seconds; the first test still goes through the real loader)."""
-  from star_jax.training import checkpoints
+  from star_jax import checkpoints
 
-  real_load, real_make = checkpoints.load_model, predictor.network_fn
+  real_load, real_make = checkpoints.load_model, models.network_fn
   made = []
 
   def load(directory, **kwargs):
@@ -374,7 +375,7 @@ def spy(monkeypatch, _loaded_models):
     return fn
 
   monkeypatch.setattr(checkpoints, 'load_model', load)
-  monkeypatch.setattr(predictor, 'network_fn', make)
+  monkeypatch.setattr(models, 'network_fn', make)
   return made
 
 
@@ -497,13 +498,13 @@ def test_trained_checkpoint_puts_the_landmarks_on_synthetic_faces(tmp_path):
   from star_jax import layouts
   from star_jax import metrics
   from star_jax.data import synthetic
-  from star_jax.training import checkpoints
+  from star_jax import checkpoints
 
   use_ema = os.environ.get('STAR_JAX_TRAINED_USE_EMA', '1') != '0'
   loaded = checkpoints.load_model(TRAINED, weights=None if use_ema else 'model')
   config = loaded.config
   layout = layouts.get_layout(config.layout)
-  fn = predictor.network_fn(loaded.model, with_covariance=True)
+  fn = models.network_fn(loaded.model, with_covariance=True)
   samples = [synthetic.generate(0, 'test', i, layout=layout.name) for i in range(8)]
   gt = np.stack([s.clean_landmarks for s in samples])
   for refine, limit in ((False, 0.08), (True, 0.1)):

@@ -88,7 +88,7 @@ def test_reproduce_wflw_from_a_pkl_end_to_end(tmp_path):
 
 def test_reproduce_300w_from_our_checkpoint(tmp_path):
   from star_jax.models import create_model
-  from star_jax.training import checkpoints
+  from star_jax import checkpoints
   from star_jax_datasets.the300w import fake_data
   fake_data.write(tmp_path / 'raw', DATA / 'real_faces')
   config = load_config('300w', 'tiny')

@@ -139,7 +139,7 @@ def _assert_same_training(a, b):
     rtol = 1e-4 if key == 'train/loss' else 1e-2
     np.testing.assert_allclose([rb[s] for s in (1, 2, 3)], [ra[s] for s in (1, 2, 3)], rtol=rtol, err_msg=key)
   from flax import nnx
-  from star_jax.training import checkpoints
+  from star_jax import checkpoints
   ma = checkpoints.load_model(pathlib.Path(a) / 'checkpoints', weights='model').model
   mb = checkpoints.load_model(pathlib.Path(b) / 'checkpoints', weights='model').model
   stats_b = dict(nnx.to_flat_state(nnx.state(mb, nnx.BatchStat)))

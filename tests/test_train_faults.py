@@ -162,7 +162,7 @@ def test_no_checkpoint_that_restores_is_an_error_naming_each_and_moving_nothing(
 
 
 def test_enospc_in_the_checkpoint_writer_stops_and_keeps_the_last_checkpoint(reference, tfds_dir, tmp_path):
-  from star_jax.training import checkpoints
+  from star_jax import checkpoints
   workdir = _copy(reference, tmp_path)
   full = {'STAR_JAX_FAULT_ENOSPC_OPEN': f'{workdir}/checkpoints/12.orbax-checkpoint-tmp/model*/_METADATA'}
   proc = _train(workdir, tfds_dir, 12, faults=full, status=1)
@@ -223,11 +223,11 @@ def test_a_changed_model_is_refused_naming_the_config_fields(reference, tfds_dir
 
 
 def test_a_second_train_on_a_held_workdir_is_refused_and_a_stale_lock_is_taken_over(reference, tfds_dir, tmp_path):
-  from star_jax.training import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from star_jax import files  # pylint: disable=import-outside-toplevel
 
   workdir = _copy(reference, tmp_path)
   before = _steps(workdir)
-  with workdir_lib.Lock.acquire(workdir):   # this process stands for a run in progress
+  with files.Lock.acquire(workdir):   # this process stands for a run in progress
     refused = _train(workdir, tfds_dir, 12, status=1)
   assert f'in use by process {os.getpid()} on host' in refused.stderr
   _no_traceback(refused.stderr)

@@ -1,7 +1,8 @@
 """The official model selection end to end: a short real training run records, at each evaluation, the
 better of the weights and their EMA; the best checkpoint is the argmin of those over the run; evaluate,
-predict and the Python API load it by default and say so; --step / --weights override it; workdirs
-written before the rule still load (star_jax/training/checkpoints.py, `best_checkpoint`)."""
+predict and the Python API load it by default and say so; --step / --weights override it; a workdir
+whose steps record no evaluation has no best, and asking for it says to choose a step
+(star_jax/checkpoints/selection.py)."""
 
 import json
 import os
@@ -15,7 +16,7 @@ import pytest
 
 from conftest import COMPILE_CACHE_ENV, REPO, TINY_CONFIG as TINY
 from star_jax import evaluate
-from star_jax.training import checkpoints
+from star_jax import checkpoints
 
 # 32 training faces at batch 16: 2 steps per epoch, an evaluation every epoch, 4 in all; checkpoints
 # only at evaluations (checkpoint_every_epochs=100) and only the latest one kept besides the best.
@@ -109,19 +110,20 @@ def test_evaluate_step_and_weights_override_the_default(trained, tmp_path, capsy
   assert (info['step'], info['weights'], info['best_by_protocol']) == (step, other, False)
   assert doc['rows'][0]['nme'] == pytest.approx(100 * evaluations[step][0 if other == 'model' else 1], rel=1e-5)
   assert 'not the best by the official protocol' in (tmp_path / 'other' / 'report.md').read_text()
-  # --step alone: that step's winning weights; the older --use_ema / --nouse_ema still choose the weights.
+  # --step latest with --weights.
   latest = max(evaluations)
-  assert _run_evaluate(workdir, data_dir, tmp_path / 'latest', '--step=latest', '--nouse_ema') == 0
+  assert _run_evaluate(workdir, data_dir, tmp_path / 'latest', '--step=latest', '--weights=model') == 0
   info = json.loads((tmp_path / 'latest' / 'metrics.json').read_text())['info']
   assert (info['step'], info['weights']) == (latest, 'model')
   assert info['best_by_protocol'] == ((latest, 'model') == (step, weights))
-  # Contradictions and bad values: one line, no traceback.
+  # Bad values: one line, no traceback; --use_ema is not a flag (--weights is): a usage error naming it.
   capsys.readouterr()
-  assert _run_evaluate(workdir, data_dir, tmp_path / 'x', '--use_ema', '--weights=model') == 1
+  assert _run_evaluate(workdir, data_dir, tmp_path / 'x', '--use_ema', '--weights=model') == 2
+  assert 'use_ema' in capsys.readouterr().err
   assert _run_evaluate(workdir, data_dir, tmp_path / 'x', '--step=soon') == 1
   assert _run_evaluate(workdir, data_dir, tmp_path / 'x', '--step=3') == 1
   err = capsys.readouterr().err
-  assert 'contradict' in err and "'best', 'latest' or a step number" in err and 'has no step 3' in err
+  assert "'best', 'latest' or a step number" in err and 'has no step 3' in err
   assert 'Traceback' not in err
 
 
@@ -165,29 +167,38 @@ def _rewrite_metrics(workdir, edit):
       (path / 'metrics').write_text(json.dumps(new))
 
 
-def test_workdirs_written_before_the_official_rule_still_load(trained, tmp_path):
-  workdir, _, _ = trained
-  evaluations = _evaluations(workdir)
+def test_a_workdir_without_evaluations_has_no_best_and_says_to_choose_a_step(trained, tmp_path, capsys):
+  workdir, data_dir, _ = trained
   kept = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
 
-  # Metrics of the EMA rule (before 'best_weights'): 'nme' was the EMA's; ranked by it, EMA weights.
+  # Evaluations saved without the winning weights, and no evaluations saved at all (as an earlier star_jax
+  # wrote its workdirs): nothing ranks the steps, so there is no best checkpoint.
   legacy = tmp_path / 'legacy'
   shutil.copytree(workdir, legacy)
   _rewrite_metrics(legacy, lambda m: {k: v for k, v in m.items() if k not in ('best_weights', 'selection', 'step')}
                    | {'nme': m['ema/nme']})
-  best = checkpoints.best_checkpoint(legacy)
-  want = min(kept, key=lambda s: evaluations[s][1])
-  assert (best.step, best.weights, best.rule) == (want, 'ema', checkpoints.LEGACY_RULE)
-  loaded = checkpoints.load_model(legacy, step='best')
-  assert (loaded.step, loaded.weights, loaded.is_best) == (want, 'ema', True)
-
-  # No metrics at all (Orbax wrote none before best_fn was set): the latest step and its EMA, as before.
   bare = tmp_path / 'bare'
   shutil.copytree(workdir, bare)
   _rewrite_metrics(bare, lambda m: None)
-  assert checkpoints.best_checkpoint(bare) is None
-  loaded = checkpoints.load_model(bare, step='best')
-  assert (loaded.step, loaded.weights, loaded.is_best) == (max(kept), 'ema', None)
+  for old in (legacy, bare):
+    assert checkpoints.best_checkpoint(old) is None
+    # The one error, for the default (the best) of every reader: it says how to go on.
+    with pytest.raises(checkpoints.NoEvaluationError, match=r'records an evaluation.*Choose a step: --step latest'):
+      checkpoints.load_model(old, step='best')
+    assert _run_evaluate(old, data_dir, tmp_path / 'x') == 1
+    err = capsys.readouterr().err
+    assert 'no best checkpoint' in err and '--step latest' in err and 'Traceback' not in err
+    # A step chosen by hand still loads: without an evaluation, its EMA weights.
+    loaded = checkpoints.load_model(old, step='latest')
+    assert (loaded.step, loaded.weights, loaded.is_best) == (max(kept), 'ema', None)
+    assert checkpoints.load_model(old, step=kept[0], weights='model').weights == 'model'
+
+  # A converted checkpoint (no training history: one network) reads as its latest step.
+  converted = tmp_path / 'converted'
+  latest = checkpoints.load_model(workdir, step='latest', weights='model')
+  checkpoints.save_model_checkpoint(converted, model=latest.model, config=latest.config)
+  loaded = checkpoints.load_model(converted, step='best')
+  assert (loaded.step, loaded.weights, loaded.is_best) == (0, 'model', None)
   assert 'no step holds an evaluation' in loaded.chosen_by
 
 
@@ -197,10 +208,6 @@ def test_select_weights_rules():
   # A tie goes to the network, which the official trainer scores first and replaces only on a lower NME.
   assert checkpoints.select_weights({'model/nme': 0.1, 'ema/nme': 0.1}) == (0.1, 'model')
   assert checkpoints.select_weights({'model/nme': 0.1}) == (0.1, 'model')
-  # The rule before the official protocol, kept as config.model_selection='ema'.
-  assert checkpoints.select_weights({'model/nme': 0.1, 'ema/nme': 0.2}, 'ema') == (0.2, 'ema')
-  with pytest.raises(ValueError, match='model_selection'):
-    checkpoints.select_weights({'model/nme': 0.1}, 'best')
   assert checkpoints.parse_step('7') == 7 and checkpoints.parse_step('BEST') == 'best'
   with pytest.raises(ValueError):
     checkpoints.parse_step('-1')

@@ -1,6 +1,6 @@
-"""The workdir's safety rules (star_jax/training/workdir.py): the lock, whole-file and whole-line
-writes, config comparison; and the writers built on them. In-process and fast; the real train command
-under the same faults is tests/test_train_faults.py."""
+"""The workdir's safety rules: the lock, whole-file and whole-line writes (star_jax/files.py), config
+comparison (star_jax/training/workdir.py); and the writers built on them. In-process and fast; the
+real train command under the same faults is tests/test_train_faults.py."""
 
 import errno
 import json
@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from star_jax import files
 from star_jax.training import workdir
 from star_jax.training import writers
 
@@ -19,15 +20,15 @@ from star_jax.training import writers
 # ---- The lock ---------------------------------------------------------------------------------------
 
 def test_lock_names_its_holder_refuses_a_second_and_leaves_nothing_behind(tmp_path):
-  with workdir.Lock.acquire(tmp_path) as lock:
+  with files.Lock.acquire(tmp_path) as lock:
     info = json.loads((tmp_path / 'lock').read_text())
     assert info['pid'] == os.getpid() and info['host'] == socket.gethostname() and info['started']
     assert lock.info == info
     # Another open of the lock file is another holder as far as the kernel lock goes.
-    with pytest.raises(workdir.WorkdirBusyError, match=rf'in use by process {os.getpid()} on host'):
-      workdir.Lock.acquire(tmp_path)
+    with pytest.raises(files.BusyError, match=rf'in use by process {os.getpid()} on host'):
+      files.Lock.acquire(tmp_path)
   assert not (tmp_path / 'lock').exists()
-  workdir.Lock.acquire(tmp_path).release()                     # free again
+  files.Lock.acquire(tmp_path).release()                     # free again
 
 
 def _dead_pid() -> int:
@@ -39,7 +40,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, cap
   pid = _dead_pid()
   (tmp_path / 'lock').write_text(json.dumps({'pid': pid, 'host': socket.gethostname(), 'started': 'then'}))
   with caplog.at_level('WARNING'):
-    lock = workdir.Lock.acquire(tmp_path)
+    lock = files.Lock.acquire(tmp_path)
   assert f'taking over the stale lock of process {pid}' in caplog.text
   assert json.loads((tmp_path / 'lock').read_text())['pid'] == os.getpid()
   lock.release()
@@ -47,18 +48,18 @@ def test_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, cap
 
 def test_lock_of_a_live_process_without_kernel_lock_is_refused(tmp_path, monkeypatch):
   # A filesystem without flock: the process id decides. This process is alive.
-  monkeypatch.setattr(workdir.Lock, '_flock', staticmethod(lambda fd, path, what: False))
+  monkeypatch.setattr(files.Lock, '_flock', staticmethod(lambda fd, path, what: False))
   (tmp_path / 'lock').write_text(json.dumps({'pid': os.getppid(), 'host': socket.gethostname()}))
-  with pytest.raises(workdir.WorkdirBusyError, match=f'in use by process {os.getppid()}'):
-    workdir.Lock.acquire(tmp_path)
+  with pytest.raises(files.BusyError, match=f'in use by process {os.getppid()}'):
+    files.Lock.acquire(tmp_path)
   (tmp_path / 'lock').write_text(json.dumps({'pid': _dead_pid(), 'host': socket.gethostname()}))
-  workdir.Lock.acquire(tmp_path).release()
+  files.Lock.acquire(tmp_path).release()
 
 
 def test_lock_from_another_host_is_refused_with_what_to_do(tmp_path):
   (tmp_path / 'lock').write_text(json.dumps({'pid': 1, 'host': 'elsewhere', 'started': 'then'}))
-  with pytest.raises(workdir.WorkdirBusyError, match=r'another host.*delete .*lock'):
-    workdir.Lock.acquire(tmp_path)
+  with pytest.raises(files.BusyError, match=r'another host.*delete .*lock'):
+    files.Lock.acquire(tmp_path)
 
 
 # ---- Whole files, whole lines -----------------------------------------------------------------------
@@ -75,20 +76,20 @@ def _fail_writes(monkeypatch):
 
 def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
   path = tmp_path / 'config.json'
-  workdir.atomic_write_text(path, 'old')
+  files.atomic_write_text(path, 'old')
   assert path.read_text() == 'old'
   monkeypatch.setattr(os, 'fsync', lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, 'No space left')))
   with pytest.raises(OSError, match='No space left'):
-    workdir.atomic_write_text(path, 'new and longer')
+    files.atomic_write_text(path, 'new and longer')
   assert path.read_text() == 'old' and os.listdir(tmp_path) == ['config.json']   # no temporary left
   monkeypatch.undo()
-  workdir.atomic_write_text(path, 'new')
+  files.atomic_write_text(path, 'new')
   assert path.read_text() == 'new'
 
 
 def test_append_file_cuts_back_a_failed_write_and_a_torn_last_line(tmp_path, monkeypatch, caplog):
   path = tmp_path / 'metrics.jsonl'
-  f = workdir.AppendFile(path)
+  f = files.AppendFile(path)
   f.append_line('{"step": 1}')
   _fail_writes(monkeypatch)
   with pytest.raises(OSError, match='No space'):
@@ -101,7 +102,7 @@ def test_append_file_cuts_back_a_failed_write_and_a_torn_last_line(tmp_path, mon
   with open(path, 'a') as raw:
     raw.write('{"step": 4, "tor')
   with caplog.at_level('WARNING'):
-    workdir.AppendFile(path).close()
+    files.AppendFile(path).close()
   assert 'torn last line' in caplog.text
   assert path.read_text() == '{"step": 1}\n{"step": 3}\n'
 

@@ -30,6 +30,8 @@ from absl import logging
 import tensorflow_datasets as tfds
 
 from star_jax import cli
+from star_jax import files
+from star_jax.data import synthetic
 from star_jax.data.annotations import AnnotationError
 
 # Registry: dataset name -> module holding its `Builder`; imported lazily, so that one missing or
@@ -113,15 +115,13 @@ def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str = '') -> None:
   """Builds `builder`'s dataset unless it is built already.
 
   One build per dataset at a time (a lock file in the dataset's folder; a second build stops with
-  WorkdirBusyError naming the first). The temporary folders of interrupted builds are removed first.
+  files.BusyError naming the first). The temporary folders of interrupted builds are removed first.
   """
-  from star_jax.training import workdir  # pylint: disable=import-outside-toplevel
-
   if builder.is_prepared():
     return
   variant = pathlib.Path(builder.data_path)  # <data_dir>/<name>/<config>/<version>
   variant.parent.mkdir(parents=True, exist_ok=True)
-  with workdir.Lock.acquire(variant.parent, name=BUILD_LOCK, what='dataset'):
+  with files.Lock.acquire(variant.parent, name=BUILD_LOCK, what='dataset'):
     if builder.is_prepared():  # built by another process while we waited for nothing
       return
     for stale in sorted(variant.parent.glob(f'incomplete.*_{variant.name}')):
@@ -233,7 +233,6 @@ def relabelled(source, builder, level: float, data_cfg=None):
   `annotator_bias`; absent fields: the builder's independent noise)."""
   if builder.name != 'synthetic_faces':
     raise ValueError(f'data.relabel_ambiguity is for the synthetic_faces dataset, not {builder.name!r}')
-  from star_jax.data import synthetic  # pylint: disable=import-outside-toplevel
   cfg = builder.builder_config
   data_cfg = {} if data_cfg is None else data_cfg
   return synthetic.RelabelledSource(
@@ -281,13 +280,12 @@ def _build(argv: list[str]) -> int:
     raise flags.Error(f'{given}: only for --dataset own_faces')
   if described and fv.layout is None:
     raise flags.Error(f'--layout is required for {fv.dataset} (WFLW, 300W, COFW or a layout file)')
-  from star_jax.training import workdir  # pylint: disable=import-outside-toplevel
   try:
     builder = build(fv.dataset, config=fv.config, manual_dir=fv.manual_dir, data_dir=fv.data_dir, layout=fv.layout,
                     options=options, skip_bad_examples=fv.skip_bad_examples)
   except AnnotationError as e:
     raise cli.UserError(f'{e}\n(--skip_bad_examples leaves such examples out and lists them)') from None
-  except (ValueError, FileNotFoundError, workdir.WorkdirBusyError) as e:
+  except (ValueError, FileNotFoundError, files.BusyError) as e:
     raise cli.UserError(str(e)) from None
   splits = ', '.join(f'{k} {v.num_examples}' for k, v in sorted(builder.info.splits.items()))
   print(f'{builder.name}: wrote {splits} records to {os.path.abspath(builder.data_dir)}')

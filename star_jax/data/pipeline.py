@@ -7,7 +7,7 @@ random-access sequence of such dicts):
   'center' float32 (2,) (center_w, center_h), 'attributes' int32 (K,), 'image_name' str / bytes.
 
 Batches are dicts of numpy arrays holding THIS process's share of a global batch;
-`star_jax.training.mesh.to_global` turns them into global `jax.Array`s sharded over the mesh.
+`star_jax.mesh.to_global` turns them into global `jax.Array`s sharded over the mesh.
 
 Training order: the split is shuffled (differently each epoch) and repeated forever; global stream
 position i goes to process i % process_count. The augmentation of position i draws from a generator
@@ -22,6 +22,7 @@ import functools
 import math
 from typing import Any, Mapping, Sequence
 
+from absl import flags
 import cv2
 import grain
 import jax
@@ -209,7 +210,6 @@ def _maybe_multiprocess(ds: grain.IterDataset, config) -> grain.IterDataset:
   workers = int(config.data.num_workers)
   if workers <= 0:
     return ds
-  from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags
     flags.FLAGS.mark_as_parsed()
   return ds.mp_prefetch(grain.MultiprocessingOptions(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from matplotlib.figure import Figure
 import numpy as np
 
 
@@ -16,8 +17,6 @@ def ced_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], threshold: f
     first curve (the whole split) is drawn in black.
   """
   # A bare Figure (no pyplot): no global backend or figure state is touched.
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-
   fig = Figure(figsize=(6, 4.5), dpi=100)
   ax = fig.subplots()
   for k, (label, (xs, ys)) in enumerate(curves.items()):

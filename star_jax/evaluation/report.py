@@ -12,6 +12,7 @@ import json
 import pathlib
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from star_jax import metrics
 from star_jax.layouts import Layout
@@ -154,9 +155,8 @@ def record_fields(source, indices: np.ndarray, keys: tuple[str, ...]) -> dict[st
   reader = source
   if dataclasses.is_dataclass(source) and hasattr(source, 'decoders'):
     try:
-      import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
       reader = dataclasses.replace(source, decoders={'image': tfds.decode.SkipDecoding()})
-    except (TypeError, ValueError, ImportError):
+    except (TypeError, ValueError):
       reader = source
   out: dict[str, list] = {k: [] for k in keys}
   for i in indices:

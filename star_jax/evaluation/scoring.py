@@ -14,11 +14,14 @@ from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
+import tqdm
 
+from star_jax import mesh as mesh_lib
 from star_jax import metrics as metrics_lib
+from star_jax import models
+from star_jax.data import pipeline
 from star_jax.data import transforms
 from star_jax.layouts import Layout
-from star_jax.training import mesh as mesh_lib
 
 
 def predict_split(predict_fn: Callable[[Any], dict], batches: Iterable[dict], mesh,
@@ -34,7 +37,6 @@ def predict_split(predict_fn: Callable[[Any], dict], batches: Iterable[dict], me
   model_seconds = 0.0
   batches = iter(batches)
   if progress and jax.process_index() == 0:
-    import tqdm  # pylint: disable=import-outside-toplevel
     batches = tqdm.tqdm(batches, desc='evaluate', unit='batch', leave=False)
   for batch in batches:
     images = mesh_lib.to_global({'image': batch['image']}, mesh)['image']
@@ -74,9 +76,6 @@ def evaluate_model(model, config, source, *, progress: bool = False) -> dict:
   dict plus 'wall_seconds' (data loading included). The model is compiled before the clock starts,
   on a batch laid out as the real ones, so that images/s measures the evaluation.
   """
-  from star_jax import models  # pylint: disable=import-outside-toplevel
-  from star_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-
   mesh = mesh_lib.make_mesh()
   graph, params, batch_stats = models.split(model)
   params, batch_stats = jax.device_put((params, batch_stats), mesh_lib.replicated(mesh))

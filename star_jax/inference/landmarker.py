@@ -32,9 +32,11 @@ from typing import Any, Callable, Sequence
 import cv2
 import numpy as np
 
+from star_jax import config_lib
+from star_jax import layouts
 from star_jax.inference import face_detect
+from star_jax.inference import onnx_model
 from star_jax.inference import predictor
-from star_jax.layouts import get_layout
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.pgm', '.pbm', '.tif', '.tiff', '.webp')
 # The config an official checkpoint is converted with when none is given, by its number of points.
@@ -116,20 +118,9 @@ def _is_single_image(images) -> bool:
 
 # ---- Loading networks ---------------------------------------------------------------------------
 
-def _state_dict_points(state_dict: dict) -> int:
-  """The number of landmarks of an official state dict: the output channels of its first heatmap head."""
-  for key, value in state_dict.items():
-    if key.removeprefix('module.') == 'out_heatmaps.0.conv.weight':
-      return int(np.shape(value)[0])
-  raise ValueError('not a STAR state dict: it has no out_heatmaps.0.conv.weight')
-
-
 def _resolve_config(config, num_points: int):
   """`config=` of an official checkpoint (None, a short name, a config file 'path.py[:arg]', or a
   ConfigDict) -> a ConfigDict whose layout has `num_points` points."""
-  from star_jax import config_lib  # pylint: disable=import-outside-toplevel
-  from star_jax import layouts  # pylint: disable=import-outside-toplevel
-
   if config is None:
     if num_points not in DEFAULT_CONFIGS:
       raise ValueError(f'the checkpoint predicts {num_points} points; no default config for that (98: WFLW, '
@@ -152,27 +143,18 @@ def load_official(path: os.PathLike | str, config=None, weights: str = 'net'):
   weights: 'net' (what the official tester and demo run) or 'net_ema'. config: see `_resolve_config`;
   by default the official config of the checkpoint's number of points.
   """
-  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from star_jax import convert_pytorch  # lazy: JAX-free ONNX path (converting needs JAX)
 
-  from star_jax import convert_pytorch  # pylint: disable=import-outside-toplevel
-  from star_jax.models import create_model  # pylint: disable=import-outside-toplevel
-
-  obj = convert_pytorch.read_torch_checkpoint(os.fspath(path))
-  if isinstance(obj, dict) and 'net' not in obj and 'net_ema' not in obj and all(
-      isinstance(v, np.ndarray) for v in obj.values()):
-    obj = {'net': obj}  # a bare state dict
-  if not isinstance(obj, dict) or weights not in obj:
-    have = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-    raise ValueError(f'{path}: has no {weights!r} weights (it has {have})')
+  obj = convert_pytorch.read_official(os.fspath(path))
+  if weights not in obj:
+    raise ValueError(f'{path}: has no {weights!r} weights (it has {sorted(obj)})')
   state_dict = obj[weights]
-  config = _resolve_config(config, _state_dict_points(state_dict))
-  model = create_model(config, nnx.Rngs(0))
+  config = _resolve_config(config, convert_pytorch.state_dict_points(state_dict))
   try:
-    convert_pytorch.load_into_model(state_dict, model)
+    model = convert_pytorch.to_model(state_dict, config)
   except ValueError as e:
     raise ValueError(f'{path} [{weights}] does not fit the model of its config (pass the right config=): '
                      f'{e}') from None
-  model.eval()
   return model, config
 
 
@@ -198,7 +180,7 @@ class FaceLandmarker:
   Args:
     network: `fn(crops uint8 (B, S, S, 3) RGB) -> dict` with 'landmarks' (B, N, 2) as (x, y) in [-1, 1]
       of the crop (the align_corners=False frame the official tester reads the network in) and,
-      optionally, 'covariances' (B, N, 2, 2) in the same frame (`predictor.network_fn` of a model).
+      optionally, 'covariances' (B, N, 2, 2) in the same frame (`star_jax.models.network_fn` of a model).
     image_size: S, the network's input side in pixels.
     layout: the landmark layout's name ('WFLW', '300W', 'COFW'), for the record only.
     detector: 'blazeface' (default), 'haar', an object with `detect(image) -> list[Face]`, or None
@@ -254,7 +236,7 @@ class FaceLandmarker:
     step: a directory's checkpoint step: 'best' (the default: the best checkpoint by the official
       protocol, the lower NME of the weights and their EMA at each evaluation), 'latest' or a number.
     weights: for a directory 'ema' or 'model' (default: the weights that won the step's evaluation,
-      see `checkpoints.load_model`); for a `.pkl` 'net' (default, what the official tester runs) or
+      see `star_jax.checkpoints.load_model`); for a `.pkl` 'net' (default, what the official tester runs) or
       'net_ema'.
     covariances: also predict each point's covariance (the ambiguity); cheap, on by default.
     options: the constructor's keyword arguments (detector, faces, refine, batch_size, ...).
@@ -271,7 +253,7 @@ class FaceLandmarker:
                          'with its weights')
       return cls.from_onnx(p, covariances=covariances, **options)
     if p.is_dir():
-      from star_jax.training import checkpoints  # pylint: disable=import-outside-toplevel
+      from star_jax import checkpoints  # lazy: JAX-free ONNX path (reading a checkpoint needs JAX)
 
       if config is not None:
         raise ValueError('config= is for official .pkl files; a checkpoint directory carries its own config')
@@ -289,8 +271,10 @@ class FaceLandmarker:
       selection = {'step': None, 'weights': weights, 'best_by_protocol': weights == 'net',
                    'chosen_by': "the .pkl's net, what the official tester runs" if weights == 'net' else
                    "the .pkl's net_ema, as asked", 'best': None}
-    network = predictor.network_fn(model, with_covariance=covariances, decode=cfg.model.get('decode', 'landmarks'))
-    out = cls(network, int(cfg.data.image_size), layout=get_layout(cfg.layout).name, **options)
+    from star_jax import models  # lazy: JAX-free ONNX path (running a checkpoint needs JAX)
+
+    network = models.network_fn(model, with_covariance=covariances, decode=cfg.model.get('decode', 'landmarks'))
+    out = cls(network, int(cfg.data.image_size), layout=layouts.get_layout(cfg.layout).name, **options)
     out.config, out.checkpoint, out.step, out.weights = cfg, str(path), step, weights
     out.selection = selection
     return out
@@ -306,8 +290,6 @@ class FaceLandmarker:
     arguments. Raises FileNotFoundError for a missing file and ValueError (`onnx_model.OnnxModelError`)
     for a file that is not an exported landmark model.
     """
-    from star_jax.inference import onnx_model  # pylint: disable=import-outside-toplevel
-
     network = onnx_model.OnnxNetwork(path, with_covariance=covariances, providers=providers, threads=threads)
     out = cls(network, network.image_size, layout=network.layout, **options)
     step = network.metadata.get('step')

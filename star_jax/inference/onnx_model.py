@@ -5,7 +5,7 @@
 
 `OnnxNetwork` is the network function `FaceLandmarker` takes (`FaceLandmarker.from_onnx` builds one):
 it returns 'landmarks' (B, P, 2) as (x, y) in [-1, 1] of the crop (the normalised align_corners=False
-frame of `predictor.network_fn`) and 'covariances' (B, P, 2, 2) in the same frame, converted from the
+frame of `star_jax.models.network_fn`) and 'covariances' (B, P, 2, 2) in the same frame, converted from the
 exported model's crop pixels by the inverse of `export.to_crop_pixels`.
 
 What the file must carry (the export writes it): input 'image' float32 (N, S, S, 3) and outputs
@@ -71,7 +71,7 @@ class OnnxNetwork:
     if not path.is_file():
       raise FileNotFoundError(f'ONNX model {path} does not exist')
     try:
-      import onnxruntime  # pylint: disable=import-outside-toplevel
+      import onnxruntime  # lazy: optional extra (the 'onnx' extra; the rest of the module needs numpy only)
     except ImportError:
       raise ImportError('running an ONNX model needs onnxruntime: pip install onnxruntime '
                         "(or pip install 'star_jax[onnx]')") from None

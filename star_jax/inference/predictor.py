@@ -8,7 +8,7 @@ covariances (N, 2, 2) are in 0-based image pixels (px^2 for covariances).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -24,23 +24,6 @@ _REFINE_MAX_RATIO = 2.5
 
 
 # ---- The network --------------------------------------------------------------------------------
-
-def network_fn(model, with_covariance: bool, decode: str = 'landmarks') -> Callable[[np.ndarray], dict]:
-  """A jit-compiled `fn(images uint8 (B, S, S, 3) RGB) -> dict of numpy arrays` of an eval-mode model:
-  'landmarks' (B, N, 2) in [-1, 1] and, with `with_covariance`, 'covariances' (B, N, 2, 2) in the
-  same normalised frame (see `star_jax.models.make_predict_fn`, also for `decode`)."""
-  import jax  # pylint: disable=import-outside-toplevel
-
-  from star_jax import models  # pylint: disable=import-outside-toplevel
-
-  graph, params, batch_stats = models.split(model)
-  forward = jax.jit(models.make_predict_fn(graph, decode=decode, covariances=with_covariance))
-
-  def predict(images: np.ndarray) -> dict:
-    return {k: np.asarray(v) for k, v in forward(params, batch_stats, images).items()}
-
-  return predict
-
 
 def run_batched(predict_fn, crops: np.ndarray, batch_size: int, pad: bool = True) -> dict:
   """Runs `predict_fn` over (M, S, S, 3) crops in batches of `batch_size`: exactly that many with `pad`

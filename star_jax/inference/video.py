@@ -31,10 +31,12 @@ from typing import Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
+import tqdm
 
 from star_jax import drawing
 from star_jax.data import crop as crop_lib
 from star_jax.inference import face_detect
+from star_jax.inference import landmarker as landmarker_lib
 from star_jax.inference import predictor
 
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.m4v', '.mpg', '.mpeg', '.wmv', '.flv', '.ts')
@@ -351,11 +353,10 @@ class FrameReader:
   """
 
   def __init__(self, source: VideoInput, default_fps: float, warn: Callable[[str], None] = lambda m: None):
-    from star_jax.inference import landmarker  # pylint: disable=import-outside-toplevel
     self.source, self.warn = source, warn
-    self._read_image = landmarker.read_image
+    self._read_image = landmarker_lib.read_image
     if source.kind == 'frames':
-      self.files = frame_files(source.path, landmarker.IMAGE_EXTENSIONS)
+      self.files = frame_files(source.path, landmarker_lib.IMAGE_EXTENSIONS)
       if not self.files:
         raise ValueError(f'{source.path}: no image files (frames) in this folder')
       self.fps, self.count, self._capture = float(default_fps), len(self.files), None
@@ -471,8 +472,6 @@ def process_video(source: VideoInput, landmarker, out_dir: pathlib.Path, options
   (one row per face and frame: frame, time, track, box, detector score, x0, y0, x1, ...) and
   <stem>_landmarks.json (every frame, with its faces). Returns the JSON's summary (without frames),
   or None when the video could not be read (after a warning)."""
-  import tqdm  # pylint: disable=import-outside-toplevel
-
   try:
     reader = FrameReader(source, options.fps, warn)
   except ValueError as e:

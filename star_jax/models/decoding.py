@@ -19,19 +19,29 @@ _SUM_FLOOR = 1e-6
 
 
 
-def align_corners_grid(n: int) -> np.ndarray:
-  """(n,) float32 coordinates in [-1, 1] of n pixels on the align-corners grid: pixel 0 is -1, pixel
-  n - 1 is +1. The one grid of the project: soft-argmax, heatmap moments, CoordConv channels and
-  point-map decoding all use it.
+def align_corners_grid(n: int, dtype=np.float32) -> np.ndarray:
+  """(n,) coordinates in [-1, 1] of n pixels on the align-corners grid: pixel 0 is -1, pixel n - 1 is
+  +1. The one grid of the project: soft-argmax, heatmap moments, CoordConv channels and point-map
+  decoding all use it.
+
+  `dtype` is the compute dtype it serves: float64 gives the grid computed in float64 (a float64 run is
+  float64 throughout); any other dtype the float32 grid (callers cast it to bfloat16 or float16).
   """
-  # float32 arithmetic in the official order (arange / (n - 1) * 2 - 1), so the grid is bit-equal to
-  # the official `_make_grid` and AddCoordsTh channels (they too are built in float32).
-  i = np.arange(n, dtype=np.float32)
-  return i / np.float32(n - 1) * np.float32(2) - np.float32(1)
+  # The official order of operations (arange / (n - 1) * 2 - 1) in the returned precision: in float32
+  # bit-equal to the official `_make_grid` and AddCoordsTh channels, which are built in float32.
+  precision = grid_dtype(dtype)
+  i = np.arange(n, dtype=precision)
+  return i / precision.type(n - 1) * precision.type(2) - precision.type(1)
 
 
-def _grid(n: int) -> jnp.ndarray:
-  return jnp.asarray(align_corners_grid(n))
+def grid_dtype(dtype) -> np.dtype:
+  """The precision of the coordinate grids for a compute dtype: float64 for float64, else float32."""
+  return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def _grid(n: int, dtype) -> jnp.ndarray:
+  """The align-corners grid of n pixels as a JAX array of `dtype`."""
+  return jnp.asarray(align_corners_grid(n, dtype)).astype(dtype)
 
 
 def check_heatmaps(heatmaps, name='heatmaps'):
@@ -61,8 +71,8 @@ def soft_argmax(heatmaps: jnp.ndarray) -> jnp.ndarray:
   total = jnp.maximum(heatmaps.sum(axis=(1, 2)), _SUM_FLOOR)            # (B, N)
   # The x grid varies along W only and the y grid along H only, so the weighted sums reduce to
   # 1-D dot products with the marginals; no full-size grid is materialised.
-  x = jnp.einsum('bwn,w->bn', heatmaps.sum(axis=1), _grid(w))
-  y = jnp.einsum('bhn,h->bn', heatmaps.sum(axis=2), _grid(h))
+  x = jnp.einsum('bwn,w->bn', heatmaps.sum(axis=1), _grid(w, heatmaps.dtype))
+  y = jnp.einsum('bhn,h->bn', heatmaps.sum(axis=2), _grid(h, heatmaps.dtype))
   return jnp.stack([x, y], axis=-1) / total[..., None]
 
 
@@ -85,7 +95,7 @@ def _moments_forward(heatmaps):
   total (the clamped sum) and unclamped (1.0 where the sum was above the clamp, else 0.0).
   """
   _, h, w, _ = heatmaps.shape
-  xs, ys = _grid(w).astype(heatmaps.dtype), _grid(h).astype(heatmaps.dtype)
+  xs, ys = _grid(w, heatmaps.dtype), _grid(h, heatmaps.dtype)
   # Three read-only passes over the maps (the marginals and the sum of squares), then the cross moment
   # below.
   px_raw = heatmaps.sum(axis=1)                                         # (B, W, N) x marginal
@@ -106,7 +116,10 @@ def _moments_forward(heatmaps):
   # official code centres its float32 sums: accurate on sharp maps
   # (tests/test_losses.py::test_star_loss_is_accurate_on_sharp_maps), where one fixed centre cancels in
   # float32, and faster than sums about several fixed centres (docs/benchmarks.md, "STAR loss").
-  row_x = (heatmaps * dx[:, None]).sum(axis=2) / total[:, None]        # sum_w p (x - mx), (B, H, N)
+  # p = hm / T first, as px is made: a map on the diagonal then gives sxy equal to sxx bit for bit (the
+  # same products in the same order), so its singular covariance has the exact zero eigenvalue that
+  # LAPACK finds there (tests/test_losses.py's hard cases).
+  row_x = ((heatmaps / total[:, None, None]) * dx[:, None]).sum(axis=2)  # sum_w p (x - mx), (B, H, N)
   return dict(
       mx=mx, my=my,
       sxx=(px * dx * dx).sum(1), syy=(py * dy * dy).sum(1), sxy=(row_x * dy).sum(1),
@@ -142,7 +155,7 @@ def _normalised_moments_bwd(residuals, cotangents):
   heatmaps, st = residuals
   g_mx, g_my, g_sxx, g_syy, g_sxy, g_s1, g_s2 = cotangents
   _, h, w, _ = heatmaps.shape
-  xs, ys = _grid(w).astype(heatmaps.dtype), _grid(h).astype(heatmaps.dtype)
+  xs, ys = _grid(w, heatmaps.dtype), _grid(h, heatmaps.dtype)
   mx, my, k, inv_t = st['mx'], st['my'], st['unclamped'], 1.0 / st['total']
   # dF/dp, taking mx and my as functions of p: d sxx / dp = (x - mx)^2 - 2 ex x, and so on.
   c_x = g_mx - 2.0 * g_sxx * st['ex'] - g_sxy * st['ey']
@@ -203,6 +216,7 @@ def decode_pointmaps(maps):
   near_x = jnp.abs(xs[None, :, None] - px[:, None, :]) <= 1          # (B, w, N)
   weights = maps * (near_y[:, :, None, :] & near_x[:, None, :, :])   # (B, h, w, N)
   total = jnp.maximum(weights.sum(axis=(1, 2)), 1e-12)
-  x = jnp.einsum('bhwn,w->bn', weights, _grid(w)) / total
-  y = jnp.einsum('bhwn,h->bn', weights, _grid(h)) / total
+  grid_type = as_float(maps).dtype
+  x = jnp.einsum('bhwn,w->bn', weights, _grid(w, grid_type)) / total
+  y = jnp.einsum('bhwn,h->bn', weights, _grid(h, grid_type)) / total
   return jnp.stack([x, y], axis=-1)

@@ -19,10 +19,15 @@ DECODERS = ('landmarks', 'pointmaps')
 def preprocess(images_uint8_rgb, dtype=jnp.float32) -> jax.Array:
   """uint8 (or float) RGB pixels in [0, 255], any shape (..., 3) -> (x - 127.5) / 127.5 in `dtype`.
 
-  float32 by default (also for bfloat16 compute: the model rounds its input); float64 for x64 runs,
-  where a float32 input would already be 3e-8 off the official float64 one.
+  float32 by default (also for bfloat16 compute: the model rounds its input), computed as the official
+  data pipeline computes it, (x - 127.5) * float32(1 / 127.5) (AlignmentDataset's `scale`), so the
+  network sees bit-equal float32 inputs (dividing by 127.5 instead differs by 1 ulp for 126 of the 256
+  pixel values). float64 (x64 runs, float64 throughout): the exact value, rounded once.
   """
-  return (jnp.asarray(images_uint8_rgb, dtype) - 127.5) / 127.5
+  x = jnp.asarray(images_uint8_rgb, dtype)
+  if jnp.dtype(dtype) == jnp.float64:
+    return (x - 127.5) / 127.5
+  return (x - 127.5) * (1 / 127.5)
 
 
 def split(model: nnx.Module):

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from star_jax.models.decoding import align_corners_grid
+from star_jax.models.decoding import grid_dtype
 
 
 def stat_dtype(dtype):
@@ -316,20 +317,22 @@ class ResBlock(nnx.Module):
     return out + residual
 
 
-def coord_channels(height: int, width: int) -> np.ndarray:
-  """The CoordConv channels for an (height, width) map: (height, width, 3) float32 in [-1, 1].
+def coord_channels(height: int, width: int, dtype=np.float32) -> np.ndarray:
+  """The CoordConv channels for an (height, width) map: (height, width, 3) in [-1, 1].
 
   Channel order and values follow the official AddCoordsTh: channel 0 runs from -1 to 1 *down the
   rows* and channel 1 across the columns (the official code calls them x and y but builds them
   transposed; the trained weights expect this order, so we keep it), channel 2 is the radius
-  sqrt(c0^2 + c1^2) divided by its maximum.
+  sqrt(c0^2 + c1^2) divided by its maximum. Computed in float64 for a float64 compute `dtype`, else in
+  float32 (as the official code builds them), and returned in that precision (`grid_dtype`).
   """
-  rows, cols = align_corners_grid(height), align_corners_grid(width)
+  precision = grid_dtype(dtype)
+  rows, cols = align_corners_grid(height, precision), align_corners_grid(width, precision)
   c0 = np.broadcast_to(rows[:, None], (height, width))
   c1 = np.broadcast_to(cols[None, :], (height, width))
   r = np.sqrt(c0 ** 2 + c1 ** 2)
   r = r / r.max()
-  return np.stack([c0, c1, r], axis=-1).astype(np.float32)
+  return np.stack([c0, c1, r], axis=-1).astype(precision)
 
 
 def add_coords(x: jax.Array, boundary_map: jax.Array | None = None) -> jax.Array:
@@ -337,10 +340,11 @@ def add_coords(x: jax.Array, boundary_map: jax.Array | None = None) -> jax.Array
 
   `boundary_map` (B, H, W) is the previous stack's last heatmap channel: the boundary channels are
   coordinate channels 0 and 1 where clip(boundary_map, 0, 1) > 0.05 and zero elsewhere (official
-  with_boundary). Returns (B, H, W, C + 3) or (B, H, W, C + 5) in x's dtype.
+  with_boundary). Returns (B, H, W, C + 3) or (B, H, W, C + 5) in x's dtype; the channels are
+  computed in float64 when x is float64, else in float32 (`coord_channels`).
   """
   b, h, w, _ = x.shape
-  coords = jnp.asarray(coord_channels(h, w))
+  coords = jnp.asarray(coord_channels(h, w, x.dtype))
   parts = [x, jnp.broadcast_to(coords, (b, h, w, 3)).astype(x.dtype)]
   if boundary_map is not None:
     on = (jnp.clip(boundary_map, 0.0, 1.0) > 0.05)[..., None]

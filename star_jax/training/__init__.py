@@ -1,3 +1,5 @@
-"""Training: the state and optimizer (`state`), the step (`step`), the loop (`loop`), checkpoints
-(`checkpoints`), the device mesh (`mesh`), the metric writers (`writers`) and the workdir's safety
-rules: its lock, whole-file writes, config changes (`workdir`)."""
+"""Training: the state and optimizer (`state`), the step (`step`), the loop (`loop`), the trainer's
+checkpoint saving, exact resume and recovery (`checkpointing`), the workdir's files and config-change
+rules (`workdir`), and the metric writers (`writers`). Checkpoints as files (the format, loading,
+model selection) are star_jax.checkpoints; the lock and whole-file writes star_jax.files; the mesh
+star_jax.mesh."""

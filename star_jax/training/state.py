@@ -94,3 +94,11 @@ def create_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTran
       ema_batch_stats=jax.tree.map(jnp.copy, batch_stats) if config.ema else None,
   )
   return Graphs(train=train_graph, eval=eval_graph), state
+
+
+def eval_weights(state: TrainState) -> dict[str, tuple]:
+  """The weights an evaluation scores: {'model': (params, batch_stats)} and, with an EMA, 'ema'."""
+  out = {'model': (state.params, state.batch_stats)}
+  if state.ema_params is not None:
+    out['ema'] = (state.ema_params, state.ema_batch_stats)
+  return out

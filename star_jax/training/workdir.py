@@ -1,36 +1,32 @@
-"""The training workdir's safety rules: one writer at a time, files that are never half-written, and
-configs that do not change under a run's feet.
+"""The training workdir: its files (`Workdir`) and configs that do not change under a run's feet.
 
-- `Lock`: `<workdir>/lock` names the process that writes the workdir (process id, host, start time,
-  command). A second run stops at once (`WorkdirBusyError`); the lock of a process that is gone is
-  taken over with a warning. Held with `fcntl.flock` as well where the filesystem has it, so that the
-  kernel, not a guess from the process id, says whether the holder is alive.
-- `atomic_write_text` (temp file, fsync, rename) for whole files and `AppendFile` for line or record
-  logs (each append is one `write`; a failed one is cut back off, so the file always ends with a
-  complete line).
+- `Workdir` owns what a run writes besides its checkpoints' contents: config.json, metrics.jsonl and
+  the TensorBoard events (`writers.MetricWriter`), final_metrics.json, config_changes.jsonl, and the
+  checkpoints/ folder's saves (`checkpointing`). Every file is written whole (`star_jax.files`), and a
+  write that fails stops the run with a `WriteFailedError` saying what was kept.
 - `config_changes`: the differences between two configs that change results. `FREE_KEYS` lists the
   fields that may change between a run and its resumption without changing what is trained.
+
+The workdir's lock (one writer at a time) is `star_jax.files.Lock`, taken by `loop.train_and_evaluate`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-import errno
 import json
 import os
 import pathlib
 import socket
-import sys
 from typing import Any
 
 from absl import logging
 
-try:
-  import fcntl
-except ImportError:  # not POSIX: the process-id check alone decides
-  fcntl = None
+from star_jax import files
+from star_jax.checkpoints import format as format_lib
+from star_jax.training import checkpointing
+from star_jax.training import writers
 
-LOCK_FILE = 'lock'
 CONFIG_CHANGES_FILE = 'config_changes.jsonl'
 
 # Config fields that do not change what a run trains or how it is scored, so they may differ between a
@@ -39,9 +35,7 @@ CONFIG_CHANGES_FILE = 'config_changes.jsonl'
 # matter when a dataset is (re)built. Everything else (optimiser, schedule, batch size, model, loss,
 # augmentation, dataset, seed, the evaluation subset) is a change of results.
 FREE_KEYS = (
-    # model_selection decides which checkpoint is kept as the best, not what is trained.
     'progress', 'log_every_steps', 'eval_every_epochs', 'checkpoint_every_epochs', 'keep_checkpoints',
-    'model_selection',
     'total_steps', 'num_epochs', 'eval_batch_size',
     'data.data_dir', 'data.manual_dir', 'data.num_workers', 'data.prefetch', 'data.num_threads',
     'data.skip_bad_examples',
@@ -53,15 +47,12 @@ FREE_KEYS = (
 ADDED_FIELDS = {
     'init_from': '', 'init_from_strict': True,
     'data.relabel_model': 'independent', 'data.annotators': 5, 'data.annotator_bias': 0.75,
+    'loss.star_isotropic': 'pin',
 }
 
 
 class WorkdirError(Exception):
   """A problem with the workdir that stops a run; the message says what to do."""
-
-
-class WorkdirBusyError(WorkdirError):
-  """Another live process holds the workdir's lock."""
 
 
 class ConfigChangedError(WorkdirError):
@@ -73,256 +64,96 @@ class WriteFailedError(WorkdirError):
 
 
 # ================================================================================================
-# Whole files and appended lines
+# The files of a run
 # ================================================================================================
 
-def _fsync_dir(directory: pathlib.Path) -> None:
-  try:
-    fd = os.open(directory, os.O_RDONLY)
-  except OSError:
-    return  # some filesystems cannot open directories; the rename itself is still atomic
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
+class Workdir:
+  """The files a training run writes in its workdir, and what a stopped run leaves behind.
 
-
-def atomic_write_bytes(path, data: bytes) -> None:
-  """Writes `path` so that it holds either its old content or all of `data`, never a part.
-
-  The data goes to a temporary file beside it, is flushed to disk, and replaces `path` by a rename.
-  Raises OSError (ENOSPC, ...) with the temporary file removed and `path` untouched.
-  """
-  path = pathlib.Path(path)
-  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-  try:
-    with open(tmp, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      tmp.unlink()
-    except OSError:
-      pass
-    raise
-  _fsync_dir(path.parent)
-
-
-def atomic_write_text(path, text: str) -> None:
-  """`atomic_write_bytes` of UTF-8 text."""
-  atomic_write_bytes(path, text.encode('utf-8'))
-
-
-class AppendFile:
-  """An append-only file written in whole units: each `append` is one `write` call, and a write that
-  fails or comes up short (disk full) is cut back off, so readers never see half a line or record.
-
-  line_based: the units are text lines; a torn last line left by an earlier crash is cut off (with a
-  warning) when the file is opened, so that the file stays valid JSON lines.
+  Process 0 writes (`is_main`); the other processes of a multi-host run share the workdir and write
+  nothing. `last_saved` is the newest checkpoint step written or resumed (None before one), and every
+  failed write raises WriteFailedError with `kept()`: that checkpoint, and how far metrics.jsonl got.
   """
 
-  def __init__(self, path, *, line_based: bool = True):
+  def __init__(self, path: pathlib.Path, *, is_main: bool):
     self.path = pathlib.Path(path)
-    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    if line_based:
-      self._cut_torn_line()
+    self.is_main = is_main
+    self.checkpoint_dir = self.path / 'checkpoints'
+    self.last_saved: int | None = None
+    self.metrics: writers.MetricWriter | None = None
 
-  def _cut_torn_line(self) -> None:
-    size = os.fstat(self._fd).st_size
-    if not size:
-      return
-    with open(self.path, 'rb') as f:
-      # The last newline is near the end: read backwards in blocks until it is found.
-      end = size
-      while end > 0:
-        start = max(0, end - 65536)
-        f.seek(start)
-        block = f.read(end - start)
-        if end == size and block.endswith(b'\n'):
-          return
-        cut = block.rfind(b'\n')
-        if cut >= 0:
-          keep = start + cut + 1
-          break
-        end = start
-      else:
-        keep = 0
-    logging.warning('%s: cutting off a torn last line (%d bytes) left by an interrupted write',
-                    self.path, size - keep)
-    os.ftruncate(self._fd, keep)
+  def kept(self) -> str:
+    """What a stopped run leaves behind, for its error message."""
+    ckpt = (f'Kept: checkpoint step {self.last_saved} in {self.checkpoint_dir} (a new run resumes from it)'
+            if self.last_saved is not None else f'No checkpoint was written yet in {self.checkpoint_dir}')
+    metrics_step = self.metrics.last_step if self.metrics is not None else None
+    metrics = (f'; metrics.jsonl holds whole lines up to step {metrics_step}' if metrics_step is not None else '')
+    return ckpt + metrics + '.'
 
-  def append(self, data: bytes) -> None:
-    """Appends `data` whole. Raises OSError (the file then ends where it ended before)."""
-    size = os.lseek(self._fd, 0, os.SEEK_END)
+  @contextlib.contextmanager
+  def _writing(self, path: pathlib.Path, stopped_at: int | None = None):
+    """Within: a failed write (OSError: disk full, ...) becomes WriteFailedError saying what was kept."""
     try:
-      written = os.write(self._fd, data)
-      if written != len(data):  # a short write on a regular file: the disk is full
-        raise OSError(errno.ENOSPC, f'{os.strerror(errno.ENOSPC)} (wrote {written} of {len(data)} bytes)',
-                      str(self.path))
-    except OSError:
-      try:
-        os.ftruncate(self._fd, size)
-      except OSError:
-        pass
-      raise
+      yield
+    except OSError as e:
+      where = f' at step {stopped_at}' if stopped_at is not None else ''
+      raise WriteFailedError(f'cannot write {e.filename or path} ({e.strerror or e}); the run stopped{where}. '
+                             f'{self.kept()}') from e
 
-  def append_line(self, line: str) -> None:
-    """Appends one text line (a newline is added)."""
-    self.append((line + '\n').encode('utf-8'))
+  def clean_stale_checkpoints(self) -> None:
+    """Deletes what checkpoint saves that never finished left behind (process 0, holding the lock)."""
+    if not self.is_main:
+      return
+    for name in checkpointing.clean_stale_tmp(self.checkpoint_dir):
+      logging.warning('removed %s/%s, left by a checkpoint save that never finished', self.checkpoint_dir, name)
+
+  def resumed(self, step: int, changes: dict[str, tuple]) -> None:
+    """Notes the resumed checkpoint; a resume under a changed config (allowed) is logged and recorded."""
+    self.last_saved = step
+    logging.info('resumed from step %d', step)
+    if changes and self.is_main:
+      logging.warning('resuming step %d under a changed config (--allow_config_change): %s', step,
+                      format_changes(changes))
+      with self._writing(self.path / CONFIG_CHANGES_FILE):
+        record_config_change(self.path, step=step, changes=changes)
+
+  def write_config(self, config) -> None:
+    """config.json: the run's config as it is now."""
+    if self.is_main:
+      with self._writing(self.path / 'config.json'):
+        files.atomic_write_text(self.path / 'config.json', config.to_json_best_effort(indent=2))
+
+  def open_metrics(self) -> None:
+    """Opens metrics.jsonl and the TensorBoard events for appending (every process; only 0 writes)."""
+    with self._writing(self.path / 'metrics.jsonl'):
+      self.metrics = writers.MetricWriter(self.path, enabled=self.is_main)
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    """One line of metrics.jsonl (and one TensorBoard record)."""
+    with self._writing(self.path / 'metrics.jsonl', stopped_at=step):
+      self.metrics.write_scalars(step, scalars)
+
+  def save_checkpoint(self, manager, step: int, state, data_iter, config, evaluation: dict | None) -> None:
+    """Saves step `step` (with its evaluation, if any); a failed save is removed and stops the run."""
+    try:
+      checkpointing.save_training(manager, step, state, data_iter, config, metrics=evaluation)
+    except Exception as e:  # pylint: disable=broad-except  (Orbax and TensorStore raise many kinds)
+      if self.is_main:
+        checkpointing.discard_failed_save(self.checkpoint_dir)  # the partial step: nothing half written is left
+      raise WriteFailedError(
+          f'cannot save checkpoint step {step} in {self.checkpoint_dir} ({format_lib.short_error(e)}); the partial '
+          f'step was removed. {self.kept()}') from e
+    self.last_saved = step
+
+  def write_final(self, final: dict) -> None:
+    """final_metrics.json: the last evaluation, the timings and the best checkpoint."""
+    if self.is_main:
+      with self._writing(self.path / 'final_metrics.json'):
+        files.atomic_write_text(self.path / 'final_metrics.json', json.dumps(final, indent=2))
 
   def close(self) -> None:
-    if self._fd is not None:
-      os.close(self._fd)
-      self._fd = None
-
-
-def append_json_line(path, record: dict) -> None:
-  """Appends one JSON line to `path` (see AppendFile)."""
-  f = AppendFile(path)
-  try:
-    f.append_line(json.dumps(record))
-  finally:
-    f.close()
-
-
-# ================================================================================================
-# The lock
-# ================================================================================================
-
-def _now() -> str:
-  return datetime.datetime.now().isoformat(timespec='seconds')
-
-
-def _alive(pid: int) -> bool:
-  """Whether a process with this id exists on this host."""
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True  # exists, owned by someone else
-  except OSError:
-    return True
-  return True
-
-
-def _describe(holder: dict) -> str:
-  return (f"process {holder.get('pid', '?')} on host {holder.get('host', '?')}, started "
-          f"{holder.get('started', '?')} ({holder.get('command', '?')})")
-
-
-class Lock:
-  """The one-writer lock of a directory (see module doc). `Lock.acquire(directory)`, then `release()`;
-  or `with Lock.acquire(directory):`.
-
-  A second process that finds the lock held by a live process raises WorkdirBusyError naming it. A lock
-  left by a process that no longer runs on this host (killed, machine crash) is taken over with a
-  warning. A lock held from another host cannot be checked from here: it is refused, and the message
-  says to delete the file if that run is gone.
-  """
-
-  def __init__(self, path: pathlib.Path, fd: int, info: dict):
-    self.path = path
-    self._fd = fd
-    self.info = info
-
-  @classmethod
-  def acquire(cls, directory, *, name: str = LOCK_FILE, what: str = 'workdir') -> 'Lock':
-    """Takes `<directory>/<name>`; `what` names the directory in messages ('workdir', 'dataset')."""
-    path = pathlib.Path(directory) / name
-    me = {'pid': os.getpid(), 'host': socket.gethostname(), 'started': _now(),
-          'command': ' '.join(sys.argv)[:500]}
-    for _ in range(10):  # retried only when the file is swapped under us (see below)
-      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-      try:
-        flocked = cls._flock(fd, path, what)
-        # The previous holder may have deleted the file between our open and our flock: then we hold
-        # a lock on a file nobody else will see. Start again on the current file.
-        if flocked and os.fstat(fd).st_ino != os.stat(path).st_ino:
-          os.close(fd)
-          continue
-      except FileNotFoundError:
-        os.close(fd)
-        continue
-      except BaseException:
-        os.close(fd)
-        raise
-      try:
-        holder = cls._read(fd)
-        if holder and holder.get('pid') != me['pid']:
-          cls._judge(holder, flocked, path, what)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(me) + '\n').encode(), 0)
-        os.fsync(fd)
-      except BaseException:
-        os.close(fd)
-        raise
-      return cls(path, fd, me)
-    raise WorkdirBusyError(f'{path}: the lock file keeps being replaced by another process; is another run '
-                           f'starting on this {what}?')
-
-  @staticmethod
-  def _flock(fd: int, path: pathlib.Path, what: str) -> bool:
-    """True when the kernel lock is ours; False where the filesystem has none (then the pid decides)."""
-    if fcntl is None:
-      return False
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      return True
-    except BlockingIOError:
-      holder = Lock._read(fd)
-      who = _describe(holder) if holder else 'another process'
-      raise WorkdirBusyError(f'this {what} is in use by {who} ({path}); wait for it to finish or stop it, '
-                             f'or use another {what}') from None
-    except OSError:
-      return False  # e.g. ENOLCK / EINVAL on filesystems without flock
-
-  @staticmethod
-  def _read(fd: int) -> dict:
-    try:
-      text = os.pread(fd, 65536, 0).decode('utf-8', 'replace')
-      holder = json.loads(text) if text.strip() else {}
-      return holder if isinstance(holder, dict) else {}
-    except (OSError, ValueError):
-      return {}
-
-  @staticmethod
-  def _judge(holder: dict, flocked: bool, path: pathlib.Path, what: str) -> None:
-    """Raises unless the lock `holder` left is stale; warns when taking a stale one over."""
-    same_host = holder.get('host') == socket.gethostname()
-    pid = holder.get('pid')
-    if same_host and isinstance(pid, int) and (flocked or not _alive(pid)):
-      # With the kernel lock ours, its holder is gone (even if the pid now names another process).
-      logging.warning('%s: taking over the stale lock of %s: that process is no longer running', path,
-                      _describe(holder))
-      return
-    if not same_host:
-      raise WorkdirBusyError(
-          f'this {what} is locked by {_describe(holder)} ({path}), another host, so it cannot be checked '
-          f'from here. If that run is gone, delete {path} and start again.')
-    raise WorkdirBusyError(f'this {what} is in use by {_describe(holder)} ({path}); wait for it to finish '
-                           f'or stop it, or use another {what}')
-
-  def release(self) -> None:
-    """Deletes the lock file and drops the lock (a clean exit leaves no lock behind)."""
-    if self._fd is None:
-      return
-    try:
-      self.path.unlink()
-    except OSError:
-      pass
-    os.close(self._fd)
-    self._fd = None
-
-  def __enter__(self) -> 'Lock':
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.release()
+    if self.metrics is not None:
+      self.metrics.close()
 
 
 # ================================================================================================
@@ -366,10 +197,25 @@ def format_changes(changes: dict[str, tuple]) -> str:
   return '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changes.items())
 
 
+def check_config(config, allow: bool, step: int, stored: dict) -> dict:
+  """The result-changing differences of `config` from the `stored` one of checkpoint `step`; raises
+  ConfigChangedError for any unless `allow`. (The argument order fits `checkpointing.resume`'s
+  `accept(step, stored)` once `config` and `allow` are bound.)"""
+  changes = config_changes(stored, config.to_dict())
+  if changes and not allow:
+    raise ConfigChangedError(
+        f'the config differs from the one checkpoint step {step} was trained with, in fields that change '
+        f'results: {format_changes(changes)}. Resume with the same config, pass '
+        '--allow_config_change to continue under the new one (recorded in config_changes.jsonl), or use '
+        f'a new --workdir. (Free to change: {", ".join(FREE_KEYS)}.)')
+  return changes
+
+
 def record_config_change(directory, *, step: int, changes: dict[str, tuple]) -> None:
   """Appends what changed, when and by whom to `<directory>/config_changes.jsonl`."""
-  append_json_line(pathlib.Path(directory) / CONFIG_CHANGES_FILE, {
-      'time': _now(), 'resumed_from_step': int(step), 'host': socket.gethostname(), 'pid': os.getpid(),
+  files.append_json_line(pathlib.Path(directory) / CONFIG_CHANGES_FILE, {
+      'time': datetime.datetime.now().isoformat(timespec='seconds'), 'resumed_from_step': int(step),
+      'host': socket.gethostname(), 'pid': os.getpid(),
       'changes': {k: {'old': _jsonable(a), 'new': _jsonable(b)} for k, (a, b) in changes.items()}})
 
 

@@ -1,6 +1,6 @@
 """Where training reports go: TensorBoard event files, JSON lines, and a progress bar.
 
-Both files are appended in whole units (`workdir.AppendFile`): one JSON line, one event record per
+Both files are appended in whole units (`files.AppendFile`): one JSON line, one event record per
 `write_scalars` call, each in one `write`, cut back off if it fails. A full disk therefore raises
 OSError in the training loop (which stops the run and says what was kept) and never leaves half a
 line behind. (tensorboardX's own writer appends from a background thread, where such an error would
@@ -15,32 +15,33 @@ import socket
 import struct
 import time
 
-from star_jax.training import workdir as workdir_lib
+# tensorboardX writes the event protos without TensorFlow.
+from tensorboardX import summary
+from tensorboardX.proto import event_pb2, summary_pb2
+from tensorboardX.record_writer import masked_crc32c
+import tqdm
+
+from star_jax import files
 
 
 class _EventFile:
   """A TensorBoard event file (TFRecord framing of `Event` protos), written synchronously."""
 
   def __init__(self, directory: pathlib.Path):
-    from tensorboardX.proto import event_pb2, summary_pb2  # a light dependency: no tensorflow needed
-    from tensorboardX.record_writer import masked_crc32c
-    self._event_pb2, self._summary_pb2, self._crc = event_pb2, summary_pb2, masked_crc32c
     directory.mkdir(parents=True, exist_ok=True)
     # TensorBoard's file naming; one file per run (a resumed run starts a new one).
     name = f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}'
-    self._file = workdir_lib.AppendFile(directory / name, line_based=False)
-    self._write(self._event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
+    self._file = files.AppendFile(directory / name, line_based=False)
+    self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
 
   def _write(self, event) -> None:
     data = event.SerializeToString()
     header = struct.pack('Q', len(data))
-    self._file.append(header + struct.pack('I', self._crc(header)) + data + struct.pack('I', self._crc(data)))
+    self._file.append(header + struct.pack('I', masked_crc32c(header)) + data + struct.pack('I', masked_crc32c(data)))
 
   def scalars(self, step: int, scalars: dict[str, float]) -> None:
-    from tensorboardX import summary  # pylint: disable=import-outside-toplevel
     values = [v for key, value in scalars.items() for v in summary.scalar(key, value).value]
-    self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step),
-                                      summary=self._summary_pb2.Summary(value=values)))
+    self._write(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
 
   def close(self) -> None:
     self._file.close()
@@ -58,7 +59,7 @@ class MetricWriter:
     self.last_step = None
     if not enabled:
       return
-    self._jsonl = workdir_lib.AppendFile(pathlib.Path(workdir) / 'metrics.jsonl')
+    self._jsonl = files.AppendFile(pathlib.Path(workdir) / 'metrics.jsonl')
     self._tb = _EventFile(pathlib.Path(workdir) / 'tb')
 
   def write_scalars(self, step: int, scalars: dict[str, float]):
@@ -82,7 +83,6 @@ class Progress:
     self.batch_size = batch_size
     self._bar = None
     if enabled:
-      import tqdm
       self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True,
                             desc='train', smoothing=0.1)
     self._t0, self._step0 = time.perf_counter(), start_step

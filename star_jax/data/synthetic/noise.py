@@ -20,6 +20,8 @@ import functools
 import numpy as np
 
 from star_jax import layouts
+from star_jax.data.synthetic.params import neutral_params
+from star_jax.data.synthetic.render import render
 
 
 # Standard deviation of the tangential label noise per part, as a fraction of the inter-ocular
@@ -129,8 +131,6 @@ _ANNOTATOR_STREAM = 0x5A4E
 def flip_signs() -> np.ndarray:
   """(98,) +1 / -1 / 0: how a horizontal flip maps tangents. Point i's mirrored tangent is
   `flip_signs()[i]` times the tangent of its flip partner, on a frontal face (0: no tangent)."""
-  from star_jax.data.synthetic.params import neutral_params  # pylint: disable=import-outside-toplevel
-  from star_jax.data.synthetic.render import render  # pylint: disable=import-outside-toplevel
   # A frontal face with an open mouth: its inner lip corners have two distinct neighbours.
   points = render(neutral_params(mouth_open=0.5), 256).points
   tangent = curve_tangents(points, layouts.WFLW)

@@ -1,17 +1,18 @@
-"""The ambiguity study: does STAR reduce the harm of ambiguous annotation? (star_jax/experiments/ambiguity.py)
+"""The ambiguity study's config: does STAR reduce the harm of ambiguous annotation?
 
-Run (the default: 3 losses x 4 levels x 2 seeds + the w = 0 and v1 ablations, 28 runs of
-configs/synthetic.py's network for 1000 steps, where the models converge; about 1 h 45 min on an idle
-2-core CPU; the write-up in docs/ambiguity_study.md says what it found and how long it took):
-  python scripts/ambiguity_study.py --output runs/ambiguity_study
+Run from the repository's root (the default: 3 losses x 4 levels x 2 seeds + the w = 0 and v1
+ablations, 28 runs of configs/synthetic.py's network for 1000 steps, where the models converge; about
+1 h 45 min on an idle 2-core CPU; the write-up in projects/ambiguity/README.md says what it found and
+how long it took):
+  python -m projects.ambiguity.run --output runs/ambiguity_study
 The first version's 45-minute budget (a smaller network, 450 steps: every model at 17-23 % NME, short
 of convergence), kept for comparison:
-  python scripts/ambiguity_study.py --config configs/ambiguity_study.py:short --output runs/study_short
-Smoke test (a few minutes; tests/test_study.py runs it):
-  python scripts/ambiguity_study.py --config configs/ambiguity_study.py:quick --output /tmp/study
+  python -m projects.ambiguity.run --config projects/ambiguity/config.py:short --output runs/study_short
+Smoke test (a few minutes; projects/ambiguity/test_study.py runs it):
+  python -m projects.ambiguity.run --quick --output /tmp/study
 The long version, for a GPU (5 levels, 3 seeds, both STAR versions, configs/synthetic.py's network at
 128 px, 30 epochs):
-  python scripts/ambiguity_study.py --config configs/ambiguity_study.py:full --output runs/study_full
+  python -m projects.ambiguity.run --config projects/ambiguity/config.py:full --output runs/study_full
 
 Every cell (variant, level, seed) is one ordinary training run of `run` (configs/synthetic.py with the
 study's network and budget), with `run.loss.kind`, `run.seed` and the training labels' ambiguity level
@@ -21,17 +22,20 @@ study's network and budget), with `run.loss.kind`, `run.seed` and the training l
 
 Noise model: 'annotators' (five simulated annotators, each with a consistent, mirror-symmetric habit
 along the curves making up 3/4 of the label variance, one annotator per face; centred: their
-consensus is the exact point). Why, and what 'independent' per-label noise does: docs/ambiguity_study.md.
+consensus is the exact point). Why, and what 'independent' per-label noise does: the README here.
 """
+
+import pathlib
 
 from star_jax import config_lib
 
-synthetic = config_lib.import_sibling(__file__, 'synthetic')
+# The run is configs/synthetic.py's, from this checkout.
+_SYNTHETIC = pathlib.Path(__file__).resolve().parents[2] / 'configs' / 'synthetic.py'
 
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, quick=False, full=False, short=False)
-  c = synthetic.get_config('ambiguity=0').copy_and_resolve_references()
+  c = config_lib.load_config(f'{_SYNTHETIC}:ambiguity=0').copy_and_resolve_references()
   study = c.__class__()
   study.levels = (0.0, 2.0, 4.0, 8.0)     # ambiguity levels of the training labels (test labels exact)
   study.losses = ('star', 'smoothl1', 'l2')  # the main grid's landmark losses (losses.LANDMARK_LOSSES)
@@ -63,7 +67,7 @@ def get_config(arg=None):
   run.eval_batch_size = 50
   # The budget: 1000 steps (5.3 epochs, two thirds of configs/synthetic.py's 1496), decay x0.1 at 2/3
   # and 9/10 of the run. A step costs ~0.19 s on an idle 2-core CPU, so a cell takes ~3.7 min with its
-  # scoring and the 28 cells ~1 h 45 min: where the models converge (docs/ambiguity_study.md). The
+  # scoring and the 28 cells ~1 h 45 min: where the models converge (README.md here). The
   # 45-minute budget of the first version (1 stack of 32 channels, 450 steps) left every model at
   # 17-23 % NME; it is kept as `:short`.
   run.total_steps = 1000

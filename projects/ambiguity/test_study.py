@@ -1,4 +1,4 @@
-"""The ambiguity study (scripts/ambiguity_study.py, star_jax/experiments/ambiguity.py) at its quick setting.
+"""The ambiguity study (projects/ambiguity: `python -m projects.ambiguity.run`) at its quick setting.
 
 The relabelled training split must equal what the synthetic_faces builder writes at that level (the
 study builds level 0 once and re-draws the labels); the script, run as a user runs it (`--quick`), must
@@ -10,6 +10,7 @@ and the covariance-to-tangent measurements are checked on constructed inputs.
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -17,12 +18,27 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import COMPILE_CACHE_ENV, REPO, load_config
+from projects.ambiguity import cells as cells_lib
+from projects.ambiguity import scoring
+from projects.ambiguity import study as study_lib
+from projects.ambiguity import tables
+from star_jax import config_lib
 from star_jax import layouts
 from star_jax.data import build
 from star_jax.data import synthetic
-from star_jax.experiments import ambiguity
 from star_jax.models import decoding
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+# The compilation cache the tests' subprocesses share (tests/conftest.py, COMPILE_CACHE_ENV).
+COMPILE_CACHE_ENV = {
+    'JAX_COMPILATION_CACHE_DIR': os.environ.get('STAR_JAX_TEST_CACHE', '/tmp/star_jax_test_jax_cache'),
+    'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0', 'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+
+
+def load_config(name: str, arg: str = ''):
+  """The study's config (projects/ambiguity/config.py:`arg`); `name` is 'ambiguity_study'."""
+  assert name == 'ambiguity_study'
+  return config_lib.load_config(str(REPO / 'projects' / 'ambiguity' / 'config.py') + (f':{arg}' if arg else ''))
 
 
 @pytest.fixture(scope='module')
@@ -70,7 +86,7 @@ def test_relabelled_noise_is_tangential_and_largest_on_the_contour(tfds_dir):
   tangent = synthetic.curve_tangents(clean, layouts.WFLW)
   cross = delta[:, 0] * tangent[:, 1] - delta[:, 1] * tangent[:, 0]
   np.testing.assert_allclose(cross, 0, atol=1e-3)
-  amb = ambiguity.ambiguous_points()
+  amb = scoring.ambiguous_points()
   assert amb[:33].all() and amb[33:51].all() and not amb[51:].any()  # contour and brows
   assert np.abs(delta[96:]).max() == 0  # pupils carry no noise
   with pytest.raises(ValueError, match='level'):
@@ -83,7 +99,7 @@ def test_part_nmes_split_the_error_by_ambiguity():
   gt[:, 60], gt[:, 72] = (-0.5, 0.0), (0.5, 0.0)  # IOD 1
   pred = gt.copy()
   pred[:, :33, 0] += 0.1                          # only the contour is off, by 0.1 IOD
-  parts = ambiguity.part_nmes(pred, gt, layouts.WFLW)
+  parts = scoring.part_nmes(pred, gt, layouts.WFLW)
   assert parts['nme_ambiguous'] == pytest.approx(0.1 * 33 / 51)
   assert parts['nme_other'] == pytest.approx(0.0)
 
@@ -93,37 +109,37 @@ def test_study_config_and_cell_configs():
   assert tuple(study.levels) == (0.0, 2.0, 4.0, 8.0) and tuple(study.losses) == ('star', 'smoothl1', 'l2')
   assert tuple(study.seeds) == (0, 1) and tuple(study.ablations) == ('star_w0', 'star_v1')
   assert study.run.data.relabel_model == 'annotators' and study.ablation_level in study.levels
-  cells = ambiguity.cells(study)
+  cells = cells_lib.cells(study)
   assert len(cells) == 28 and len(set(cells)) == 28                     # 3 x 4 x 2 + 2 ablations x 2 seeds
   assert cells[:3] == [('star', 0.0, 0), ('smoothl1', 0.0, 0), ('l2', 0.0, 0)]
   # Level 0 and the ablation level (with the ablations) for both seeds first: a partial study is paired.
   assert [c[1] for c in cells] == [0.0] * 6 + [4.0] * 10 + [2.0] * 6 + [8.0] * 6
   assert cells[12:16] == [('star_w0', 4.0, 0), ('star_v1', 4.0, 0), ('star_w0', 4.0, 1), ('star_v1', 4.0, 1)]
   assert ('star_w0', 4.0, 1) in cells and ('star_v1', 4.0, 0) in cells
-  config = ambiguity.run_config(study, 'star_w0', 2.0, 3)
+  config = cells_lib.run_config(study, 'star_w0', 2.0, 3)
   assert (config.loss.kind, config.loss.star_w, tuple(config.loss.weights), config.seed) == ('star', 0.0,
                                                                                             (1.0, 10.0, 10.0), 3)
   assert (config.data.relabel_ambiguity, config.model.decode) == (2.0, 'landmarks')
   assert config.milestone_unit == 'step' and not config.ema
-  assert ambiguity.run_config(study, 'none', 0.0, 0).model.decode == 'pointmaps'
-  assert ambiguity.run_config(study, 'star_v1', 0.0, 0).loss.star_w == study.run.loss.star_w == 1.0
+  assert cells_lib.run_config(study, 'none', 0.0, 0).model.decode == 'pointmaps'
+  assert cells_lib.run_config(study, 'star_v1', 0.0, 0).loss.star_w == study.run.loss.star_w == 1.0
   assert study.run.loss.kind == 'star'   # the study's own config is not changed by a cell
   # A cell's digest tells its config apart from any other cell's.
-  digests = {ambiguity.config_digest(ambiguity.run_config(study, *cell)) for cell in cells}
+  digests = {cells_lib.config_digest(cells_lib.run_config(study, *cell)) for cell in cells}
   assert len(digests) == len(cells)
   full = load_config('ambiguity_study', 'full')
   assert len(full.seeds) == 3 and full.run.data.config == 'wflw98_amb0'  # the standard build
   quick = load_config('ambiguity_study', 'quick')
-  assert len(ambiguity.cells(quick)) == 10
+  assert len(cells_lib.cells(quick)) == 10
   for bad, message in ((('star', 'l3'), 'unknown loss'), (('star', 'star_w'), 'unknown loss')):
     study.losses = bad
     with pytest.raises(ValueError, match=message):
-      ambiguity.check_study(study)
+      cells_lib.check_study(study)
   study.losses = ('star',)
   study.ablation_level = 3.0
   with pytest.raises(ValueError, match='ablation_level'):
-    ambiguity.check_study(study)
-  assert ambiguity.variant_loss('star_v1_w0.5') == ('star_v1', 0.5)
+    cells_lib.check_study(study)
+  assert cells_lib.variant_loss('star_v1_w0.5') == ('star_v1', 0.5)
 
 
 def _cov_along(directions, major=4.0, minor=1.0):
@@ -144,8 +160,8 @@ def test_axis_statistics_measure_the_angle_to_the_true_tangent():
   # flipped sign changes nothing.
   along = _cov_along(-safe)
   across = _cov_along(np.stack([-safe[..., 1], safe[..., 0]], -1), major=9.0)
-  cov = np.where(ambiguity.ambiguous_points()[None, :, None, None], along, across)
-  stats = ambiguity.axis_statistics(cov, gt, gt_px, layouts.WFLW)
+  cov = np.where(scoring.ambiguous_points()[None, :, None, None], along, across)
+  stats = scoring.axis_statistics(cov, gt, gt_px, layouts.WFLW)
   groups = stats['groups']
   for name in ('contour', 'brows'):
     assert groups[name]['angle_median'] == pytest.approx(0.0, abs=1e-4)
@@ -163,9 +179,9 @@ def test_axis_statistics_measure_the_angle_to_the_true_tangent():
   # A 30-degree turn of every axis reads as 30 degrees, in either direction of rotation.
   turn = np.radians(30.0)
   rot = np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
-  turned = ambiguity.axis_statistics(_cov_along(safe @ rot.T), gt, gt_px, layouts.WFLW)['groups']
+  turned = scoring.axis_statistics(_cov_along(safe @ rot.T), gt, gt_px, layouts.WFLW)['groups']
   assert turned['contour']['angle_median'] == pytest.approx(30.0, abs=1e-3)
-  turned = ambiguity.axis_statistics(_cov_along(safe @ rot), gt, gt_px, layouts.WFLW)['groups']
+  turned = scoring.axis_statistics(_cov_along(safe @ rot), gt, gt_px, layouts.WFLW)['groups']
   assert turned['brows']['angle_median'] == pytest.approx(30.0, abs=1e-3)
 
 
@@ -179,14 +195,14 @@ def test_error_split_measures_the_error_along_and_across_the_tangent():
   # 3 % of the IOD along the curve (either way) and 1 % across it, at every point with a tangent.
   sign = np.where(np.arange(98) % 2 == 0, 1.0, -1.0)[None, :, None]
   pred = gt + iod * (0.03 * sign * tangents + 0.01 * normals)
-  split = ambiguity.error_split(pred, gt, gt_px, layouts.WFLW)
+  split = scoring.error_split(pred, gt, gt_px, layouts.WFLW)
   assert set(split) == {'contour', 'brows', 'others'} and split['others']['count'] == 3 * 45
   for group in split.values():
     assert group['tangential'] == pytest.approx(0.03) and group['normal'] == pytest.approx(0.01)
   # Exact predictions have no error either way; a pure tangential shift has no normal part.
-  assert ambiguity.error_split(gt, gt, gt_px, layouts.WFLW)['contour'] == {'tangential': 0.0, 'normal': 0.0,
+  assert scoring.error_split(gt, gt, gt_px, layouts.WFLW)['contour'] == {'tangential': 0.0, 'normal': 0.0,
                                                                           'count': 3 * 33}
-  along = ambiguity.error_split(gt + iod * 0.02 * tangents, gt, gt_px, layouts.WFLW)['brows']
+  along = scoring.error_split(gt + iod * 0.02 * tangents, gt, gt_px, layouts.WFLW)['brows']
   assert along['tangential'] == pytest.approx(0.02) and along['normal'] == pytest.approx(0.0, abs=1e-12)
 
 
@@ -194,7 +210,7 @@ def _run_script(out, tfds_dir, *extra):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
              # Compile fast (this is about plumbing, not speed) and share programs between test runs.
              XLA_FLAGS='--xla_backend_optimization_level=0', **COMPILE_CACHE_ENV)
-  return subprocess.run([sys.executable, 'scripts/ambiguity_study.py', '--quick',
+  return subprocess.run([sys.executable, '-m', 'projects.ambiguity.run', '--quick',
                          f'--config.run.data.data_dir={tfds_dir}', '--output', str(out), *extra], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=900)
 
@@ -276,22 +292,22 @@ def test_statistics_pair_seeds_and_call_only_differences_beyond_the_spread():
     records.append({'variant': variant, 'loss': variant.split('_w')[0], 'level': level, 'seed': seed, 'nme': nme,
                     'nme_ambiguous': nme, 'nme_other': nme, 'train_seconds': 1.0})
   seeds = [0, 1]
-  assert ambiguity.mean_spread(ambiguity.seed_values(records, 'star', 0.0, 'nme', seeds)) == pytest.approx((0.06, 0.01))
-  assert math.isnan(ambiguity.mean_spread(ambiguity.seed_values(records, 'l2', 4.0, 'nme', seeds))[0])
+  assert tables.mean_spread(tables.seed_values(records, 'star', 0.0, 'nme', seeds)) == pytest.approx((0.06, 0.01))
+  assert math.isnan(tables.mean_spread(tables.seed_values(records, 'l2', 4.0, 'nme', seeds))[0])
   # Harm of STAR, paired by seed: +0.03 and +0.01: both seeds agree, so it is called.
-  assert ambiguity.paired_difference(records, ('star', 4.0), ('star', 0.0), 'nme', seeds) == pytest.approx(
+  assert tables.paired_difference(records, ('star', 4.0), ('star', 0.0), 'nme', seeds) == pytest.approx(
       (0.02, 0.01, True))
   # STAR minus L2 at level 0: -0.01 and +0.01: within the spread, not called.
-  mean, spread, called = ambiguity.paired_difference(records, ('star', 0.0), ('l2', 0.0), 'nme', seeds)
+  mean, spread, called = tables.paired_difference(records, ('star', 0.0), ('l2', 0.0), 'nme', seeds)
   assert (mean, spread, called) == (pytest.approx(0.0), pytest.approx(0.01), False)
   # One seed is never called, however large the difference.
-  assert not ambiguity.paired_difference(records, ('star_w0', 4.0), ('star', 4.0), 'nme', [0])[2]
-  table = ambiguity.aggregate(records, ['star', 'l2'], [0.0, 4.0], 'nme')
+  assert not tables.paired_difference(records, ('star_w0', 4.0), ('star', 4.0), 'nme', [0])[2]
+  table = tables.aggregate(records, ['star', 'l2'], [0.0, 4.0], 'nme')
   assert table['star']['0'] == pytest.approx((0.06, 0.01)) and math.isnan(table['l2']['4'][0])
-  assert ambiguity._json_table(table)['l2']['4'] == [None, None]
+  assert tables.json_table(table)['l2']['4'] == [None, None]
   grid = {'levels': [0.0, 4.0], 'losses': ['star', 'l2'], 'seeds': seeds, 'ablations': ['star_w0'],
           'ablation_level': 4.0}
-  md = ambiguity.markdown_tables(records, grid)
+  md = tables.markdown_tables(records, grid)
   assert '| star (STAR (v2) + AWing) | 6.00 ± 1.00 | 8.00 ± 0.00 |' in md
   assert '| l2 (L2 coords + AWing) | 6.00 ± 0.00 | diverged |' in md
   assert '| star | all | **+2.00 ± 1.00** |' in md                      # called: bold
@@ -322,14 +338,14 @@ def test_replot_rewrites_tables_and_plots_from_the_json(tmp_path):
       hist = [0.5, 0.2, 0.1, 0.05, 0.05, 0.04, 0.03, 0.02, 0.01]
       cov = {'groups': {g: {'angle_median': 10.0 + level, 'aligned': 0.7, 'angle_hist': hist,
                             'anisotropy_median': 2.0 + level, 'std_major': 0.05, 'std_minor': 0.02, 'count': 10}
-                        for g in ambiguity.GROUPS}, 'points': {}}
+                        for g in scoring.GROUPS}, 'points': {}}
       runs.append({'variant': loss, 'loss': loss, 'level': level, 'seed': 0, 'nme': nme, 'nme_ambiguous': nme,
                    'nme_other': nme, 'train_seconds': 2.0, 'wall_seconds': 3.0, 'covariance': cov})
   doc = {'levels': [0.0, 2.0, 4.0], 'losses': ['star', 'none'], 'seeds': [0], 'ablations': [], 'ablation_level': 0.0,
          'runs': runs, 'total_seconds': 60.0, 'device': 'test', 'dataset': {'seconds': 1.0},
          'compile_seconds': {'star': 1.0, 'none': 1.0}}
   (tmp_path / 'results.json').write_text(json.dumps(doc))
-  ambiguity.replot(tmp_path, log=lambda _: None)
+  study_lib.replot(tmp_path, log=lambda _: None)
   md = (tmp_path / 'results.md').read_text()
   assert '| star (STAR (v2) + AWing) | 5.00 | 6.00 | 7.00 |' in md
   assert '| star | all | +1.00 | +2.00 |' in md
@@ -337,15 +353,15 @@ def test_replot_rewrites_tables_and_plots_from_the_json(tmp_path):
   for name in ('nme_vs_ambiguity.png', 'axis_angles.png', 'covariance_vs_ambiguity.png'):
     assert (tmp_path / name).read_bytes()[:4] == b'\x89PNG'  # with an off-scale loss
   with pytest.raises(FileNotFoundError, match='run the study first'):
-    ambiguity.replot(tmp_path / 'nothing')
+    study_lib.replot(tmp_path / 'nothing')
 
 
 def _fake_record(study, variant, level, seed, nme):
   hist = [0.5, 0.2, 0.1, 0.05, 0.05, 0.04, 0.03, 0.02, 0.01]
   cov = {'groups': {g: {'angle_median': 20.0, 'aligned': 0.6, 'angle_hist': hist, 'anisotropy_median': 3.0,
-                        'std_major': 0.05, 'std_minor': 0.02, 'count': 10} for g in ambiguity.GROUPS}, 'points': {}}
-  digest = ambiguity.config_digest(ambiguity.run_config(study, variant, level, seed))
-  return {'variant': variant, 'loss': ambiguity.variant_loss(variant)[0], 'level': level, 'seed': seed, 'nme': nme,
+                        'std_major': 0.05, 'std_minor': 0.02, 'count': 10} for g in scoring.GROUPS}, 'points': {}}
+  digest = cells_lib.config_digest(cells_lib.run_config(study, variant, level, seed))
+  return {'variant': variant, 'loss': cells_lib.variant_loss(variant)[0], 'level': level, 'seed': seed, 'nme': nme,
           'nme_ambiguous': nme, 'nme_other': nme, 'covariance': cov, 'compile_seconds': 5.0, 'train_seconds': 2.0,
           'wall_seconds': 3.0, 'config_digest': digest}
 
@@ -353,14 +369,14 @@ def _fake_record(study, variant, level, seed, nme):
 def test_partial_outputs_show_the_finished_levels_and_name_the_missing_cells(tmp_path):
   study = load_config('ambiguity_study', 'quick')
   with pytest.raises(FileNotFoundError, match='no level'):
-    ambiguity.partial_outputs(study, tmp_path)
+    study_lib.partial_outputs(study, tmp_path)
   # Level 0 finished for both seeds and both losses, one cell of level 4: level 0 is shown, level 4 named.
   done = [(v, 0.0, s) for s in (0, 1) for v in ('star', 'l2')] + [('star', 4.0, 0)]
   for k, (variant, level, seed) in enumerate(done):
-    cell = tmp_path / 'runs' / ambiguity.cell_name(variant, level, seed)
+    cell = tmp_path / 'runs' / cells_lib.cell_name(variant, level, seed)
     cell.mkdir(parents=True)
     (cell / 'cell.json').write_text(json.dumps(_fake_record(study, variant, level, seed, 0.05 + 0.01 * k)))
-  doc = ambiguity.partial_outputs(study, tmp_path, log=lambda _: None)
+  doc = study_lib.partial_outputs(study, tmp_path, log=lambda _: None)
   assert doc['levels'] == [0.0] and doc['ablations'] == [] and len(doc['runs']) == 4
   assert doc['partial']['finished'] == 5 and 'l2_amb4_seed0' in doc['partial']['missing']
   md = (tmp_path / 'results.md').read_text()
@@ -369,8 +385,8 @@ def test_partial_outputs_show_the_finished_levels_and_name_the_missing_cells(tmp
   # A finished cell of another config is an error, not silently shown.
   stale = tmp_path / 'runs' / 'star_amb0_seed0' / 'cell.json'
   stale.write_text(json.dumps(dict(json.loads(stale.read_text()), config_digest='0' * 16)))
-  with pytest.raises(ambiguity.StaleCellError, match='another config'):
-    ambiguity.partial_outputs(study, tmp_path)
+  with pytest.raises(study_lib.StaleCellError, match='another config'):
+    study_lib.partial_outputs(study, tmp_path)
 
 
 def test_a_cell_stopped_by_sigterm_stops_the_study_without_a_record(tmp_path, monkeypatch):
@@ -380,6 +396,6 @@ def test_a_cell_stopped_by_sigterm_stops_the_study_without_a_record(tmp_path, mo
   # The trainer stopped early (SIGTERM): it saved step 2 of 3 and returned no evaluation.
   (workdir / 'checkpoints' / '2').mkdir(parents=True)
   monkeypatch.setattr(loop, 'train_and_evaluate', lambda config, workdir: {})
-  with pytest.raises(ambiguity.CellInterruptedError, match='step 2 of 3'):
-    ambiguity.run_cell(study, 'star', 0.0, 0, tmp_path, log=lambda _: None)
+  with pytest.raises(study_lib.CellInterruptedError, match='step 2 of 3'):
+    study_lib.run_cell(study, 'star', 0.0, 0, tmp_path, log=lambda _: None)
   assert not (workdir / 'cell.json').exists()
