@@ -10,7 +10,7 @@ Two measurements, at batch 1 (per-face latency) and batch 8 (throughput):
   function of `star_jax.models.network_fn`, landmarks and covariances, on uint8 crops; ONNX: the exported
   model's `session.run` on float32 crops; official: `net(x)` under no_grad on a prepared tensor, timed
   inside its process);
-- end to end: `FaceLandmarker.predict` on B paths of a 640 x 360 JPEG photo (tests/data/real_faces_full/
+- end to end: `FaceLandmarker.predict` on B paths of a 640 x 360 JPEG photo (tests/testdata/real_faces_full/
   breakingbad.jpg downscaled; decode, BlazeFace detection of the largest face (the default: its pyramid
   scanned coarse to fine, stopping once no finer level can find a larger face), its crop, network, map
   back to image pixels; refinement off, so one network pass per face). 'pipeline only' is the same
@@ -51,7 +51,7 @@ import numpy as np
 import benchmarks
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
-PHOTO = _REPO / 'tests' / 'data' / 'real_faces_full' / 'breakingbad.jpg'
+PHOTO = _REPO / 'tests' / 'testdata' / 'real_faces_full' / 'breakingbad.jpg'
 FULL = {'image_size': 256, 'nstack': 4, 'channels': 256, 'matmul': 2048}
 # The official network needs 256 px and 4 stacks (sizes fixed in its code), so the small one is narrow.
 SMALL = {'image_size': 256, 'nstack': 4, 'channels': 16, 'matmul': 512}

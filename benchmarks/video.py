@@ -2,13 +2,13 @@
 
   python scripts/benchmark.py video
 
-`motion_video` moves a real annotated photo (tests/data/real_faces_full/takeo.png, 68 points) by a
+`motion_video` moves a real annotated photo (tests/testdata/real_faces_full/takeo.png, 68 points) by a
 known smooth similarity per frame (translation, rotation, zoom), so that every frame's true landmarks
 are known. `RegistrationOracle` is a "network" that localises that one face in any crop of such a
 frame: it registers the crop onto a reference crop of the photo (OpenCV's ECC, an affine warp) and maps
 the annotated points through it, then adds noise drawn from a seed that is a hash of the crop's
 pixels: a deterministic function of the crop, like a network, whose frame-to-frame jitter is known.
-The tests use both (tests/test_video.py); this section reports, through the predict command's tracker:
+The tests use both (tests/inference/test_video.py); this section reports, through the predict command's tracker:
 
 - jitter (`video.jitter`: frame-to-frame landmark motion beyond the true motion, RMS, px and % of the
   inter-ocular distance) and the mean error, with and without One Euro smoothing, for the oracle;
@@ -32,7 +32,7 @@ import numpy as np
 from star_jax.data import annotations
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-PHOTO = REPO / 'tests' / 'data' / 'real_faces_full' / 'takeo.png'
+PHOTO = REPO / 'tests' / 'testdata' / 'real_faces_full' / 'takeo.png'
 # Out-of-photo pixels repeat the border: they move with the photo, and hold no second face.
 PAD = 160
 FRAMES = 48          # frames of the section's videos
@@ -285,7 +285,7 @@ def _checkpoints(tmp: pathlib.Path, full_size: bool = True) -> dict:
 
   tiny = config_lib.load_config(str(REPO / 'configs' / 'wflw.py') + ':tiny')
   tiny.model.nstack, tiny.model.channels = 4, 32
-  convert_pytorch.convert_checkpoint(str(REPO / 'tests' / 'data' / 'tiny_wflw_checkpoint.pkl'), tiny,
+  convert_pytorch.convert_checkpoint(str(REPO / 'tests' / 'testdata' / 'tiny_wflw_checkpoint.pkl'), tiny,
                                      str(tmp / 'tiny'))
   out = {'tiny (input 64, 4 stacks x 32 channels)': tmp / 'tiny'}
   if full_size:

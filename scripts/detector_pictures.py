@@ -2,7 +2,7 @@
 
   python scripts/detector_pictures.py [--detector blazeface|haar] [--output docs] [--repeats 5]
 
-For each photo of tests/data/real_faces_full: runs the detector (star_jax.inference.face_detect) `--repeats`
+For each photo of tests/testdata/real_faces_full: runs the detector (star_jax.inference.face_detect) `--repeats`
 times after one warm-up run and keeps the median time, then writes `<output>/detector_<name>.jpg`
 (the photo, resized to 450-800 px, with each detected box in red labelled rank:score, and the annotation's
 68-landmark box in green) and prints a markdown table: the boxes and scores, whether the first face
@@ -26,7 +26,7 @@ from star_jax.data import crop as crop_lib
 from star_jax.inference import face_detect
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-PHOTOS = REPO / 'tests' / 'data' / 'real_faces_full'
+PHOTOS = REPO / 'tests' / 'testdata' / 'real_faces_full'
 NAMES = ('einstein.jpg', 'breakingbad.jpg', 'takeo.png')
 MAX_SIDE = 800
 MIN_SIDE = 450  # small photos are enlarged so that the boxes and labels stay readable

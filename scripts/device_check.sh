@@ -188,8 +188,8 @@ export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 stage selection 120 "$PY" scripts/device_check.py selection "$WORK/selection.json"
 
 # ---- tests ------------------------------------------------------------------------------------------------
-TESTS=(tests/test_gpu.py tests/test_mixed_precision.py tests/test_cpu_tuning.py
-       "tests/test_model.py::test_cpu_only_convolution_gradient_is_chosen_on_the_cpu_alone")
+TESTS=(tests/test_gpu.py tests/models/test_mixed_precision.py tests/test_cpu_tuning.py
+       "tests/models/test_model.py::test_cpu_only_convolution_gradient_is_chosen_on_the_cpu_alone")
 if [ "$DRY" = 1 ]; then
   # A second CPU device stands in for the GPU (tests/test_gpu.py).
   stage tests 3000 env DEVICE_CHECK_DRY_RUN=1 XLA_FLAGS=--xla_force_host_platform_device_count=2 \

@@ -1,7 +1,7 @@
-"""Rebuilds the golden files of tests/data with the official STAR code, or checks the committed ones.
+"""Rebuilds the golden files of tests/testdata with the official STAR code, or checks the committed ones.
 
   python scripts/make_test_data.py --official /path/to/STAR --reference ../shared/reference
-      [--output tests/data] [--only losses,loss_hard_cases,metrics,targets,tiny_outputs,layouts,checkpoints,
+      [--output tests/testdata] [--only losses,loss_hard_cases,metrics,targets,tiny_outputs,layouts,checkpoints,
       real_faces,real_faces_full,train_step,train_step_draws,train_step_self_agreement]
       [--faces DIR] [--check]
 
@@ -805,7 +805,7 @@ def _make_test_data(argv: list[str]) -> int:
                       'targets.npz, tiny_model.npz, tiny_*_checkpoint.pkl)', flag_values=fv)
   flags.DEFINE_string('faces', None, 'folder of the full-size real faces (default <reference>/../data/real_faces)',
                       flag_values=fv)
-  flags.DEFINE_string('output', str(REPO / 'tests' / 'data'), 'where the files go; with --check, the files to '
+  flags.DEFINE_string('output', str(REPO / 'tests' / 'testdata'), 'where the files go; with --check, the files to '
                       'compare with', flag_values=fv)
   flags.DEFINE_list('only', list(GOLDENS), f'which files to make: {", ".join(GOLDENS)}', flag_values=fv)
   flags.DEFINE_bool('check', False, 'rebuild into a temporary folder and compare with --output; exit status 1 '

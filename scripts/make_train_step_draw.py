@@ -1,10 +1,10 @@
 """Three official training steps on a seeded draw, with how well the official step agrees with itself.
 
   python scripts/make_train_step_draw.py --official /path/to/STAR --seed 21 \
-      --output tests/data/train_step_s21_pure64.npz [--pure64=true] [--reference_output FULL.npz]
+      --output tests/testdata/train_step_s21_pure64.npz [--pure64=true] [--reference_output FULL.npz]
   python scripts/make_train_step_draw.py --official /path/to/STAR \
       --remeasure ../shared/reference/train_step.npz,../shared/reference/train_step_s13_pure64.npz \
-      --output tests/data/train_step_self_agreement.json
+      --output tests/testdata/train_step_self_agreement.json
 
 Needs PyTorch and a checkout of the official code (github ZhenglinZhou/STAR), loaded through
 benchmarks/official.py; run it with a Python that has both star_jax and PyTorch.

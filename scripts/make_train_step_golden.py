@@ -1,7 +1,7 @@
-"""Makes tests/data/train_step_golden.npz, the compact golden data of tests/test_train_step_parity.py.
+"""Makes tests/testdata/train_step_golden.npz, the compact golden data of tests/training/test_train_step_parity.py.
 
   python scripts/make_train_step_golden.py --reference PATH/train_step.npz \
-      --output tests/data/train_step_golden.npz [--radius_from OLD_GOLDEN.npz]
+      --output tests/testdata/train_step_golden.npz [--radius_from OLD_GOLDEN.npz]
 
 Input: the float64 reference of three official training steps (train_step.npz, described in the
 reference README, or a draw of scripts/make_train_step_draw.py, which writes its compact form with this

@@ -4,7 +4,7 @@ real photos, with the photos' own annotation beside its prediction.
   python scripts/synthetic_on_real.py --checkpoint runs/synthetic [--output docs/synthetic_on_real.jpg]
 
 Green: the model's 98 points (detector box in red, refined crop); white: the photo's 68 annotated points
-(tests/data/real_faces_full). The NME in each title is over the 68 points (the model's points taken by
+(tests/testdata/real_faces_full). The NME in each title is over the 68 points (the model's points taken by
 the 98 -> 68 map of the synthetic faces, star_jax/data/synthetic/subsets.py), normalised by the
 distance between the outer eye corners; on the synthetic face, over its 98 exact points.
 """
@@ -54,7 +54,7 @@ def _main(argv):
   panels = [_panel(landmarker.draw(sample.image, [face], show_ambiguity=False),
                    f'synthetic face: NME {100 * nme:.1f} %')]
   for name in PHOTOS:
-    path = REPO / 'tests' / 'data' / 'real_faces_full' / name
+    path = REPO / 'tests' / 'testdata' / 'real_faces_full' / name
     truth = read_pts(path.with_suffix('.pts'))
     (face,) = landmarker(path)
     nme = np.linalg.norm(face.landmarks[WFLW_TO_300W] - truth, axis=1).mean() / np.linalg.norm(truth[36] - truth[45])

@@ -1,4 +1,4 @@
-"""Shared test fixtures and helpers: paths to the golden data committed under tests/data, the tiny
+"""Shared test fixtures and helpers: paths to the golden data committed under tests/testdata, the tiny
 synthetic dataset, one tiny model trained by the real train command, the commands run in this process
 (`run_command`) and the environment of the subprocesses that run them as a user does."""
 
@@ -16,7 +16,7 @@ import pytest
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 TESTS = pathlib.Path(__file__).resolve().parent
-DATA = TESTS / 'data'
+DATA = TESTS / 'testdata'
 REPO = TESTS.parent
 # The repository's own tools (benchmarks/, the official-code harness) are not installed: import them
 # from the checkout.
@@ -44,7 +44,7 @@ TINY_CONFIG = f'--config={REPO / "configs" / "synthetic.py"}:tiny'
 
 @pytest.fixture
 def data_dir() -> pathlib.Path:
-  """tests/data: small golden arrays from ../shared/reference and real photos (scripts/make_test_data.py)."""
+  """tests/testdata: small golden arrays from ../shared/reference and real photos (scripts/make_test_data.py)."""
   return DATA
 
 
@@ -66,7 +66,7 @@ def load_config(name: str, arg: str = ''):
 
 @pytest.fixture(scope='session')
 def tiny_wflw_checkpoint(tmp_path_factory) -> pathlib.Path:
-  """The tiny official WFLW network (tests/data/tiny_wflw_checkpoint.pkl: input 64, 4 stacks, 32
+  """The tiny official WFLW network (tests/testdata/tiny_wflw_checkpoint.pkl: input 64, 4 stacks, 32
   channels, random weights) converted to a star_jax checkpoint directory."""
   from star_jax import convert_pytorch
 
@@ -76,7 +76,7 @@ def tiny_wflw_checkpoint(tmp_path_factory) -> pathlib.Path:
 
 
 def tiny_wflw_config():
-  """The config of tests/data/tiny_wflw_checkpoint.pkl: configs/wflw.py:tiny with 4 stacks of 32 channels."""
+  """The config of tests/testdata/tiny_wflw_checkpoint.pkl: configs/wflw.py:tiny with 4 stacks of 32 channels."""
   config = load_config('wflw', 'tiny')
   config.model.nstack, config.model.channels = 4, 32
   return config

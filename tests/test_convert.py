@@ -1,9 +1,9 @@
 """The PyTorch checkpoint converter (without PyTorch) and model checkpoints (save / load).
 
-tests/data/tiny_{wflw,cofw}_checkpoint.pkl are official-format checkpoints (torch.save zip) of the
+tests/testdata/tiny_{wflw,cofw}_checkpoint.pkl are official-format checkpoints (torch.save zip) of the
 tiny reference models; tiny_outputs.npz their official outputs (see test_model.py). The full-size
 official state-dict layouts (every key and shape of the released WFLW / 300W / COFW models) are in
-tests/data/tiny_official_layouts.json.gz, from ../shared/reference/pytorch_state_dict_layout.json
+tests/testdata/tiny_official_layouts.json.gz, from ../shared/reference/pytorch_state_dict_layout.json
 (scripts/make_test_data.py rebuilds it, and the other goldens, from the official code).
 """
 

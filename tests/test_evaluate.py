@@ -209,7 +209,7 @@ def test_evaluate_and_predict_a_training_workdir(trained_tiny, tfds_dir, tmp_pat
   record = json.loads((tmp_path / 'pred' / 'face.json').read_text())
   assert np.array(record['faces'][0]['landmarks']).shape == (98, 2)
   # And on a real photograph, with the face found by the detector.
-  assert predict.main(['predict', '--checkpoint', str(workdir), str(REPO / 'tests' / 'data' / 'real_faces' / 'takeo.png'),
+  assert predict.main(['predict', '--checkpoint', str(workdir), str(REPO / 'tests' / 'testdata' / 'real_faces' / 'takeo.png'),
                        '--output', str(tmp_path / 'real'), '--show-ambiguity']) == 0
   record = json.loads((tmp_path / 'real' / 'takeo.json').read_text())
   assert len(record['faces']) == 1 and np.array(record['faces'][0]['landmarks']).shape == (98, 2)
@@ -224,7 +224,7 @@ def vw_data(tmp_path_factory):
   from star_jax.data import build
   from star_jax_datasets.the300vw import fake_data
   root = tmp_path_factory.mktemp('300vw')
-  videos = fake_data.write(root / 'raw', REPO / 'tests' / 'data' / 'real_faces')
+  videos = fake_data.write(root / 'raw', REPO / 'tests' / 'testdata' / 'real_faces')
   build.build('the300vw', manual_dir=str(root / 'raw'), data_dir=str(root / 'data'))
   return root / 'data', videos
 

@@ -124,7 +124,7 @@ def test_conv_takes_xla_gradient_on_gpu():
 
 @pytest.fixture(scope='module')
 def tiny_wflw():
-  """The official tiny WFLW model (tests/data), converted: (graph, state) in eval and train mode, the
+  """The official tiny WFLW model (tests/testdata), converted: (graph, state) in eval and train mode, the
   golden outputs and our RGB input."""
   from test_model import rgb_input, tiny_model  # pylint: disable=import-error
   from star_jax import convert_pytorch

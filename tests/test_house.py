@@ -257,3 +257,22 @@ def test_the_import_structure():
   facts['function-level imports']['total'] = sum(v for k, v in facts['function-level imports'].items()
                                                  if k in LAZY_REASONS)
   print(json.dumps({k: dict(v) if isinstance(v, collections.Counter) else v for k, v in facts.items()}, indent=1))
+
+
+# ---- The tests' layout ---------------------------------------------------------------------------
+
+# Folders of tests/ that are not a subpackage of star_jax: the golden files, the fault injector, and
+# the tests of the repository's tools (benchmarks/, scripts/).
+TEST_FOLDERS_APART = {'testdata', 'faults', 'tools'}
+
+
+def test_the_tests_mirror_the_package():
+  """tests/<sub>/ holds the tests of star_jax/<sub>/ (tests/ itself those of star_jax's modules and
+  commands), and every test module's name is unique: pytest imports them by name."""
+  tests = REPO / 'tests'
+  subpackages = {p.parent.name for p in (REPO / 'star_jax').glob('*/__init__.py')}
+  folders = {p.name for p in tests.iterdir() if p.is_dir() and p.name != '__pycache__'}
+  assert folders - TEST_FOLDERS_APART <= subpackages, sorted(folders - TEST_FOLDERS_APART - subpackages)
+  names = collections.Counter(p.name for p in tests.rglob('test_*.py') if 'testdata' not in p.parts)
+  assert not [n for n, count in names.items() if count > 1], names
+  assert not list(tests.rglob('__init__.py')) and not list(tests.rglob('conftest.py'))[1:]

@@ -1,14 +1,14 @@
 """Tests of star_jax.losses: parity with the official PyTorch losses, the closed-form 2x2 eigensolver,
 gradient safety, invariances and the multi-stack combination.
 
-tests/data/losses_star_reference.npz holds arrays computed by the official code (commit 9b12574,
+tests/testdata/losses_star_reference.npz holds arrays computed by the official code (commit 9b12574,
 float32, NCHW; from the shared reference losses.npz, rebuilt by scripts/make_test_data.py):
   h16/*: the whole `b3_n5_h16` case (3 x 5 maps of 16x16): values and heatmap gradients of
     STARLoss_v2 (smoothl1, l1, l2, smoothl1 with w=0.5), STARLoss (v1) and AWingLoss.
   h64/*: two maps of the `b2_n24_h64` case (64x64): map (1, 11), the worst-conditioned one (its
     eigenvalues differ by 3%), and map (0, 0), as a batch of 1 x 2 maps. Every STAR term depends on its
     own map only and the loss averages over maps, so their gradients are the official ones x 48 / 2.
-tests/data/losses_hard_cases.npz (scripts/make_test_data.py, [loss_hard_cases]): the official STARLoss_v2
+tests/testdata/losses_hard_cases.npz (scripts/make_test_data.py, [loss_hard_cases]): the official STARLoss_v2
 (smoothl1, l1, l2, wing) and AWingLoss in float64 on the maps an untrained network produces and the
 corners of the loss (nearly uniform maps, nearly isotropic and singular covariances, a single pixel, an
 all-zero map, targets outside the crop), per map, with how much the official result moves when the map
@@ -97,7 +97,7 @@ HARD_VALUE_FLOOR, HARD_GRAD_FLOOR = 1e-11, 1e-10
 
 @pytest.fixture(scope='module')
 def hard():
-  with np.load(REPO / 'tests' / 'data' / 'losses_hard_cases.npz') as f:
+  with np.load(REPO / 'tests' / 'testdata' / 'losses_hard_cases.npz') as f:
     return dict(f)
 
 

@@ -1,6 +1,6 @@
 """Tests of star_jax.metrics against numbers computed by the official evaluation code.
 
-tests/data/metrics_reference.npz (from the shared reference metrics.npz, official commit 9b12574;
+tests/testdata/metrics_reference.npz (from the shared reference metrics.npz, official commit 9b12574;
 rebuilt by scripts/make_test_data.py):
 per dataset WFLW / 300W / COFW, the first 16 of its 200 (pred, gt) landmark sets, and per normalisation
 'ocular' / 'pupil' the official NME of all 200 images, FR, AUC and the threshold used.

@@ -361,14 +361,14 @@ def test_drawing_marks_the_right_pixels():
 
 @pytest.fixture(scope='module')
 def tiny_checkpoint(tmp_path_factory):
-  """The tiny official WFLW network (tests/data/tiny_wflw_checkpoint.pkl, input 64, 4 stacks, 32
+  """The tiny official WFLW network (tests/testdata/tiny_wflw_checkpoint.pkl, input 64, 4 stacks, 32
   channels, random weights) converted to a star_jax checkpoint."""
   from star_jax import convert_pytorch
 
   config = load_config('wflw', 'tiny')
   config.model.nstack, config.model.channels = 4, 32
   out = tmp_path_factory.mktemp('ckpt') / 'tiny_wflw'
-  convert_pytorch.convert_checkpoint(str(REPO / 'tests' / 'data' / 'tiny_wflw_checkpoint.pkl'), config, str(out))
+  convert_pytorch.convert_checkpoint(str(REPO / 'tests' / 'testdata' / 'tiny_wflw_checkpoint.pkl'), config, str(out))
   return out
 
 

@@ -1,6 +1,6 @@
 """Builds a tiny folder of "your own" annotated photos for tests, from real photos with .pts files.
 
-Each photo (tests/data/real_faces: 68 points) is written twice: as it is, and shifted on a larger grey
+Each photo (tests/testdata/real_faces: 68 points) is written twice: as it is, and shifted on a larger grey
 canvas (its points moved with it), so that a handful of photos give a train / test split. Writers for
 the same faces as .pts files, as a CSV / TSV annotation file, or as an ADNet-style metadata file.
 """

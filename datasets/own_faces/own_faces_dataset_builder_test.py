@@ -13,7 +13,7 @@ from star_jax.data import crop
 from star_jax_datasets.own_faces import fake_data
 from star_jax_datasets.own_faces import own_faces_dataset_builder as own
 
-REAL_FACES = pathlib.Path(__file__).resolve().parents[2] / 'tests' / 'data' / 'real_faces'
+REAL_FACES = pathlib.Path(__file__).resolve().parents[2] / 'tests' / 'testdata' / 'real_faces'
 
 
 def make(tmp_path, name='default', layout='300W', **options):

@@ -1,6 +1,6 @@
 """Builds a tiny 300VW-style manual folder for tests: short MJPG videos made from real photos.
 
-Each video shows one of the given photos (tests/data/real_faces) on a black frame, moving a few pixels
+Each video shows one of the given photos (tests/testdata/real_faces) on a black frame, moving a few pixels
 per frame; `annot/<frame:06d>.pts` holds its 68 points moved with it (1-based, as 300VW's). A
 300vw_splits.json names the videos of each split, since the tiny folder lacks the real ones.
 """

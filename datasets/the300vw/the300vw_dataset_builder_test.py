@@ -12,7 +12,7 @@ from star_jax.data import crop
 from star_jax_datasets.the300vw import fake_data
 from star_jax_datasets.the300vw import the300vw_dataset_builder as the300vw
 
-REAL_FACES = pathlib.Path(__file__).resolve().parents[2] / 'tests' / 'data' / 'real_faces'
+REAL_FACES = pathlib.Path(__file__).resolve().parents[2] / 'tests' / 'testdata' / 'real_faces'
 
 
 def build(raw, data):

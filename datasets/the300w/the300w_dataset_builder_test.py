@@ -1,4 +1,4 @@
-"""Builds 300W from a 300W-style folder of real photos (tests/data/real_faces)."""
+"""Builds 300W from a 300W-style folder of real photos (tests/testdata/real_faces)."""
 
 import pathlib
 
@@ -11,7 +11,7 @@ from star_jax.data import crop
 from star_jax_datasets.the300w import fake_data
 from star_jax_datasets.the300w import the300w_dataset_builder as the300w
 
-REAL_FACES = pathlib.Path(__file__).resolve().parents[2] / 'tests' / 'data' / 'real_faces'
+REAL_FACES = pathlib.Path(__file__).resolve().parents[2] / 'tests' / 'testdata' / 'real_faces'
 
 
 def build(raw, data):

@@ -85,7 +85,7 @@ def warp(image: np.ndarray, matrix: np.ndarray, image_size: int) -> np.ndarray:
   Transform (warpAffine would be 0.2 ms faster but rounds differently, up to a few grey levels).
 
   OpenCV rounds sample positions to 1/32 px; builds that interpolate at exact positions (as the one
-  that made the golden crops in tests/data) differ by up to ~4 grey levels at sharp edges."""
+  that made the golden crops in tests/testdata) differ by up to ~4 grey levels at sharp edges."""
   return cv2.warpPerspective(image, np.asarray(matrix, np.float64), (image_size, image_size),
                              flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 

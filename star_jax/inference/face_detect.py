@@ -177,7 +177,7 @@ class BlazeFaceDetector:
   The network (192 x 192 RGB input in [-1, 1]) answers, for each of 2304 anchors (a 48 x 48 grid),
   a face logit and a box (centre offset and size, in input pixels) plus six keypoints, which are not
   used here. It finds faces of about 7 % to 30 % of its input side (on the photos of
-  tests/data/real_faces_full its scores fall off outside that range), so a photo is scanned at several
+  tests/testdata/real_faces_full its scores fall off outside that range), so a photo is scanned at several
   scales: the first level shrinks the whole photo until a face as large as the photo would be 30 % of
   the input; each next level halves the window, down to the one whose smallest face (7 %) is
   `min_face_size`. A level larger than the input is cut into tiles overlapping by half a tile, so every
@@ -195,7 +195,7 @@ class BlazeFaceDetector:
   Args:
     model_path: the TFLite file (default: the packaged one).
     sha256: expected sha256 of the model file (default: the packaged file's); None skips the check.
-    score_threshold: least face score kept. 0.6: on the three photos of tests/data/real_faces_full
+    score_threshold: least face score kept. 0.6: on the three photos of tests/testdata/real_faces_full
       the faces score 0.72-0.96 and false faces (the deer on einstein.jpg's wall painting) up to 0.57;
       on blob textures false faces reached 0.55.
     min_face_size: least box side in image pixels; smaller faces are neither searched for nor kept.
@@ -326,7 +326,7 @@ class BlazeFaceDetector:
     the pyramid gives each size (this level's and the coarser one's). The finer levels, which hold
     most of the tiles, look for smaller faces only. The box is merged from the levels scanned, so it
     can differ from `detect`'s box of the same face by a few percent of its side (up to 4 % on the
-    photos of tests/data/real_faces_full: as much as the same photo resized moves it); the face
+    photos of tests/testdata/real_faces_full: as much as the same photo resized moves it); the face
     chosen is the same.
     """
     image = check_image(image_rgb)

@@ -1,4 +1,4 @@
-"""Fault injection for the tests that run the real commands in subprocesses (tests/test_train_faults.py).
+"""Fault injection for the tests that run the real commands in subprocesses (tests/training/test_train_faults.py).
 
 A subprocess started with this folder on PYTHONPATH imports this module at start-up (Python's
 `sitecustomize` hook), before any star_jax code; it changes nothing unless one of these is set:

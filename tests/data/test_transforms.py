@@ -1,17 +1,17 @@
 """Crop geometry, flip, warp and texture augmentation (star_jax/data/transforms.py).
 
-Golden values: tests/data/targets_golden.npz, computed by the official STAR code (see
+Golden values: tests/testdata/targets_golden.npz, computed by the official STAR code (see
 ../shared/reference/README.md, targets.npz; only WFLW's crop images are kept; scripts/make_test_data.py).
 """
 
 import math
-import pathlib
 import types
 
 import cv2
 import numpy as np
 import pytest
 
+from conftest import DATA
 from star_jax import layouts
 from star_jax.data import transforms as T
 
@@ -23,7 +23,7 @@ AUG = types.SimpleNamespace(prob=1.0, flip=0.5, shift_sigma=0.05, rot_sigma_deg=
 
 @pytest.fixture(scope='module')
 def golden():
-  with np.load(pathlib.Path(__file__).parent / 'data' / 'targets_golden.npz') as f:
+  with np.load(DATA / 'targets_golden.npz') as f:
     return dict(f)
 
 

@@ -1,16 +1,16 @@
 """Training targets (star_jax/data/targets.py): normalised landmarks, point maps and edge maps.
 
-Golden values: tests/data/targets_golden.npz, from the official STAR code (stored NCHW-like:
+Golden values: tests/testdata/targets_golden.npz, from the official STAR code (stored NCHW-like:
 (4, C, 64, 64); ours are channels-last; made by scripts/make_test_data.py).
 """
 
 import math
-import pathlib
 
 import cv2
 import numpy as np
 import pytest
 
+from conftest import DATA
 from star_jax import layouts
 from star_jax.data import targets as TG
 
@@ -19,7 +19,7 @@ DATASETS = ('WFLW', '300W', 'COFW')
 
 @pytest.fixture(scope='module')
 def golden():
-  with np.load(pathlib.Path(__file__).parent / 'data' / 'targets_golden.npz') as f:
+  with np.load(DATA / 'targets_golden.npz') as f:
     return dict(f)
 
 

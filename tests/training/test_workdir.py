@@ -1,6 +1,6 @@
 """The workdir's safety rules: the lock, whole-file and whole-line writes (star_jax/files.py), config
 comparison (star_jax/training/workdir.py); and the writers built on them. In-process and fast; the
-real train command under the same faults is tests/test_train_faults.py."""
+real train command under the same faults is tests/training/test_train_faults.py."""
 
 import errno
 import json

@@ -1,6 +1,6 @@
 """StackedHGNet against the official PyTorch StackedHGNetV1, plus its building blocks.
 
-Golden data (tests/data): tiny_{wflw,cofw}_checkpoint.pkl are the official tiny models (input 64,
+Golden data (tests/testdata): tiny_{wflw,cofw}_checkpoint.pkl are the official tiny models (input 64,
 nstack 4, nlevels 4, 32 channels; random weights, non-trivial BatchNorm statistics) saved with
 torch.save; tiny_outputs.npz holds the official outputs for a fixed input (see
 scripts/make_test_data.py for how it is made). The weights are loaded through the checkpoint

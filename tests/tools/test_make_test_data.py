@@ -1,4 +1,4 @@
-"""scripts/make_test_data.py, the generator of the golden files in tests/data, without PyTorch: its
+"""scripts/make_test_data.py, the generator of the golden files in tests/testdata, without PyTorch: its
 command line and errors, the real faces (made without PyTorch) end to end with --check, and --check's
 comparison of arrays. Rebuilding the other goldens needs PyTorch and the official code (see the
 script); CI has neither."""

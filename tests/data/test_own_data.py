@@ -14,10 +14,10 @@ from star_jax import predict
 from star_jax import train
 from star_jax_datasets.own_faces import fake_data
 
-REAL_FACES = REPO / 'tests' / 'data' / 'real_faces'
+REAL_FACES = REPO / 'tests' / 'testdata' / 'real_faces'
 OWN = f'--config={REPO / "configs" / "own.py"}:tiny'
-# The official network's tiny twin (4 stacks, 32 channels, 64 px, WFLW's 98 points; tests/data).
-WFLW_PKL = REPO / 'tests' / 'data' / 'tiny_wflw_checkpoint.pkl'
+# The official network's tiny twin (4 stacks, 32 channels, 64 px, WFLW's 98 points; tests/testdata).
+WFLW_PKL = REPO / 'tests' / 'testdata' / 'tiny_wflw_checkpoint.pkl'
 
 
 @pytest.fixture(scope='module')

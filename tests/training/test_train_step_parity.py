@@ -6,12 +6,12 @@ float buffers with decay 0.5 ** (4 / 10000)) on a tiny WFLW network (input 64, n
 16 channels, CoordConv, AAM), batch 4, in float64, from the weights under init/ (official layout).
 The draws (`draws()`; $STAR_JAX_TRAIN_STEP_GOLDEN=FILE selects one file instead):
   * seed 0: ../shared/reference/train_step.npz when present, else its compact form
-    tests/data/train_step_golden.npz (scripts/make_train_step_golden.py). The official float32
+    tests/testdata/train_step_golden.npz (scripts/make_train_step_golden.py). The official float32
     islands were kept (config/pure64 absent): the coordinate grids of the losses and the decoder and
     the CoordConv channels are float32 numbers there.
   * seed 13: ../shared/reference/train_step_s13_pure64.npz when present (config/pure64 = 1: the
     official code float64 throughout).
-  * seed 21: tests/data/train_step_s21_pure64.npz, made by scripts/make_train_step_draw.py (pure64).
+  * seed 21: tests/testdata/train_step_s21_pure64.npz, made by scripts/make_train_step_draw.py (pure64).
 
 What runs, in a subprocess per flavour (float64 pure64 draws, float64 draws with float32 islands,
 float32; x64 on for float64; compiled programs cached between runs, conftest.COMPILE_CACHE_ENV): init/
@@ -30,14 +30,14 @@ grids in the compute dtype), so a pure64 draw needs no emulation. A draw with th
 islands is compared with them emulated (`islands`): our grids in float32 (bit-equal to the official
 float32 ones) and the official run's own CoordConv radius channel, whose float32 torch.sqrt (MKL's
 vectorised sqrt) is not correctly rounded at 614 of the 4096 values (64 x 64) and 32 of 256 (16 x 16);
-its values are stored in tests/data/train_step_golden.npz (a property of the machine that made the
+its values are stored in tests/testdata/train_step_golden.npz (a property of the machine that made the
 reference, see scripts/make_train_step_golden.py).
 
 Tolerances: stated against how well the official step agrees with itself on the draw
 (`self_agreement`: the largest difference, per group, between the official run and its reruns with
 another number of threads and with MKL's code path of other CPUs, MKL_CBWR=COMPATIBLE, and for the
 shared files also their own values, made on another machine; stored in the draw, or for the shared
-files in tests/data/train_step_self_agreement.json, both by scripts/make_train_step_draw.py). Per group
+files in tests/testdata/train_step_self_agreement.json, both by scripts/make_train_step_draw.py). Per group
 tolerance = max(TOLERANCE_FACTOR x self-agreement, FLOAT64_FLOOR[group]); each step-1 loss term also
 against its own self-agreement, floored at STEP1_TERM_FLOOR. A thread count alone leaves the float64
 convolutions' summation order unchanged and so underestimates the official step's own rounding spread:
@@ -82,7 +82,7 @@ Our step-1 gradients are further from float64 than the official float32 ones (co
 production follows the same trajectory; the float64 one checks the arithmetic. What float32 training
 reaches over 200 steps against the official trainer: `scripts/benchmark.py fidelity`.
 
-  python tests/test_train_step_parity.py [--golden FILE ...] [--dtype float64|float32] [--report]
+  python tests/training/test_train_step_parity.py [--golden FILE ...] [--dtype float64|float32] [--report]
 """
 
 from __future__ import annotations
@@ -98,7 +98,10 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import COMPILE_CACHE_ENV, DATA, REPO
+
+if __name__ == '__main__':   # run as a script: the tests' shared module is one folder up
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from conftest import COMPILE_CACHE_ENV, DATA, REPO  # noqa: E402
 
 GOLDEN_ENV = 'STAR_JAX_TRAIN_STEP_GOLDEN'
 SHARED = REPO.parent / 'shared' / 'reference'
@@ -185,7 +188,7 @@ def is_pure64(golden: dict) -> bool:
 
 def self_agreement(golden: dict) -> tuple[dict[str, float], np.ndarray | None]:
   """How well the official step agrees with itself on this draw: ({group: value}, the (12,) step-1 loss
-  terms or None), the largest of what the file stores and what tests/data/train_step_self_agreement.json
+  terms or None), the largest of what the file stores and what tests/testdata/train_step_self_agreement.json
   holds for its draw (matched by `draw_digest`). Empty when neither knows the draw."""
   groups = {k[len('self_agreement/'):]: float(v) for k, v in golden.items()
             if k.startswith('self_agreement/') and np.ndim(v) == 0}
@@ -227,7 +230,7 @@ def tolerances(golden: dict, *, all_groups: bool = False) -> tuple[dict[str, flo
 
 def official_radius(golden: dict) -> dict[int, np.ndarray]:
   """The seed-0 reference run's CoordConv radius channels {side: (side, side) float32}: from the golden
-  file itself, or, for a reference-format file, from tests/data (they are a property of the machine that
+  file itself, or, for a reference-format file, from tests/testdata (they are a property of the machine that
   made the reference, not of its data)."""
   if 'coordconv/radius_64' not in golden:
     golden = load_golden(DEFAULT_GOLDEN)
@@ -631,7 +634,7 @@ def test_every_draw_has_its_self_agreement(goldens):
 
 
 def test_self_agreement_file_matches_the_shared_draws():
-  """tests/data/train_step_self_agreement.json holds the shared files' draws, and the compact seed-0 file
+  """tests/testdata/train_step_self_agreement.json holds the shared files' draws, and the compact seed-0 file
   is the shared train_step.npz's draw (so the measurement applies to it)."""
   measured = json.loads(SELF_AGREEMENT_FILE.read_text())
   assert set(measured) == {p.name for p in SHARED_DRAWS}
