@@ -10,7 +10,11 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from jax._src import distributed  # the coordination service's client: its barrier has no public API
 from jax.experimental import multihost_utils
+
+# How long a process waits for the others to compile the training step (a large network on a slow host).
+COMPILE_BARRIER_TIMEOUT_S = 3600
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -39,3 +43,16 @@ def gather(x: jax.Array) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(x)
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def compile_on_every_process(jitted, *args) -> None:
+  """Compiles `jitted` for `args` and, in a multi-process run, waits until every process has, so that
+  all reach its first collective together. CPU collectives (gloo) give a process 30 s to meet the
+  others there, less than compile times can differ between hosts or busy processes. JAX keeps the
+  program: the call that follows does not compile again. Does nothing in a single process."""
+  if jax.process_count() == 1:
+    return
+  jitted.lower(*args).compile()
+  client = distributed.global_state.client
+  if client is not None:     # jax.distributed.initialize ran (always, for several processes)
+    client.wait_at_barrier('star_jax_step_compiled', COMPILE_BARRIER_TIMEOUT_S * 1000)

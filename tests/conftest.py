@@ -4,6 +4,7 @@ synthetic dataset, one tiny model trained by the real train command, the command
 
 import contextlib
 import dataclasses
+import fcntl
 import io
 import json
 import os
@@ -48,14 +49,34 @@ def data_dir() -> pathlib.Path:
   return DATA
 
 
+def once_per_run(tmp_path_factory, name: str, make) -> tuple[pathlib.Path, dict]:
+  """(folder, record): `make(folder)` run once per test run, its JSON record kept beside the folder.
+
+  With pytest-xdist's workers (the README's test command runs two) the first worker to get here makes
+  it in a folder of the run that every worker sees, the others wait for it and read it: a session
+  fixture built this way is made once, not once per worker. What it makes is read only."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent
+  folder, record = root / f'once_{name}', root / f'once_{name}.json'
+  with open(root / f'once_{name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)     # released when the file closes
+    if not record.exists():
+      shutil.rmtree(folder, ignore_errors=True)    # a worker that failed half way
+      folder.mkdir()
+      record.write_text(json.dumps(make(folder)))
+  return folder, json.loads(record.read_text())
+
+
 @pytest.fixture(scope='session')
 def tiny_tfds_dir(tmp_path_factory) -> pathlib.Path:
   """A TFDS data dir holding the tiny synthetic dataset (synthetic_faces/wflw98_tiny: 32 train and
-  16 test faces), built once per test session."""
-  from star_jax.data import build
-  directory = tmp_path_factory.mktemp('tfds')
-  build.build('synthetic_faces', config='wflw98_tiny', data_dir=str(directory))
-  return directory
+  16 test faces), built once per test run."""
+  def make(directory):
+    from star_jax.data import build  # pylint: disable=import-outside-toplevel
+    build.build('synthetic_faces', config='wflw98_tiny', data_dir=str(directory))
+    return {}
+  return once_per_run(tmp_path_factory, 'tiny_tfds', make)[0]
 
 
 def load_config(name: str, arg: str = ''):
@@ -171,11 +192,13 @@ TRAINED_RUN = (f'--config.total_steps={TRAINED_STEPS}', '--config.eval_every_epo
 @pytest.fixture(scope='session')
 def trained_tiny(tiny_tfds_dir, tmp_path_factory):
   """(workdir, the train command's Completed) of configs/synthetic.py:tiny trained by the train command
-  for TRAINED_RUN on tiny_tfds_dir, once per session. Read only: copy it (`copy_workdir`) to change it."""
-  workdir = tmp_path_factory.mktemp('trained_tiny') / 'run'
-  proc = train_tiny(workdir, tiny_tfds_dir, *TRAINED_RUN)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return workdir, proc
+  for TRAINED_RUN on tiny_tfds_dir, once per test run. Read only: copy it (`copy_workdir`) to change it."""
+  def make(folder):
+    proc = train_tiny(folder / 'run', tiny_tfds_dir, *TRAINED_RUN)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return dataclasses.asdict(proc)
+  folder, proc = once_per_run(tmp_path_factory, 'trained_tiny', make)
+  return folder / 'run', Completed(**proc)
 
 
 @pytest.fixture(scope='session')
@@ -183,11 +206,13 @@ def trained_tiny_onnx(trained_tiny, tmp_path_factory):
   """(path, the export command's Completed) of trained_tiny exported to ONNX by the export command (its
   defaults: the official protocol's choice of step and weights), once per session. Needs the 'export' extra: the tests
   that use it skip without."""
-  from star_jax import export  # pylint: disable=import-outside-toplevel
-  path = tmp_path_factory.mktemp('trained_tiny_onnx') / 'tiny.onnx'
-  proc = run_command(export.main, '--checkpoint', trained_tiny[0], '--output', path)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return path, proc
+  def make(folder):
+    from star_jax import export  # pylint: disable=import-outside-toplevel
+    proc = run_command(export.main, '--checkpoint', trained_tiny[0], '--output', folder / 'tiny.onnx')
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return dataclasses.asdict(proc)
+  folder, proc = once_per_run(tmp_path_factory, 'trained_tiny_onnx', make)
+  return folder / 'tiny.onnx', Completed(**proc)
 
 
 def copy_workdir(workdir, destination) -> pathlib.Path:

@@ -141,6 +141,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: workdir_lib.Work
       for step in range(start_step + 1, total_steps + 1):
         batch = mesh_lib.to_global(next(train_iter), mesh)
         t_step = time.perf_counter()
+        if step == start_step + 1:
+          mesh_lib.compile_on_every_process(train_step, state, batch)
         state, step_metrics = train_step(state, batch)
         if step == start_step + 1:  # the first step compiles: time it on its own
           jax.block_until_ready(step_metrics['loss'])
