@@ -12,6 +12,7 @@ import gzip
 import json
 import os
 import pickle
+import subprocess
 import sys
 import types
 import zipfile
@@ -55,7 +56,14 @@ def golden():
 
 
 def test_reads_official_checkpoint_without_torch(wflw_checkpoint):
-  assert 'torch' not in sys.modules
+  # Reading never imports PyTorch, installed or not (here another test may have imported it): a fresh
+  # interpreter reads the file and has not loaded torch.
+  code = ('import sys; from star_jax import convert_pytorch; '
+          f'convert_pytorch.read_torch_checkpoint({str(DATA / "tiny_wflw_checkpoint.pkl")!r}); '
+          "assert 'torch' not in sys.modules, 'torch was imported'")
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 0, proc.stderr[-2000:]
   ckpt = wflw_checkpoint
   assert set(ckpt) == {'net', 'net_ema', 'epoch'} and ckpt['epoch'] == 7
   net = ckpt['net']
