@@ -7,9 +7,10 @@ Smoke test (seconds):
 Other annotation-ambiguity levels (the ambiguity study):
   python -m star_jax.train --config configs/synthetic.py:ambiguity=4 --workdir runs/synthetic_amb4
 
-Expected: NME 4.6 % (inter-ocular), FR@0.1 about 1 %, AUC@0.1 0.54 on the 500 exact-label test faces
-(measured: final weights 4.59 % / FR 0.8 % / AUC 0.543, EMA 4.58 % / 0.6 % / 0.543); about 6.5 min
-wall (dataset build included) and 650 s of CPU time on an idle 2-core CPU.
+Expected: NME 4.6 % (inter-ocular), FR@0.1 1-2 %, AUC@0.1 0.54 on the 500 exact-label test faces
+(measured: final weights 4.63 % / FR 1.6 % / AUC 0.540, EMA 4.62 % / 2.4 % / 0.541; FR counts 8 and 12
+of the 500 faces, and moves by a few faces between runs); about 7.5 min wall (the dataset build's 45 s
+included), 1.6 GB, on an idle 2-core CPU.
 """
 
 from star_jax import config_lib
