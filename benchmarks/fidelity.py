@@ -107,19 +107,21 @@ def official_worker(official_path: str, data_file: str, out_file: str, threads: 
     data = {k: f[k] for k in f.files}
   trainer = official.Trainer(official_path, init, image_size=IMAGE, nstack=NSTACK, nlevels=4, channels=CHANNELS,
                              batch_size=BATCH, dtype=torch.float32)
+  def inputs(images_rgb):
+    # The official data pipeline's arithmetic, in float32: BGR, (pixel - 127.5) * float32(1 / 127.5).
+    bgr = images_rgb[..., ::-1].transpose(0, 3, 1, 2).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray((bgr - 127.5) * (1 / 127.5)))
+
   losses, start = [], time.perf_counter()
   for idx in data[f'order/{order_seed}']:
-    # The official data pipeline's arithmetic for the input: (pixel - 127.5) * float32(1 / 127.5).
-    image = (data['train/image'][idx][..., ::-1].transpose(0, 3, 1, 2).astype(np.float32) - 127.5) * (1 / 127.5)
     labels = trainer.labels(data['train/landmarks'][idx], data['train/pointmaps'][idx].transpose(0, 3, 1, 2),
                             data['train/edgemaps'][idx].transpose(0, 3, 1, 2))
-    _, total = trainer.step(torch.from_numpy(np.ascontiguousarray(image)), labels)
+    _, total = trainer.step(inputs(data['train/image'][idx]), labels)
     losses.append(total)
   seconds = time.perf_counter() - start
   trainer.net.eval()
-  image = (data['test/image'][..., ::-1].transpose(0, 3, 1, 2).astype(np.float32) - 127.5) * (1 / 127.5)
   with torch.no_grad():
-    _, _, landmarks = trainer.net(torch.from_numpy(np.ascontiguousarray(image)))
+    _, _, landmarks = trainer.net(inputs(data['test/image']))
   np.savez(out_file, losses=np.asarray(losses), test_landmarks=landmarks.numpy(), seconds=seconds)
 
 

@@ -141,10 +141,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, run: workdir_lib.Work
       for step in range(start_step + 1, total_steps + 1):
         batch = mesh_lib.to_global(next(train_iter), mesh)
         t_step = time.perf_counter()
-        if step == start_step + 1:
+        first = step == start_step + 1
+        if first:   # every process compiles the step before any runs it (a multi-process run)
           mesh_lib.compile_on_every_process(train_step, state, batch)
         state, step_metrics = train_step(state, batch)
-        if step == start_step + 1:  # the first step compiles: time it on its own
+        if first:   # the first step compiles: time it on its own
           jax.block_until_ready(step_metrics['loss'])
           seconds['first_step'] = time.perf_counter() - t_step
         train_metrics.add(step_metrics)
