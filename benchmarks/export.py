@@ -1,11 +1,13 @@
 """Deployment exports of the full WFLW network (256x256 input, 4 stacks, 256 channels), random weights.
 
-Rows: ONNX export time and file size (star_jax.export, jax2onnx); per-image CPU latency at batch 1 and
-8 of onnxruntime (its default thread count, and one thread), of onnxruntime on the int8 dynamically
-quantised model and of our jit-compiled JAX forward (the same function, `export.inference_fn`), timed
-in turns: each repetition runs every engine once, so a change in the machine's load hits all of them
-alike. Medians of `--repeats` (default 3 on a CPU); the notes give the load average, since on a shared
-machine other processes' load distorts multi-threaded timings.
+Rows: ONNX export time (for the full network also with the converter as jax2onnx ships it, side by
+side: star_jax.export answers its output-binding checks in constant time) and file size
+(star_jax.export, jax2onnx); per-image CPU latency at batch 1 and 8 of onnxruntime (its default
+thread count, and one thread), of onnxruntime on the int8 dynamically quantised model and of our
+jit-compiled JAX forward (the same function, `export.inference_fn`), timed in turns: each repetition
+runs every engine once, so a change in the machine's load hits all of them alike. Medians of
+`--repeats` (default 3 on a CPU); the notes give the load average, since on a shared machine other
+processes' load distorts multi-threaded timings.
 
 Quantisation is onnxruntime's documented recipe: `quant_pre_process` (without it nothing is
 quantised: the exported convolutions take their weights through Transpose / Squeeze nodes, which
@@ -71,6 +73,18 @@ def run(args):
   model = _model(shape)
   what = shape.label
   rows = []
+  shipped = None
+  if shape == train_bench.FULL:   # minutes: not for --small
+    # The converter as it ships, without star_jax.export's faster output binding, side by side (first,
+    # so that any warm-up favours it).
+    fast_versions = export._FAST_BINDING_VERSIONS  # pylint: disable=protected-access
+    export._FAST_BINDING_VERSIONS = ()  # pylint: disable=protected-access
+    try:
+      t0 = time.perf_counter()
+      shipped = export.export_onnx(model).SerializeToString()
+      shipped_seconds = time.perf_counter() - t0
+    finally:
+      export._FAST_BINDING_VERSIONS = fast_versions  # pylint: disable=protected-access
   t0 = time.perf_counter()
   proto = export.export_onnx(model)
   seconds = time.perf_counter() - t0
@@ -78,6 +92,10 @@ def run(args):
   rows.append({'name': f'ONNX export {what} (jax2onnx)', 'value': seconds, 'unit': 's',
                'notes': f'opset {export.DEFAULT_OPSET}, trace + convert, model built beforehand'})
   rows.append({'name': f'ONNX file size {what}', 'value': len(data) / 2 ** 20, 'unit': 'MiB', 'notes': ''})
+  if shipped is not None:
+    rows.append({'name': f'ONNX export {what} (jax2onnx as shipped)', 'value': shipped_seconds, 'unit': 's',
+                 'notes': f'{shipped_seconds / seconds:.2f}x the time of the export above; '
+                          f'{"the same bytes" if shipped == data else "DIFFERENT BYTES"}'})
 
   with tempfile.TemporaryDirectory() as tmp:
     fp32, int8 = os.path.join(tmp, 'model.onnx'), os.path.join(tmp, 'model.int8.onnx')

@@ -175,6 +175,34 @@ def test_onnx_tiny_trained_contract_dynamic_batch_and_parity(trained, trained_ti
 
 
 @needs_onnx
+def test_the_converter_speedup_writes_the_same_bytes_and_skips_most_scans(monkeypatch):
+  # export_onnx answers jax2onnx's "is this output in the graph?" from the value's producer instead of
+  # a scan of every node (export._linear_output_binding). The file must be byte for byte the one the
+  # converter writes as it ships, and the scan must run for few outputs (else the speedup is gone).
+  from jax2onnx.converter import output_binding  # pylint: disable=import-outside-toplevel
+  original = output_binding._value_is_graph_connected  # pylint: disable=protected-access
+  scans = []
+
+  def counted(ctx, value):
+    scans.append(1)
+    return original(ctx, value)
+
+  monkeypatch.setattr(output_binding, '_value_is_graph_connected', counted)
+  # A small network of every part (two stacks, for the merges), so that the two conversions are quick.
+  model = models.StackedHGNet(layouts.WFLW.num_points, layouts.WFLW.edge_membership(), image_size=32, nstack=2,
+                              nlevels=1, channels=8, rngs=nnx.Rngs(3))
+  model.eval()
+  fast = export.export_onnx(model).SerializeToString()
+  fast_scans = len(scans)
+  assert output_binding._value_is_graph_connected is counted   # pylint: disable=protected-access  (restored)
+  monkeypatch.setattr(export, '_FAST_BINDING_VERSIONS', ())
+  scans.clear()
+  shipped = export.export_onnx(model).SerializeToString()
+  assert fast == shipped
+  assert len(scans) > 200 and fast_scans < len(scans) / 10, (fast_scans, len(scans))
+
+
+@needs_onnx
 def test_the_default_export_and_the_default_predict_agree_on_a_real_photo(trained, tmp_path):
   # The same weights by default (the official protocol's choice) and the same pipeline: on a real
   # photo, predict --model <the default export> gives predict --checkpoint's landmarks within 1e-2 px.
