@@ -132,8 +132,8 @@ def last_word(config, workdir: str, final: dict, best: dict | None, argv: list[s
                                '--output', workdir_path / 'predictions', '--show_ambiguity']))
     lines.append('note: this model has only seen synthetic faces (the test faces are in '
                  f'{samples[0].parent}): it is for trying the pipeline and does not work on real photos. For '
-                 'real photos convert the official weights: python -m star_jax.convert_pytorch --checkpoint '
-                 'WFLW.pkl --config configs/wflw.py --output ckpt/wflw (see README.md).')
+                 'real photos use the released official model, fetched on first use: python -m star_jax.predict '
+                 '--pretrained wflw photo.jpg --output out (see README.md).')
   else:
     lines.append('  ' + quote(['python', '-m', 'star_jax.predict', '--checkpoint', workdir_path, 'photo.jpg',
                                '--output', workdir_path / 'predictions', '--show_ambiguity']))

@@ -96,6 +96,7 @@ def test_an_installed_copy_trains_and_evaluates_without_the_checkout(tmp_path, t
   # The run ends with its result and the next commands, which run as printed.
   out = train.stdout
   assert 'result on the synthetic_faces test split' in out and 'EMA' in out and 'does not work on real photos' in out
+  assert 'python -m star_jax.predict --pretrained wflw' in out   # the way to real photos
   printed = [shlex.split(line) for line in out.split('next:\n', 1)[1].splitlines() if line.startswith('  python')]
   assert [c[2] for c in printed] == ['star_jax.evaluate', 'star_jax.predict']
   evaluate = subprocess.run([sys.executable, *printed[0][1:], '--output', 'report', '--noprogress'], cwd=elsewhere,
