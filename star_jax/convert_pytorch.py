@@ -333,7 +333,8 @@ def _convert_entries(state_dict, model: StackedHGNet, strict: bool) -> tuple[dic
   if strict and (missing or unexpected):
     raise ValueError(f'state dict does not fit the model: missing {len(missing)} keys {missing}; '
                      f'unexpected {len(unexpected)} keys {unexpected}')
-  non_finite = [key for _, key, _ in entries if not np.all(np.isfinite(np.asarray(state_dict[key], np.float64)))]
+  non_finite = [key for _, key, _ in entries
+                if key in state_dict and not np.all(np.isfinite(np.asarray(state_dict[key], np.float64)))]
   if non_finite:
     more = f' and {len(non_finite) - 10} more' if len(non_finite) > 10 else ''
     raise ValueError(f'{len(non_finite)} tensors hold NaN or infinite values: {", ".join(non_finite[:10])}{more}; '
