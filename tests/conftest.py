@@ -99,7 +99,7 @@ def tiny_wflw_checkpoint(tmp_path_factory) -> pathlib.Path:
 def tiny_wflw_config():
   """The config of tests/testdata/tiny_wflw_checkpoint.pkl: configs/wflw.py:tiny with 4 stacks of 32 channels."""
   config = load_config('wflw', 'tiny')
-  config.model.nstack, config.model.channels = 4, 32
+  config.model.nstack, config.model.nlevels, config.model.channels = 4, 4, 32
   return config
 
 

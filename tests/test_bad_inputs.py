@@ -29,7 +29,8 @@ from star_jax_datasets.wflw import fake_data as wflw_fake
 from star_jax_datasets.wflw import wflw_dataset_builder as wflw
 
 PHOTO = DATA / 'real_faces' / 'takeo.png'
-TINY_WFLW = ['--config.model.channels=32', '--config.model.nstack=4', '--config.data.image_size=64']
+TINY_WFLW = ['--config.model.channels=32', '--config.model.nstack=4', '--config.model.nlevels=4',
+             '--config.data.image_size=64']
 
 
 @pytest.fixture(scope='module')

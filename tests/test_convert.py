@@ -29,7 +29,8 @@ from star_jax import convert_pytorch, layouts
 from star_jax import checkpoints
 from star_jax.models import create_model
 
-TINY_FLAGS = ['--config.model.channels=32', '--config.model.nstack=4', '--config.data.image_size=64']
+TINY_FLAGS = ['--config.model.channels=32', '--config.model.nstack=4', '--config.model.nlevels=4',
+              '--config.data.image_size=64']
 
 
 def config_for(name, arg=''):

@@ -366,7 +366,7 @@ def tiny_checkpoint(tmp_path_factory):
   from star_jax import convert_pytorch
 
   config = load_config('wflw', 'tiny')
-  config.model.nstack, config.model.channels = 4, 32
+  config.model.nstack, config.model.nlevels, config.model.channels = 4, 4, 32
   out = tmp_path_factory.mktemp('ckpt') / 'tiny_wflw'
   convert_pytorch.convert_checkpoint(str(REPO / 'tests' / 'testdata' / 'tiny_wflw_checkpoint.pkl'), config, str(out))
   return out

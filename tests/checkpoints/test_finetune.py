@@ -18,7 +18,7 @@ PKL = str(DATA / 'tiny_wflw_checkpoint.pkl')   # the official tiny WFLW net: inp
 
 def _config(name='synthetic', **model):
   config = load_config(name, 'tiny')
-  config.model.nstack, config.model.channels = 4, 32
+  config.model.nstack, config.model.nlevels, config.model.channels = 4, 4, 32
   config.model.update(model)
   return config
 
@@ -92,9 +92,10 @@ def test_init_from_names_the_misfits_and_can_load_what_fits(tmp_path):
 
 
 def test_train_command_fine_tunes_from_a_pkl_and_resumes_its_own(tmp_path, tiny_tfds_dir):
-  # The tiny config's network (2 stacks, 32 channels) takes the first two of the .pkl's four stacks
-  # (not strict; the strict fit is tested above): its train step is the one the other tests of the
-  # tiny config compile.
+  # The tiny config's network (2 stacks of 2 hourglass levels, 32 channels) takes what fits of the
+  # .pkl's four stacks of four levels (not strict; the strict fit is tested above) and keeps the rest
+  # fresh: the outer levels' layers are in the file, the innermost ResBlock is not (the file has two
+  # more levels there). Its train step is the one the other tests of the tiny config compile.
   workdir, partial = tmp_path / 'run', ['--config.init_from_strict=False']
   bad = train_tiny(workdir, tiny_tfds_dir, *partial, f'--config.init_from={tmp_path / "missing.pkl"}',
                    '--config.total_steps=1')
@@ -102,6 +103,8 @@ def test_train_command_fine_tunes_from_a_pkl_and_resumes_its_own(tmp_path, tiny_
   first = train_tiny(workdir, tiny_tfds_dir, *partial, f'--config.init_from={PKL}', '--config.total_steps=1')
   assert first.returncode == 0, first.stderr[-3000:]
   assert f'initialised from {PKL} (official)' in first.stderr
+  fresh = first.stderr.split('kept freshly initialised:')[1].splitlines()[0]
+  assert 'hourglasses/0/low2/low2/conv1/kernel' in fresh and 'hourglasses/0/up1/' not in fresh, fresh
   # A second invocation resumes the run's own checkpoint: init_from is not applied again.
   again = train_tiny(workdir, tiny_tfds_dir, *partial, f'--config.init_from={PKL}', '--config.total_steps=2')
   assert again.returncode == 0, again.stderr[-3000:]

@@ -17,7 +17,7 @@ from conftest import DATA, REPO, command_env, load_config, load_script, run_comm
 from star_jax import evaluate, layouts
 from star_jax.evaluation import reproduce
 
-TINY_OFFICIAL = ['--config.model.nstack=4', '--config.model.channels=32']   # tests/testdata/tiny_*_checkpoint.pkl
+TINY_OFFICIAL = ['--config.model.nstack=4', '--config.model.channels=32', '--config.model.nlevels=4']   # tests/testdata/tiny_*_checkpoint.pkl
 
 
 def test_rows_verdicts_and_table():
