@@ -41,6 +41,10 @@ os.environ.setdefault('STAR_JAX_HOME', str(COMPILE_CACHE.parent / 'star_jax_test
 os.environ.setdefault('STAR_JAX_COMPILATION_CACHE', '0')
 # configs/synthetic.py:tiny as a --config flag.
 TINY_CONFIG = f'--config={REPO / "configs" / "synthetic.py"}:tiny'
+# The network of the official tiny files in tests/testdata (tiny_{wflw,cofw}_checkpoint.pkl; input 64, as
+# every :tiny config): its config.model fields, and the same as --config flags.
+OFFICIAL_TINY_MODEL = {'nstack': 4, 'nlevels': 4, 'channels': 32}
+OFFICIAL_TINY_FLAGS = [f'--config.model.{k}={v}' for k, v in OFFICIAL_TINY_MODEL.items()]
 
 
 @pytest.fixture
@@ -99,7 +103,7 @@ def tiny_wflw_checkpoint(tmp_path_factory) -> pathlib.Path:
 def tiny_wflw_config():
   """The config of tests/testdata/tiny_wflw_checkpoint.pkl: configs/wflw.py:tiny with 4 stacks of 32 channels."""
   config = load_config('wflw', 'tiny')
-  config.model.nstack, config.model.nlevels, config.model.channels = 4, 4, 32
+  config.model.update(OFFICIAL_TINY_MODEL)
   return config
 
 

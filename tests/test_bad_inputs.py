@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import DATA, REPO, TINY_CONFIG, load_config
+from conftest import DATA, OFFICIAL_TINY_FLAGS, REPO, TINY_CONFIG, load_config
 from star_jax import convert_pytorch, evaluate, predict
 from star_jax.data import build, crop, pipeline
 from star_jax.data.annotations import AnnotationError
@@ -29,8 +29,7 @@ from star_jax_datasets.wflw import fake_data as wflw_fake
 from star_jax_datasets.wflw import wflw_dataset_builder as wflw
 
 PHOTO = DATA / 'real_faces' / 'takeo.png'
-TINY_WFLW = ['--config.model.channels=32', '--config.model.nstack=4', '--config.model.nlevels=4',
-             '--config.data.image_size=64']
+TINY_WFLW = [*OFFICIAL_TINY_FLAGS, '--config.data.image_size=64']
 
 
 @pytest.fixture(scope='module')

@@ -24,13 +24,12 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from conftest import DATA, REPO, load_config
+from conftest import DATA, OFFICIAL_TINY_FLAGS, OFFICIAL_TINY_MODEL, REPO, load_config
 from star_jax import convert_pytorch, layouts
 from star_jax import checkpoints
 from star_jax.models import create_model
 
-TINY_FLAGS = ['--config.model.channels=32', '--config.model.nstack=4', '--config.model.nlevels=4',
-              '--config.data.image_size=64']
+TINY_FLAGS = [*OFFICIAL_TINY_FLAGS, '--config.data.image_size=64']
 
 
 def config_for(name, arg=''):
@@ -39,7 +38,8 @@ def config_for(name, arg=''):
 
 def tiny_config(name='wflw'):
   c = config_for(name)
-  c.model.channels, c.model.nstack, c.data.image_size = 32, 4, 64
+  c.model.update(OFFICIAL_TINY_MODEL)
+  c.data.image_size = 64
   return c
 
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import DATA, REPO, TINY_CONFIG as TINY, load_config, metric_records
+from conftest import DATA, OFFICIAL_TINY_FLAGS, REPO, TINY_CONFIG as TINY, load_config, metric_records
 from star_jax import evaluate
 from star_jax.evaluation import report
 
@@ -122,8 +122,7 @@ def test_evaluate_converts_a_pytorch_checkpoint_on_the_fly(tfds_dir, tmp_path):
   # The tiny official network (4 stacks, 32 channels, input 64), straight from its .pkl.
   out = tmp_path / 'report'
   assert _run(f'--pytorch={DATA / "tiny_wflw_checkpoint.pkl"}',
-              '--config.model.nstack=4', '--config.model.channels=32', '--config.model.nlevels=4',
-              f'--config.data.data_dir={tfds_dir}',
+              *OFFICIAL_TINY_FLAGS, f'--config.data.data_dir={tfds_dir}',
               f'--output={out}', '--noprogress', '--config.data.max_eval_examples=2') == 0
   info = json.loads((out / 'metrics.json').read_text())['info']
   assert info['weights'] == 'net' and info['pytorch'].endswith('tiny_wflw_checkpoint.pkl')

@@ -10,7 +10,6 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config
 from star_jax import drawing as plots
 from star_jax import models
 from star_jax import predict
@@ -359,19 +358,6 @@ def test_drawing_marks_the_right_pixels():
 
 # ---- The command, end to end --------------------------------------------------------------------
 
-@pytest.fixture(scope='module')
-def tiny_checkpoint(tmp_path_factory):
-  """The tiny official WFLW network (tests/testdata/tiny_wflw_checkpoint.pkl, input 64, 4 stacks, 32
-  channels, random weights) converted to a star_jax checkpoint."""
-  from star_jax import convert_pytorch
-
-  config = load_config('wflw', 'tiny')
-  config.model.nstack, config.model.nlevels, config.model.channels = 4, 4, 32
-  out = tmp_path_factory.mktemp('ckpt') / 'tiny_wflw'
-  convert_pytorch.convert_checkpoint(str(REPO / 'tests' / 'testdata' / 'tiny_wflw_checkpoint.pkl'), config, str(out))
-  return out
-
-
 @pytest.fixture
 def photos(tmp_path, data_dir):
   """A folder with the three real photos, an unreadable 'image' and a blank one (no face)."""
@@ -415,9 +401,9 @@ def spy(monkeypatch, _loaded_models):
   return made
 
 
-def test_predict_command_on_a_folder(tiny_checkpoint, photos, tmp_path, capsys, spy):
+def test_predict_command_on_a_folder(tiny_wflw_checkpoint, photos, tmp_path, capsys, spy):
   out = tmp_path / 'out'
-  status = predict.main(['predict', '--checkpoint', str(tiny_checkpoint), str(photos), '--output', str(out),
+  status = predict.main(['predict', '--checkpoint', str(tiny_wflw_checkpoint), str(photos), '--output', str(out),
                          '--norefine', '--batch_size', '2'])
   # The unreadable file is named, the others are processed, and the exit status says that one failed.
   assert status == 1
@@ -451,12 +437,12 @@ def test_predict_command_on_a_folder(tiny_checkpoint, photos, tmp_path, capsys, 
   assert picture.shape == image.shape and np.abs(picture.astype(int) - image[..., ::-1]).max() > 100
 
 
-def test_predict_command_with_box_and_ambiguity(tiny_checkpoint, photos, tmp_path, data_dir, spy):
+def test_predict_command_with_box_and_ambiguity(tiny_wflw_checkpoint, photos, tmp_path, data_dir, spy):
   # Einstein's face (~25 px) is below the default --min_face_size in this copy: give its box (from
   # the annotation).
   out = tmp_path / 'out'
   box = tuple(round(float(v), 1) for v in crop_lib.landmarks_box(_read_pts(data_dir / 'real_faces' / 'einstein.pts')))
-  status = predict.main(['predict', '--checkpoint', str(tiny_checkpoint), str(photos / 'einstein.jpg'), '--output',
+  status = predict.main(['predict', '--checkpoint', str(tiny_wflw_checkpoint), str(photos / 'einstein.jpg'), '--output',
                          str(out), '--box', ','.join(map(str, box)), '--show-ambiguity'])
   assert status == 0
   (face,) = json.loads((out / 'einstein.json').read_text())['faces']
@@ -467,7 +453,7 @@ def test_predict_command_with_box_and_ambiguity(tiny_checkpoint, photos, tmp_pat
   assert np.all(np.linalg.eigvalsh(covs) > 0)
 
 
-def test_predict_command_on_full_size_photos_without_box(tiny_checkpoint, tmp_path, data_dir, spy, capsys):
+def test_predict_command_on_full_size_photos_without_box(tiny_wflw_checkpoint, tmp_path, data_dir, spy, capsys):
   # The whole path a new user takes: whole photos, no --box, the default detector.
   folder = tmp_path / 'photos'
   folder.mkdir()
@@ -475,7 +461,7 @@ def test_predict_command_on_full_size_photos_without_box(tiny_checkpoint, tmp_pa
     shutil.copy(data_dir / FULL / name, folder / name)
   cv2.imwrite(str(folder / 'landscape.png'), cv2.cvtColor(_landscape(), cv2.COLOR_RGB2BGR))
   out = tmp_path / 'out'
-  assert predict.main(['predict', '--checkpoint', str(tiny_checkpoint), str(folder), '--output', str(out)]) == 0
+  assert predict.main(['predict', '--checkpoint', str(tiny_wflw_checkpoint), str(folder), '--output', str(out)]) == 0
   assert 'landscape.png: no face found' in capsys.readouterr().err
   for name in PHOTOS:
     stem = name.split('.')[0]
@@ -489,16 +475,16 @@ def test_predict_command_on_full_size_photos_without_box(tiny_checkpoint, tmp_pa
   assert not (out / 'landscape.json').exists()
   # --faces all: both people of breakingbad.jpg, best score first; --faces best: the first of those.
   for mode in ('all', 'best'):
-    predict.main(['predict', '--checkpoint', str(tiny_checkpoint), str(folder / 'breakingbad.jpg'), '--output',
+    predict.main(['predict', '--checkpoint', str(tiny_wflw_checkpoint), str(folder / 'breakingbad.jpg'), '--output',
                   str(out / mode), '--faces', mode, '--norefine'])
     scores = [f['detector_score'] for f in json.loads((out / mode / 'breakingbad.json').read_text())['faces']]
     assert scores == (sorted(scores, reverse=True) if mode == 'all' else scores[:1])
     assert len(scores) == (2 if mode == 'all' else 1)
 
 
-def test_predict_command_with_the_haar_fallback(tiny_checkpoint, tmp_path, data_dir, spy):
+def test_predict_command_with_the_haar_fallback(tiny_wflw_checkpoint, tmp_path, data_dir, spy):
   out = tmp_path / 'out'
-  status = predict.main(['predict', '--checkpoint', str(tiny_checkpoint), str(data_dir / FULL / 'takeo.png'), '--output',
+  status = predict.main(['predict', '--checkpoint', str(tiny_wflw_checkpoint), str(data_dir / FULL / 'takeo.png'), '--output',
                          str(out), '--detector', 'haar', '--norefine'])
   assert status == 0
   record = json.loads((out / 'takeo.json').read_text())
@@ -546,35 +532,35 @@ def test_output_mistakes_are_refused_before_the_model_loads(tmp_path, photos, ca
     assert 'cannot write there' in capsys.readouterr().err
 
 
-def test_runs_that_write_nothing_leave_no_folder(tiny_checkpoint, photos, tmp_path, capsys, monkeypatch, spy):
+def test_runs_that_write_nothing_leave_no_folder(tiny_wflw_checkpoint, photos, tmp_path, capsys, monkeypatch, spy):
   from bigimages import write_flat_png
 
   huge = write_flat_png(tmp_path / 'huge.png', 20000, 20000)
   out = tmp_path / 'new' / 'out'
   with monkeypatch.context() as m:
     _no_model(m)   # a photo over the pixel limit is refused from its header, before the model loads
-    assert predict.main(['predict', '--checkpoint', str(tiny_checkpoint), str(huge), '--output', str(out)]) == 1
+    assert predict.main(['predict', '--checkpoint', str(tiny_wflw_checkpoint), str(huge), '--output', str(out)]) == 1
   err = capsys.readouterr().err
   assert 'error: 1 of 1 image(s) failed: ' in err and 'huge.png: 20000 x 20000 pixels' in err
   assert not (tmp_path / 'new').exists()
   # Only unreadable files, or faces nowhere: nothing written, no folder.
-  assert predict.main(['predict', '--checkpoint', str(tiny_checkpoint), str(photos / 'corrupt.jpg'),
+  assert predict.main(['predict', '--checkpoint', str(tiny_wflw_checkpoint), str(photos / 'corrupt.jpg'),
                        str(photos / 'blank.png'), '--output', str(out)]) == 1
   assert not (tmp_path / 'new').exists()
   # A folder that was there before stays, empty.
   (tmp_path / 'mine').mkdir()
-  assert predict.main(['predict', '--checkpoint', str(tiny_checkpoint), str(photos / 'blank.png'), '--output',
+  assert predict.main(['predict', '--checkpoint', str(tiny_wflw_checkpoint), str(photos / 'blank.png'), '--output',
                        str(tmp_path / 'mine')]) == 1
   assert (tmp_path / 'mine').is_dir() and not any((tmp_path / 'mine').iterdir())
 
 
-def test_huge_and_broken_photos_in_a_folder_do_not_stop_the_others(tiny_checkpoint, photos, tmp_path, capsys, spy):
+def test_huge_and_broken_photos_in_a_folder_do_not_stop_the_others(tiny_wflw_checkpoint, photos, tmp_path, capsys, spy):
   from bigimages import write_flat_png
 
   write_flat_png(photos / 'huge.png', 20000, 20000)
   write_flat_png(photos / 'huger.png', 40000, 40000)       # over OpenCV's own limit too
   out = tmp_path / 'out'
-  status = predict.main(['predict', '--checkpoint', str(tiny_checkpoint), str(photos), '--output', str(out),
+  status = predict.main(['predict', '--checkpoint', str(tiny_wflw_checkpoint), str(photos), '--output', str(out),
                          '--norefine', '--max_pixels', '300000000'])
   assert status == 1
   err = capsys.readouterr().err
@@ -586,9 +572,9 @@ def test_huge_and_broken_photos_in_a_folder_do_not_stop_the_others(tiny_checkpoi
       'breakingbad.json', 'breakingbad_landmarks.jpg', 'takeo.json', 'takeo_landmarks.jpg']
 
 
-def test_a_box_outside_an_image_is_refused_naming_both(tiny_checkpoint, photos, tmp_path, capsys, spy):
+def test_a_box_outside_an_image_is_refused_naming_both(tiny_wflw_checkpoint, photos, tmp_path, capsys, spy):
   out = tmp_path / 'out'
-  status = predict.main(['predict', '--checkpoint', str(tiny_checkpoint), str(photos / 'takeo.png'),
+  status = predict.main(['predict', '--checkpoint', str(tiny_wflw_checkpoint), str(photos / 'takeo.png'),
                          str(photos / 'breakingbad.jpg'), '--output', str(out), '--box', '100,20,180,100', '--norefine'])
   # takeo.png is 75 x 112 here: the box misses it; breakingbad.jpg (240 x 135) has it.
   assert status == 1
@@ -597,11 +583,11 @@ def test_a_box_outside_an_image_is_refused_naming_both(tiny_checkpoint, photos, 
   assert sorted(p.name for p in out.iterdir()) == ['breakingbad.json', 'breakingbad_landmarks.jpg']
 
 
-def test_points_300w_writes_the_mapped_68_points(tiny_checkpoint, photos, tmp_path, spy):
+def test_points_300w_writes_the_mapped_68_points(tiny_wflw_checkpoint, photos, tmp_path, spy):
   from star_jax import layouts
 
   for name, extra in (('native', []), ('mapped', ['--points', '300W'])):
-    assert predict.main(['predict', '--checkpoint', str(tiny_checkpoint), str(photos / 'breakingbad.jpg'),
+    assert predict.main(['predict', '--checkpoint', str(tiny_wflw_checkpoint), str(photos / 'breakingbad.jpg'),
                          '--output', str(tmp_path / name), '--show_ambiguity'] + extra) == 0
   native = json.loads((tmp_path / 'native' / 'breakingbad.json').read_text())
   mapped = json.loads((tmp_path / 'mapped' / 'breakingbad.json').read_text())

@@ -22,7 +22,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import DATA, REPO, TINY_CONFIG, tiny_wflw_config
+from conftest import DATA, OFFICIAL_TINY_FLAGS, REPO, TINY_CONFIG, tiny_wflw_config
 from star_jax import layouts
 from star_jax import pretrained
 from star_jax import predict
@@ -318,16 +318,15 @@ def test_every_command_that_takes_a_checkpoint_takes_pretrained(tmp_path, monkey
   monkeypatch.setenv(pretrained.MIRROR_ENV, str(folder))
   monkeypatch.setitem(pretrained.RELEASES, 'wflw', dataclasses.replace(TINY, name='wflw'))
   released = "the released WFLW model: the official file's net, what the official tester ran"
-  tiny = [f'--config={REPO / "configs" / "wflw.py"}:tiny', '--config.model.nstack=4', '--config.model.channels=32',
-          '--config.model.nlevels=4']
+  tiny = [f'--config={REPO / "configs" / "wflw.py"}:tiny', *OFFICIAL_TINY_FLAGS]
 
   # evaluate: the converted release scores what the official .pkl's net scores, and the report says so.
   from star_jax import evaluate
   common = [f'--config.data.data_dir={tiny_tfds_dir}', '--noprogress', '--config.data.max_eval_examples=4']
   assert evaluate.main(['evaluate', TINY_CONFIG, '--pretrained', 'wflw', '--output', str(tmp_path / 'e1'),
                         *common]) == 0
-  assert evaluate.main(['evaluate', TINY_CONFIG, '--pytorch', str(PKL), '--config.model.nstack=4',
-                        '--config.model.channels=32', '--config.model.nlevels=4', '--output', str(tmp_path / 'e2'), *common]) == 0
+  assert evaluate.main(['evaluate', TINY_CONFIG, '--pytorch', str(PKL), *OFFICIAL_TINY_FLAGS,
+                        '--output', str(tmp_path / 'e2'), *common]) == 0
   first, second = (json.loads((tmp_path / e / 'metrics.json').read_text()) for e in ('e1', 'e2'))
   assert (first['info']['pretrained'], first['info']['chosen_by'], first['info']['best_by_protocol']) == (
       'wflw', released, True)

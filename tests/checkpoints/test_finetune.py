@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import DATA, load_config, train_tiny
+from conftest import DATA, OFFICIAL_TINY_MODEL, load_config, train_tiny
 from star_jax import checkpoints
 from star_jax import convert_pytorch
 from star_jax.checkpoints import init_from
@@ -18,8 +18,7 @@ PKL = str(DATA / 'tiny_wflw_checkpoint.pkl')   # the official tiny WFLW net: inp
 
 def _config(name='synthetic', **model):
   config = load_config(name, 'tiny')
-  config.model.nstack, config.model.nlevels, config.model.channels = 4, 4, 32
-  config.model.update(model)
+  config.model.update(OFFICIAL_TINY_MODEL, **model)
   return config
 
 

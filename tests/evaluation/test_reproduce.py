@@ -13,12 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import DATA, REPO, command_env, load_config, load_script, run_command
+from conftest import DATA, OFFICIAL_TINY_FLAGS as TINY_OFFICIAL, REPO, command_env, load_config, load_script, run_command
 from star_jax import evaluate, layouts
 from star_jax.evaluation import reproduce
-
-TINY_OFFICIAL = ['--config.model.nstack=4', '--config.model.channels=32', '--config.model.nlevels=4']   # tests/testdata/tiny_*_checkpoint.pkl
-
 
 def test_rows_verdicts_and_table():
   wflw = load_config('wflw')
